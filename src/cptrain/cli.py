@@ -1,0 +1,144 @@
+"""Command line: ``cptrain prepare | train | eval | demo | data fetch-demo``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from cptrain.errors import ConfigError, CptrainError
+
+
+def _add_overrides(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set train.lr=3e-4 (repeatable)",
+    )
+
+
+def _progress(args: argparse.Namespace) -> bool:
+    return not args.no_progress and sys.stderr.isatty()
+
+
+def cmd_fetch_demo(args: argparse.Namespace) -> int:
+    from cptrain.data.demo_corpus import fetch_demo
+
+    fetch_demo(Path(args.out), args.languages or None, force=args.force)
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from cptrain.config_base import load_config
+    from cptrain.data.prepare import PrepareConfig, prepare
+
+    cfg = load_config(PrepareConfig, Path(args.config), args.overrides)
+    out = prepare(cfg, progress=_progress(args))
+    print(f"prepared data in {out}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from cptrain.config import load_run_config
+    from cptrain.tables import run_report
+    from cptrain.trainer import train
+
+    cfg = load_run_config(Path(args.config), args.overrides)
+    summary = train(cfg, resume=args.resume, progress=_progress(args))
+    print(run_report(summary, title=f"run {cfg.run_dir}: validation loss"))
+    print(f"summary: {Path(cfg.run_dir) / 'summary.json'}")
+    return 0
+
+
+def _read_summary(run: Path) -> dict:
+    path = run / "summary.json" if run.is_dir() else run
+    if not path.is_file():
+        raise ConfigError(f"{run}: no summary.json; pass a run directory made by `cptrain train`")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise ConfigError(f"{path}: damaged summary.json (not JSON); re-run the run") from None
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from cptrain.tables import run_report
+
+    for run in args.runs:
+        print(run_report(_read_summary(Path(run)), title=f"run {run}: validation loss"))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from cptrain.demo import run_demo
+
+    run_demo(
+        runs_dir=Path(args.runs_dir),
+        data_dir=Path(args.data_dir),
+        fresh=args.fresh,
+        progress=_progress(args),
+        overrides=args.overrides,
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cptrain",
+        description="Continual pre-training of Llama models with replay and Reptile.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prepare", help="tokenize text into per-task token shards")
+    p.add_argument("config", help="prepare config (YAML)")
+    _add_overrides(p)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("train", help="train on the tasks in sequence")
+    p.add_argument("config", help="run config (YAML)")
+    _add_overrides(p)
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="print a run's loss matrix and metrics")
+    p.add_argument("runs", nargs="+", help="run directories")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("demo", help="the embedded-corpus demo: en → fr → de")
+    p.add_argument("--runs-dir", default="runs/demo")
+    p.add_argument("--data-dir", default="data")
+    p.add_argument("--fresh", action="store_true", help="retrain runs that already finished")
+    _add_overrides(p)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("data", help="data utilities")
+    dsub = p.add_subparsers(dest="data_command", required=True)
+    q = dsub.add_parser("fetch-demo", help="build the embedded multilingual demo corpus")
+    q.add_argument("--out", default="data/demo")
+    q.add_argument("--languages", nargs="*", help="subset, e.g. en fr de (default: all)")
+    q.add_argument("--force", action="store_true", help="rebuild even if up to date")
+    q.set_defaults(func=cmd_fetch_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except CptrainError as exc:
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        print(f"cptrain: error: {msg}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("cptrain: interrupted; resume with --resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

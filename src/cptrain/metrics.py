@@ -1,0 +1,64 @@
+"""Continual-learning metrics over a loss matrix.
+
+``L[i][j]`` is the validation loss on task ``j`` measured after training task ``i`` (row ``i``
+= after task ``i``). Lower loss is better, so forgetting is positive when a loss went *up*.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+
+def _as_matrix(loss_matrix: Sequence[Sequence[float]]) -> np.ndarray:
+    m = np.asarray(loss_matrix, dtype=np.float64)
+    if m.ndim != 2 or m.shape[0] == 0 or m.shape[0] > m.shape[1]:
+        raise ValueError(f"loss matrix must be [rows <= tasks] 2-D, got shape {m.shape}")
+    return m
+
+
+def forgetting_per_task(loss_matrix: Sequence[Sequence[float]]) -> list[float]:
+    """F_j = L_j(now) − min over earlier evaluations of L_j, for every task j before the last row.
+
+    "Earlier" means the rows from the one right after task j was trained up to (not including)
+    the last row; a task trained in the last row has no earlier evaluation and is omitted.
+    """
+    m = _as_matrix(loss_matrix)
+    last = m.shape[0] - 1
+    return [float(m[last, j] - m[j:last, j].min()) for j in range(last)]
+
+
+def average_forgetting(loss_matrix: Sequence[Sequence[float]]) -> float | None:
+    """Mean forgetting over tasks before the last; None with a single row (nothing to forget)."""
+    f = forgetting_per_task(loss_matrix)
+    return float(np.mean(f)) if f else None
+
+
+def retained_loss(loss_matrix: Sequence[Sequence[float]]) -> float:
+    """Mean final loss over all tasks trained so far (last row, columns up to the row index)."""
+    m = _as_matrix(loss_matrix)
+    last = m.shape[0] - 1
+    return float(m[last, : last + 1].mean())
+
+
+def learned_loss(loss_matrix: Sequence[Sequence[float]]) -> float:
+    """Mean loss on task j right after training task j (the diagonal)."""
+    m = _as_matrix(loss_matrix)
+    return float(np.mean([m[j, j] for j in range(m.shape[0])]))
+
+
+def union_loss(task_losses: Sequence[float], weights: Sequence[float] | None = None) -> float:
+    """Loss on the union of all tasks' validation sets: a token-weighted mean of per-task losses."""
+    losses = np.asarray(task_losses, dtype=np.float64)
+    w = np.ones_like(losses) if weights is None else np.asarray(weights, dtype=np.float64)
+    return float((losses * w).sum() / w.sum())
+
+
+def summarize(loss_matrix: Sequence[Sequence[float]]) -> dict[str, object]:
+    return {
+        "forgetting": average_forgetting(loss_matrix),
+        "forgetting_per_task": forgetting_per_task(loss_matrix),
+        "retained_loss": retained_loss(loss_matrix),
+        "learned_loss": learned_loss(loss_matrix),
+    }

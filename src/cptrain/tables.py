@@ -1,0 +1,65 @@
+"""Plain-text tables of loss matrices and metrics for the terminal."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+
+def _fmt(x: float | None, signed: bool = False) -> str:
+    if x is None:
+        return "–"
+    return f"{x:+.3f}" if signed else f"{x:.3f}"
+
+
+def loss_matrix_table(tasks: Sequence[str], matrix: Sequence[Sequence[float]]) -> str:
+    width = max(8, *(len(t) + 2 for t in tasks))
+    head = "after \\ on".ljust(12) + "".join(t.rjust(width) for t in tasks)
+    lines = [head]
+    for i, row in enumerate(matrix):
+        lines.append(tasks[i].ljust(12) + "".join(_fmt(v).rjust(width) for v in row))
+    return "\n".join(lines)
+
+
+def metrics_line(summary: Mapping[str, Any]) -> str:
+    return (
+        f"forgetting {_fmt(summary.get('forgetting'), signed=True)}  "
+        f"retained {_fmt(summary.get('retained_loss'))}  "
+        f"learned {_fmt(summary.get('learned_loss'))}"
+    )
+
+
+def run_report(summary: Mapping[str, Any], title: str | None = None) -> str:
+    parts = []
+    if title:
+        parts.append(title)
+    parts.append(loss_matrix_table(summary["tasks"], summary["loss_matrix"]))
+    parts.append(metrics_line(summary))
+    if not summary.get("complete", True):
+        parts.append("(incomplete run: rows so far)")
+    return "\n".join(parts)
+
+
+def comparison_table(rows: Sequence[tuple[str, Mapping[str, Any]]]) -> str:
+    """One line per method: forgetting, retained, learned, and the first task's final loss."""
+    name_w = max(10, *(len(n) + 2 for n, _ in rows))
+    first = rows[0][1]["tasks"][0] if rows else "task0"
+    head = (
+        "method".ljust(name_w)
+        + "forgetting".rjust(12)
+        + "retained".rjust(10)
+        + "learned".rjust(10)
+        + f"{first} start→end".rjust(20)
+    )
+    lines = [head]
+    for name, s in rows:
+        lm = s["loss_matrix"]
+        trip = f"{lm[0][0]:.3f}→{lm[-1][0]:.3f}" if lm else "–"
+        lines.append(
+            name.ljust(name_w)
+            + _fmt(s.get("forgetting"), signed=True).rjust(12)
+            + _fmt(s.get("retained_loss")).rjust(10)
+            + _fmt(s.get("learned_loss")).rjust(10)
+            + trip.rjust(20)
+        )
+    return "\n".join(lines)

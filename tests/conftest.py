@@ -1,0 +1,92 @@
+"""Shared fixtures: a small prepared dataset of real text available on every machine.
+
+The three tasks are documents (source files with their docstrings and comments) from three
+different corners of the Python standard library, so they differ in vocabulary the way
+languages do, but cost nothing to obtain.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sysconfig
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cptrain.config import RunConfig
+from cptrain.config_base import build_config
+from cptrain.data.prepare import PrepareConfig, prepare
+
+REPO = Path(__file__).resolve().parents[1]
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+TASK_SOURCES = {"email": "email", "xml": "xml", "asyncio": "asyncio"}
+
+
+def _write_task(out: Path, package: str, limit_bytes: int = 400_000) -> None:
+    files = sorted(p for p in (STDLIB / package).rglob("*.py") if "test" not in p.parts)
+    train, val, used = [], [], 0
+    for f in files:
+        text = f.read_text(encoding="utf-8", errors="replace")
+        if len(text) < 500:
+            continue
+        held_out = int(hashlib.sha256(f.name.encode()).hexdigest(), 16) % 8 == 0
+        (val if held_out else train).append({"text": text})
+        used += len(text)
+        if used > limit_bytes:
+            break
+    out.mkdir(parents=True, exist_ok=True)
+    for name, docs in (("train", train), ("val", val)):
+        with open(out / f"{name}.jsonl", "w", encoding="utf-8") as fh:
+            for d in docs:
+                fh.write(json.dumps(d) + "\n")
+
+
+@pytest.fixture(scope="session")
+def prepared_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("corpus")
+    tasks = []
+    for name, package in TASK_SOURCES.items():
+        _write_task(root / "text" / name, package)
+        tasks.append(
+            {
+                "name": name,
+                "train": [str(root / "text" / name / "train.jsonl")],
+                "val": [str(root / "text" / name / "val.jsonl")],
+            }
+        )
+    cfg = build_config(
+        PrepareConfig,
+        {"out_dir": str(root / "prepared"), "tokenizer": {"vocab_size": 512}, "tasks": tasks},
+    )
+    return prepare(cfg, progress=False)
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+@pytest.fixture
+def make_config(prepared_dir, tmp_path):
+    """A fast run config on the small dataset; keyword sections override the defaults."""
+
+    def factory(run_name: str = "run", **sections: Any) -> RunConfig:
+        raw = {
+            "run_dir": str(tmp_path / run_name),
+            "seed": 0,
+            "data": {
+                "dir": str(prepared_dir),
+                "tasks": list(TASK_SOURCES),
+                "tokens_per_task": 8 * 32 * 6,
+            },
+            "model": {"preset": "tiny"},
+            "train": {"seq_len": 32, "batch_size": 8, "lr": 3e-3, "log_every": 2},
+            "eval": {"windows": 8, "batch_size": 8},
+        }
+        return build_config(RunConfig, _merge(raw, sections))
+
+    return factory
