@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 from pathlib import Path
@@ -135,6 +136,16 @@ def main(argv: list[str] | None = None) -> int:
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         print(f"cptrain: error: {msg}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        where = f" writing {exc.filename}" if exc.filename else ""
+        print(
+            f"cptrain: error: disk full{where}; free space, then re-run (training resumes from "
+            "its last complete checkpoint with --resume)",
+            file=sys.stderr,
+        )
+        return 2
     except KeyboardInterrupt:
         print("cptrain: interrupted; resume with --resume", file=sys.stderr)
         return 130

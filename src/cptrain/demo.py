@@ -37,6 +37,8 @@ BASE_RUN: dict[str, Any] = {
 # name → config overrides on top of BASE_RUN
 METHODS: dict[str, dict[str, Any]] = {
     "sequential": {"method": "sequential"},
+    "replay-25": {"method": "replay", "replay": {"alpha": 0.25}},
+    "replay-50": {"method": "replay", "replay": {"alpha": 0.5}},
 }
 
 

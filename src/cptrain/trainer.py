@@ -240,6 +240,11 @@ class Trainer:
             self.n_fresh, self.n_replay = b, 0
         else:
             self.n_fresh, self.n_replay = mix_counts(cfg.replay.alpha, b, cfg.replay.mode)
+        if self.n_fresh == 0:
+            raise ConfigError(
+                f"replay.alpha={cfg.replay.alpha} leaves no fresh sequence in a batch of {b}; "
+                "raise train.batch_size or lower replay.alpha"
+            )
         tokens_per_step = b * cfg.train.seq_len
         self.task_steps = [
             max(1, math.ceil(cfg.data.budget(t) / tokens_per_step)) for t in cfg.data.tasks
@@ -526,7 +531,10 @@ class Trainer:
             self._last_log_t, self._steps_since_log = now, 0
             rec.update(type="train", step=step, task=self.task_names[task_idx], tokens_per_s=tps)
             if self.buffer is not None:
-                rec.update({f"replay_{k}": v for k, v in self.buffer.stats().items()})
+                stats = self.buffer.stats()
+                rec.update(
+                    {f"buffer_{k}": v for k, v in stats.items() if not isinstance(v, dict)}
+                )
             self.metrics.write(rec)
             if self._bar is not None:
                 self._bar.set_postfix_str(

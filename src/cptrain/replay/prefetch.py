@@ -1,0 +1,160 @@
+"""Background thread that computes replay draws ahead of the training loop.
+
+The thread walks a plan of (step, n, task) requests in order, waits until a request's rows are
+decided (is_ready) and there is room in the queue (a byte budget), computes it, and queues it.
+Because each draw is a pure function of its request, taking a queued result or computing it on
+the spot gives the same rows; the thread only moves the work off the critical path.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import numpy as np
+
+Request = tuple[int, int, int]  # (step, n, current_task)
+
+
+@dataclass
+class _Item:
+    request: Request
+    rows: np.ndarray
+
+
+class Prefetcher:
+    def __init__(
+        self,
+        plan: Iterable[Request],
+        compute: Callable[[int, int, int], np.ndarray],
+        is_ready: Callable[[int], bool],
+        *,
+        budget_bytes: int,
+        bytes_per_row: int,
+        name: str = "replay-prefetch",
+    ) -> None:
+        self._plan = iter(plan)
+        self._compute = compute
+        self._is_ready = is_ready
+        self._budget = budget_bytes
+        self._bytes_per_row = bytes_per_row
+        self._cond = threading.Condition()
+        self._queue: deque[_Item] = deque()
+        self._queued_bytes = 0
+        self._floor = -(1 << 62)  # the trainer has moved past steps below this
+        self._current: int | None = None  # step the thread works on; None once finished
+        self._stop = False
+        self._error: BaseException | None = None
+        self.waits = 0
+        self.wait_s = 0.0
+        self.hits = 0
+        self.misses = 0
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._current = self._floor
+        self._thread.start()
+
+    # ---- thread side ----------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            for request in self._plan:
+                if not self._wait_turn(request):
+                    break
+                rows = self._compute(*request)
+                with self._cond:
+                    if request[0] >= self._floor and not self._stop:
+                        self._queue.append(_Item(request, rows))
+                        self._queued_bytes += rows.nbytes
+                    self._cond.notify_all()
+        except BaseException as exc:  # handed to the training thread at its next take()
+            with self._cond:
+                self._error = exc
+        finally:
+            with self._cond:
+                self._current = None
+                self._cond.notify_all()
+
+    def _wait_turn(self, request: Request) -> bool:
+        """Block until the request may be computed; False when stopping."""
+        step, n = request[0], request[1]
+        need = n * self._bytes_per_row
+        with self._cond:
+            self._current = step
+            self._cond.notify_all()
+            while not self._stop and step >= self._floor:
+                room = not self._queue or self._queued_bytes + need <= self._budget
+                if room and self._is_ready(step):
+                    break
+                self._cond.wait()
+            return not self._stop
+
+    # ---- trainer side ---------------------------------------------------------------------
+    def notify(self) -> None:
+        """Wake the thread: more rows were decided."""
+        with self._cond:
+            self._cond.notify_all()
+
+    def take(self, step: int, n: int, task: int) -> np.ndarray | None:
+        """The queued result for this request, waiting if the thread is about to deliver it;
+        None when the caller should compute it itself."""
+        waited_since: float | None = None
+        with self._cond:
+            self._floor = step
+            self._drop_before(step)
+            self._cond.notify_all()
+            try:
+                while True:
+                    if self._error is not None:
+                        raise self._error
+                    if self._queue:
+                        item = self._queue[0]
+                        if item.request[0] != step:
+                            self.misses += 1
+                            return None  # the plan skipped this step
+                        self._queue.popleft()
+                        self._queued_bytes -= item.rows.nbytes
+                        self._cond.notify_all()
+                        if item.request == (step, n, task):
+                            self.hits += 1
+                            return item.rows
+                        self.misses += 1
+                        return None
+                    current = self._current
+                    if current is None or current > step or self._stop:
+                        self.misses += 1
+                        return None
+                    if current == step and not self._is_ready(step):
+                        self.misses += 1
+                        return None  # it would wait for rows the caller is not going to add
+                    if waited_since is None:
+                        waited_since = time.perf_counter()
+                    self._cond.wait(timeout=1.0)
+            finally:
+                if waited_since is not None:
+                    self.waits += 1
+                    self.wait_s += time.perf_counter() - waited_since
+
+    def _drop_before(self, step: int) -> None:
+        while self._queue and self._queue[0].request[0] < step:
+            self._queued_bytes -= self._queue.popleft().rows.nbytes
+
+    def raise_pending(self) -> None:
+        with self._cond:
+            if self._error is not None:
+                raise self._error
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def close(self, timeout: float = 60.0) -> None:
+        """Stop the thread and wait for it; idempotent. A draw in progress finishes first."""
+        with self._cond:
+            self._stop = True
+            self._queue.clear()
+            self._queued_bytes = 0
+            self._cond.notify_all()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout)

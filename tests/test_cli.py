@@ -1,0 +1,100 @@
+"""The command line as a user meets it: exit codes and one-line errors."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+
+def cptrain(*args, cwd=None):
+    return subprocess.run(
+        [sys.executable, "-m", "cptrain.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=600,
+    )
+
+
+def assert_one_line_error(proc, fragment):
+    assert proc.returncode == 2, proc.stderr
+    lines = [x for x in proc.stderr.splitlines() if x.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("cptrain: error: ") and fragment in lines[0]
+    assert "Traceback" not in proc.stderr
+
+
+def test_missing_config_file(tmp_path):
+    assert_one_line_error(cptrain("train", str(tmp_path / "nope.yaml")), "does not exist")
+
+
+def test_unknown_key_names_the_path(tmp_path):
+    p = tmp_path / "run.yaml"
+    p.write_text(yaml.safe_dump({"run_dir": "r", "data": {"dir": "d", "tasks": ["a"]}, "x": 1}))
+    assert_one_line_error(cptrain("train", str(p)), "x: unknown key")
+
+
+def test_prepare_with_missing_input(tmp_path):
+    p = tmp_path / "prep.yaml"
+    p.write_text(
+        yaml.safe_dump(
+            {"out_dir": str(tmp_path / "out"), "tasks": [{"name": "a", "train": ["missing.txt"]}]}
+        )
+    )
+    proc = cptrain("prepare", str(p), "--no-progress")
+    assert_one_line_error(proc, "missing.txt")
+    assert not (tmp_path / "out" / "prepare.json").exists()
+
+
+def test_prepare_train_eval_round_trip(prepared_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    p = tmp_path / "run.yaml"
+    p.write_text(
+        yaml.safe_dump(
+            {
+                "run_dir": str(run_dir),
+                "data": {
+                    "dir": str(prepared_dir),
+                    "tasks": ["email", "xml"],
+                    "tokens_per_task": 512,
+                },
+                "train": {"seq_len": 32, "batch_size": 8},
+                "eval": {"windows": 4},
+            }
+        )
+    )
+    proc = cptrain("train", str(p), "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    assert "forgetting" in proc.stdout and "retained" in proc.stdout
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert len(summary["loss_matrix"]) == 2
+    shown = cptrain("eval", str(run_dir))
+    assert shown.returncode == 0
+    assert f"{summary['loss_matrix'][1][0]:.3f}" in shown.stdout
+    again = cptrain("train", str(p), "--no-progress")
+    assert_one_line_error(again, "already holds a run")
+    assert_one_line_error(cptrain("eval", str(tmp_path)), "no summary.json")
+
+
+@pytest.mark.parametrize("bad", ["train.seq_len=abc", "train.lr=-1", "replay.alpha=1.0"])
+def test_bad_overrides(tmp_path, bad):
+    p = tmp_path / "run.yaml"
+    p.write_text(yaml.safe_dump({"run_dir": "r", "data": {"dir": "d", "tasks": ["a"]}}))
+    key = bad.split("=")[0]
+    assert_one_line_error(cptrain("train", str(p), "--set", bad), key)
+
+
+def test_fetch_demo_without_apt(tmp_path):
+    env_path = tmp_path / "bin"
+    env_path.mkdir()
+    proc = subprocess.run(
+        [sys.executable, "-m", "cptrain.cli", "data", "fetch-demo", "--out", str(tmp_path / "d")],
+        capture_output=True,
+        text=True,
+        env={"PATH": str(env_path), "HOME": str(tmp_path)},
+        cwd=Path(__file__).parent,
+    )
+    assert_one_line_error(proc, "apt")
