@@ -35,13 +35,22 @@ def test_sequential_run_fills_loss_matrix(make_config):
     assert sum(r["type"] == "task_end" for r in records) == 3
 
 
-def test_same_seed_same_result_and_resume_is_bit_identical(make_config):
-    full = make_config("full")
+METHOD_SETTINGS = {
+    "sequential": {},
+    "replay": {"replay": {"alpha": 0.25, "visibility_lag": 1}},
+    "mer": {"replay": {"alpha": 0.25, "visibility_lag": 1}, "reptile": {"k": 3, "epsilon": 0.5}},
+}
+
+
+@pytest.mark.parametrize("method", list(METHOD_SETTINGS))
+def test_same_seed_same_result_and_resume_is_bit_identical(make_config, method):
+    extra = {"method": method, **METHOD_SETTINGS[method]}
+    full = make_config("full", **extra)
     train(full, progress=False)
     ref = final_weights(Path(full.run_dir))
 
     # interrupted run: stop after task 1 plus a mid-task checkpoint, then resume
-    part = make_config("part", checkpoint={"every": 4})
+    part = make_config("part", checkpoint={"every": 4}, **extra)
     t = Trainer(part, progress=False)
     # drive the loop by hand to stop in the middle of the second task
     t._last_log_t = t._wall_mark = 0.0
@@ -134,3 +143,29 @@ def test_checkpoint_resume_picks_newest_complete(make_config):
     (newest / "MANIFEST.json").unlink()  # as if killed before the manifest was written
     path, skipped = ckpt.latest_complete(root)
     assert path == found[-2][1] and skipped
+
+
+def test_alignment_diagnostics_are_logged_and_change_nothing(make_config):
+    quiet = make_config("quiet", method="replay", replay={"alpha": 0.25, "visibility_lag": 0})
+    train(quiet, progress=False)
+    loud = make_config(
+        "loud",
+        method="replay",
+        replay={"alpha": 0.25, "visibility_lag": 0},
+        reptile={"diagnostics_every": 2},
+    )
+    summary = train(loud, progress=False)
+    a, b = final_weights(Path(quiet.run_dir)), final_weights(Path(loud.run_dir))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    recs = [json.loads(x) for x in (Path(loud.run_dir) / "metrics.jsonl").read_text().splitlines()]
+    diag = [r for r in recs if "grad_cos" in r]
+    assert diag and all(-1.0 <= r["grad_cos"] <= 1.0 and r["grad_ref"] == "replay" for r in diag)
+    assert all(r["step"] % 2 == 0 for r in diag)
+    assert summary["grad_cos_count"] > 0 and -1 <= summary["grad_cos_mean"] <= 1
+
+    seq = make_config("seq", method="sequential", reptile={"diagnostics_every": 3})
+    train(seq, progress=False)
+    recs = [json.loads(x) for x in (Path(seq.run_dir) / "metrics.jsonl").read_text().splitlines()]
+    probes = [r for r in recs if "grad_cos" in r]
+    assert probes and {r["grad_ref"] for r in probes} == {"probe"}
+    assert min(r["step"] for r in probes) > 6  # no earlier task to probe during the first

@@ -41,7 +41,8 @@ def run_report(summary: Mapping[str, Any], title: str | None = None) -> str:
 
 
 def comparison_table(rows: Sequence[tuple[str, Mapping[str, Any]]]) -> str:
-    """One line per method: forgetting, retained, learned, and the first task's final loss."""
+    """One line per method: forgetting, retained, learned, the first task's loss right after it
+    and at the end, and the mean gradient-alignment cosine (when diagnostics ran)."""
     name_w = max(10, *(len(n) + 2 for n, _ in rows))
     first = rows[0][1]["tasks"][0] if rows else "task0"
     head = (
@@ -50,6 +51,7 @@ def comparison_table(rows: Sequence[tuple[str, Mapping[str, Any]]]) -> str:
         + "retained".rjust(10)
         + "learned".rjust(10)
         + f"{first} start→end".rjust(20)
+        + "grad cos".rjust(10)
     )
     lines = [head]
     for name, s in rows:
@@ -61,5 +63,6 @@ def comparison_table(rows: Sequence[tuple[str, Mapping[str, Any]]]) -> str:
             + _fmt(s.get("retained_loss")).rjust(10)
             + _fmt(s.get("learned_loss")).rjust(10)
             + trip.rjust(20)
+            + _fmt(s.get("grad_cos_mean"), signed=True).rjust(10)
         )
     return "\n".join(lines)

@@ -63,6 +63,8 @@ class TrainerState:
     replay_tokens: int = 0
     wall_s: float = 0.0
     run_id: str = ""
+    diag_cos_sum: float = 0.0  # gradient-alignment cosines measured after the first task
+    diag_cos_n: int = 0
 
 
 class TaskStream:
@@ -444,6 +446,7 @@ class Trainer:
                 f"token id {top} in task {self.task_names[task_idx]} is >= the model's vocabulary "
                 f"({self.model.config.vocab_size}); the shards do not match the model's tokenizer"
             )
+        diag = self._diagnostics(task_idx, fresh, replay)
         rows = torch.from_numpy(rows_np)
         n = rows.shape[0]
         mb = self.cfg.micro_batch_size
@@ -477,22 +480,52 @@ class Trainer:
             "replay_rows": n_rep,
             "effective_alpha": n_rep / n,
         }
-        every = self.cfg.reptile.diagnostics_every
-        if every and replay is not None and len(replay) and self.state.step % every == 0:
-            from cptrain.alignment import gradient_alignment
-
-            rec.update(
-                gradient_alignment(
-                    self.model,
-                    torch.from_numpy(fresh),
-                    torch.from_numpy(replay),
-                    autocast_dtype=self.autocast,
-                )
-            )
+        rec.update(diag)
         cos = getattr(self.reptile, "last_displacement_cosine", None)
         if cos is not None:
             rec["reptile_displacement_cos"] = cos
         return rec
+
+    def _diagnostics(
+        self, task_idx: int, fresh: np.ndarray, replay: np.ndarray | None
+    ) -> dict[str, Any]:
+        """cos(∇ fresh rows, ∇ replay rows) on the weights this step starts from.
+
+        Without replay rows (sequential, Reptile only) the reference is a probe batch of the
+        same size from earlier tasks' training windows, so every method gets the same measure
+        of interference between the current task and the past.
+        """
+        every = self.cfg.reptile.diagnostics_every
+        if not every or (self.state.step + 1) % every:
+            return {}
+        if replay is not None and len(replay):
+            ref, kind = replay, "replay"
+        elif task_idx > 0:
+            n = max(1, round(0.25 * self.cfg.train.batch_size))
+            rng = np.random.default_rng([self.cfg.seed, self.state.step, 0xD1A6])
+            tasks = rng.integers(0, task_idx, n)
+            ref = np.concatenate(
+                [
+                    self.streams[t].rows(rng.integers(0, self.streams[t].n, 1))
+                    for t in tasks.tolist()
+                ]
+            )
+            kind = "probe"
+        else:
+            return {}
+        from cptrain.alignment import gradient_alignment
+
+        out: dict[str, Any] = gradient_alignment(
+            self.model,
+            torch.from_numpy(fresh),
+            torch.from_numpy(ref),
+            autocast_dtype=self.autocast,
+        )
+        out["grad_ref"] = kind
+        if task_idx > 0 and math.isfinite(out["grad_cos"]):
+            self.state.diag_cos_sum += out["grad_cos"]
+            self.state.diag_cos_n += 1
+        return out
 
     def evaluate(self) -> dict[str, float]:
         return evaluate_tasks(
@@ -523,6 +556,7 @@ class Trainer:
         if (
             step % self.cfg.train.log_every == 0
             or self.state.task_step == self.task_steps[task_idx]
+            or "grad_cos" in rec
         ):
             now = time.perf_counter()
             rows = self.n_fresh + rec["replay_rows"]
@@ -639,6 +673,9 @@ class Trainer:
             out["union_loss"] = metrics.union_loss(lm[-1])
         if self.buffer is not None:
             out["replay"] = self.buffer.stats()
+        if self.state.diag_cos_n:
+            out["grad_cos_mean"] = self.state.diag_cos_sum / self.state.diag_cos_n
+            out["grad_cos_count"] = self.state.diag_cos_n
         return out
 
     def write_summary(self, complete: bool) -> None:

@@ -1,0 +1,338 @@
+"""Reptile meta-update (the gradient-alignment half of MER) and its anchor.
+
+Every ``k`` optimizer steps the weights are pulled back toward where they were ``k`` steps
+earlier, θ ← θ₀ + ε(θ − θ₀), and θ₀ ← θ. The update is applied, in place, to the very tensors
+the optimizer steps (fp32 masters, FSDP2 local shards), from an optimizer post-step hook, so
+the next step starts from the interpolated weights. The official code wrote bf16 module copies
+that the optimizer's master weights then overwrote, so its update never took effect.
+
+Build Reptile after the model is final (after ``fully_shard``, after ``init_from`` weights are
+loaded) and after the optimizer, from the same parameter objects; ``attach`` checks this.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+
+from cptrain.alignment import cosine_from_sums, is_dtensor
+from cptrain.config_base import StrictModel, build_config
+from cptrain.errors import CheckpointError, ConfigError
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+STATE_VERSION = 1
+
+
+class ReptileConfig(StrictModel):
+    """The ``reptile:`` config section; defaults are the paper's (k=500, ε=0.1)."""
+
+    enabled: bool = False
+    k: int = Field(500, ge=1, description="meta-update period, in optimizer steps")
+    epsilon: float = Field(0.1, gt=0.0, le=1.0, description="meta step size; 1 disables it")
+    anchor_dtype: Literal["float32", "bfloat16", "float64"] = "float32"
+    anchor_device: Literal["same", "cpu"] = "same"
+    reset_at_task_boundary: bool = False
+    reset_optimizer_moments: bool = False
+    diagnostics_every: int = Field(0, ge=0, description="0 = off")
+
+
+def _validated(cfg: ReptileConfig | dict[str, Any]) -> ReptileConfig:
+    # Re-validate so that a config built with model_construct() or mutated cannot slip through.
+    data = cfg.model_dump() if isinstance(cfg, ReptileConfig) else cfg
+    return build_config(ReptileConfig, data, source="reptile")
+
+
+def _local(p: torch.Tensor) -> torch.Tensor:
+    """The storage this rank's optimizer steps: the local shard of a DTensor, else the tensor."""
+    return p.to_local() if is_dtensor(p) else p.detach()
+
+
+def _shard_count(p: torch.Tensor) -> int:
+    if not is_dtensor(p):
+        return 1
+    mesh = p.device_mesh
+    count = 1
+    for dim, placement in enumerate(p.placements):
+        if placement.is_shard():
+            count *= mesh.size(dim)
+    return count
+
+
+def _replicas(p: torch.Tensor) -> int:
+    """How many ranks hold this same local shard, so that global sums count it once."""
+    if is_dtensor(p):
+        return p.device_mesh.size() // _shard_count(p)
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
+
+
+class Reptile:
+    """One anchor copy of the trainable parameters and the every-k-steps meta-update."""
+
+    def __init__(self, named_params: Iterable[tuple[str, torch.Tensor]], cfg: ReptileConfig):
+        self.cfg = _validated(cfg)
+        pairs = [(n, p) for n, p in named_params if p.requires_grad]
+        if not pairs:
+            raise ConfigError("reptile: the model has no trainable parameters to anchor")
+        self._names = [n for n, _ in pairs]
+        if len(set(self._names)) != len(self._names):
+            raise ConfigError("reptile: parameter names are not unique; pass named_parameters()")
+        self._params = [p for _, p in pairs]
+        self._sharded = any(is_dtensor(p) for p in self._params)
+        with torch.no_grad():
+            self._anchors = [self._new_buffer(_local(p)) for p in self._params]
+        # Allocated up front so that the state_dict has a fixed structure (DCP loads into a
+        # template built from a fresh object); it only holds data once _has_prev is set.
+        self._prev_disp: list[torch.Tensor] | None = None
+        if self.cfg.diagnostics_every > 0:
+            self._prev_disp = [torch.zeros_like(a) for a in self._anchors]
+        self._has_prev = False
+        self.steps_since_anchor = 0
+        self.updates = 0
+        self.last_displacement_cosine: float | None = None
+        self._handle: Any = None
+
+    # ---------------------------------------------------------------- buffers
+    def _new_buffer(self, local: torch.Tensor) -> torch.Tensor:
+        device = local.device if self.cfg.anchor_device == "same" else torch.device("cpu")
+        buf = torch.empty(local.shape, dtype=_DTYPES[self.cfg.anchor_dtype], device=device)
+        if device.type == "cpu" and local.device.type == "cuda":
+            buf = buf.pin_memory()  # host anchors of GPU weights: pinned for fast copies
+        buf.copy_(local)
+        return buf
+
+    def _locals(self) -> list[torch.Tensor]:
+        # Re-read every time: FSDP2 may re-point a parameter's local shard after lazy init.
+        return [_local(p) for p in self._params]
+
+    def _split(self, locals_: list[torch.Tensor]) -> tuple[list[int], list[int]]:
+        """Indices whose anchor matches the weight's dtype and device (foreach-able), and others."""
+        fast, slow = [], []
+        for i, (x, a) in enumerate(zip(locals_, self._anchors, strict=True)):
+            (fast if x.dtype == a.dtype and x.device == a.device else slow).append(i)
+        return fast, slow
+
+    def anchor_bytes(self) -> int:
+        """Bytes held by the anchor (one copy of this rank's trainable parameters)."""
+        return sum(a.numel() * a.element_size() for a in self._anchors)
+
+    def memory_bytes(self) -> int:
+        """All bytes Reptile holds: the anchor plus, with diagnostics, the last displacement."""
+        extra = sum(d.numel() * d.element_size() for d in self._prev_disp or [])
+        return self.anchor_bytes() + extra
+
+    # ---------------------------------------------------------------- hook
+    def attach(self, optimizer: torch.optim.Optimizer) -> None:
+        """Run the meta-update after every k-th ``optimizer.step()``."""
+        register = getattr(optimizer, "register_step_post_hook", None)
+        if not callable(register):
+            raise ConfigError(
+                f"reptile: optimizer {type(optimizer).__name__} has no register_step_post_hook; "
+                "use a torch.optim optimizer or set reptile.enabled=false"
+            )
+        stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        named = zip(self._names, self._params, strict=True)
+        missing = [n for n, p in named if id(p) not in stepped]
+        if missing:
+            raise ConfigError(
+                f"reptile: parameter {missing[0]} ({len(missing)} in all) is not stepped by the "
+                "optimizer; build Reptile from the same (sharded) model the optimizer was built on"
+            )
+        self.detach()
+        self._handle = register(self._post_step)
+
+    def detach(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    def _post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        self.steps_since_anchor += 1
+        if self.steps_since_anchor >= self.cfg.k:
+            self.meta_update(optimizer)
+
+    # ---------------------------------------------------------------- the update
+    @torch.no_grad()
+    def meta_update(self, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """θ ← θ₀ + ε(θ − θ₀), then θ₀ ← θ; called by the hook, public for tests and benches."""
+        locals_ = self._locals()
+        if self.cfg.diagnostics_every > 0:
+            self._record_displacement(locals_)
+        if self.cfg.epsilon < 1.0:
+            self._interpolate(locals_)
+        self._reanchor(locals_)
+        if self.cfg.reset_optimizer_moments and optimizer is not None:
+            self._reset_moments(optimizer)
+        self.steps_since_anchor = 0
+        self.updates += 1
+
+    def _interpolate(self, locals_: list[torch.Tensor]) -> None:
+        eps = self.cfg.epsilon
+        fast, slow = self._split(locals_)
+        if fast:
+            # lerp the anchor toward θ (θ₀ + ε(θ − θ₀) exactly as written), then copy it into θ:
+            # two foreach passes, and the anchor already holds the new θ afterwards.
+            anchors = [self._anchors[i] for i in fast]
+            params = [locals_[i] for i in fast]
+            torch._foreach_lerp_(anchors, params, eps)
+            torch._foreach_copy_(params, anchors)
+        for i in slow:
+            x, a = locals_[i], self._anchors[i]
+            # Other dtype or device: one tensor at a time, so at most one extra copy is alive.
+            wide = torch.promote_types(x.dtype, a.dtype)
+            tmp = a.to(device=x.device, dtype=wide)
+            tmp.lerp_(x.to(wide), eps)
+            x.copy_(tmp)
+
+    def _reanchor(self, locals_: list[torch.Tensor]) -> None:
+        fast, slow = self._split(locals_)
+        if fast:
+            torch._foreach_copy_([self._anchors[i] for i in fast], [locals_[i] for i in fast])
+        for i in slow:
+            self._anchors[i].copy_(locals_[i])
+
+    def _record_displacement(self, locals_: list[torch.Tensor]) -> None:
+        """Cosine between this period's θ − θ₀ and the previous period's (diagnostics only)."""
+        if self._prev_disp is None:  # diagnostics off: nothing was allocated to compare with
+            return
+        device = locals_[0].device
+        sums = torch.zeros(3, dtype=torch.float64, device=device)
+        for i, (x, a) in enumerate(zip(locals_, self._anchors, strict=True)):
+            d = x.double() - a.to(device=x.device, dtype=torch.float64)
+            prev = self._prev_disp[i].to(device=x.device, dtype=torch.float64)
+            d1, p1 = d.reshape(-1), prev.reshape(-1)
+            part = torch.stack([torch.dot(d1, p1), torch.dot(d1, d1), torch.dot(p1, p1)])
+            sums += part.to(device) / _replicas(self._params[i])
+            self._prev_disp[i].copy_(d)
+        had_prev, self._has_prev = self._has_prev, True
+        if not had_prev:
+            return
+        if self._sharded and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(sums)  # three scalars; the update itself never talks
+        dot, nd, np_ = sums.tolist()
+        self.last_displacement_cosine = cosine_from_sums(dot, nd, np_)
+
+    def _reset_moments(self, optimizer: torch.optim.Optimizer) -> None:
+        """Zero every per-parameter optimizer state (Adam's moments and step count)."""
+        for p in self._params:
+            state = optimizer.state.get(p)
+            if not state:
+                continue
+            for key, value in state.items():
+                if torch.is_tensor(value):
+                    value.zero_()
+                elif key == "step":
+                    state[key] = type(value)(0)
+
+    @torch.no_grad()
+    def reanchor(self) -> None:
+        """Start a new meta-period from the current weights, dropping the pending one."""
+        self._reanchor(self._locals())
+        self.steps_since_anchor = 0
+
+    def on_task_boundary(self, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """With ``reset_at_task_boundary``: re-anchor (and reset moments if configured)."""
+        if not self.cfg.reset_at_task_boundary:
+            return
+        self.reanchor()
+        if self.cfg.reset_optimizer_moments and optimizer is not None:
+            self._reset_moments(optimizer)
+
+    # ---------------------------------------------------------------- checkpoint
+    def _as_global(self, p: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+        """Sharded anchors travel as DTensors so that DCP saves every rank's shard."""
+        if not is_dtensor(p):
+            return local
+        from torch.distributed.tensor import DTensor
+
+        return DTensor.from_local(
+            local, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride()
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        """Counters, the anchor (and diagnostics state); tensors are references, not copies."""
+
+        def by_name(buffers: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+            return {
+                n: self._as_global(p, b)
+                for n, p, b in zip(self._names, self._params, buffers, strict=True)
+            }
+
+        return {
+            "version": STATE_VERSION,
+            "k": self.cfg.k,
+            "epsilon": self.cfg.epsilon,
+            "steps_since_anchor": self.steps_since_anchor,
+            "updates": self.updates,
+            "anchor": by_name(self._anchors),
+            "has_prev_displacement": self._has_prev,
+            "prev_displacement": by_name(self._prev_disp) if self._prev_disp else None,
+            "last_displacement_cosine": self.last_displacement_cosine,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore from ``state_dict()``; a missing or mismatched anchor is a CheckpointError."""
+        if not isinstance(state, dict) or not isinstance(state.get("anchor"), dict):
+            raise CheckpointError(
+                "checkpoint has no Reptile anchor but reptile.enabled is on; resume from a "
+                "checkpoint saved with Reptile, or start a new run from its weights (init_from)"
+            )
+        if state.get("version", STATE_VERSION) > STATE_VERSION:
+            raise CheckpointError(
+                f"checkpoint Reptile state has version {state['version']}, newer than this "
+                f"cptrain understands ({STATE_VERSION}); upgrade cptrain to resume it"
+            )
+        counters = {key: state.get(key) for key in ("steps_since_anchor", "updates")}
+        for key, value in counters.items():
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise CheckpointError(
+                    f"checkpoint Reptile state: {key} is {value!r}, not a count; the checkpoint "
+                    "is corrupt, resume from an earlier one"
+                )
+        tensors = self._checked_tensors(state["anchor"], "anchor")
+        prev_state = state.get("prev_displacement")
+        prev = None
+        has_prev = state.get("has_prev_displacement") is True and isinstance(prev_state, dict)
+        if self._prev_disp is not None and has_prev:
+            prev = self._checked_tensors(prev_state, "prev_displacement")
+        with torch.no_grad():
+            for anchor, t in zip(self._anchors, tensors, strict=True):
+                anchor.copy_(t)
+            if prev is not None:
+                for buf, t in zip(self._prev_disp, prev, strict=True):
+                    buf.copy_(t)
+        # Diagnostics turned on at resume: the first period has nothing to compare with.
+        self._has_prev = prev is not None
+        self.steps_since_anchor = counters["steps_since_anchor"]
+        self.updates = counters["updates"]
+        cos = state.get("last_displacement_cosine")
+        self.last_displacement_cosine = float(cos) if cos is not None else None
+
+    def _checked_tensors(self, saved: dict[str, Any], what: str) -> list[torch.Tensor]:
+        names = set(self._names)
+        missing = [n for n in self._names if n not in saved]
+        extra = sorted(set(saved) - names)
+        if missing or extra:
+            which = f"lacks {missing[0]}" if missing else f"has unknown {extra[0]}"
+            raise CheckpointError(
+                f"checkpoint Reptile {what} {which} ({len(missing)} missing, {len(extra)} "
+                "unknown); it was saved for a different model or set of trainable parameters"
+            )
+        out = []
+        for name, anchor in zip(self._names, self._anchors, strict=True):
+            t = saved[name]
+            if is_dtensor(t):
+                t = t.to_local()
+            if not torch.is_tensor(t) or tuple(t.shape) != tuple(anchor.shape):
+                found = tuple(t.shape) if torch.is_tensor(t) else type(t).__name__
+                raise CheckpointError(
+                    f"checkpoint Reptile {what} {name}: shape {found}, expected "
+                    f"{tuple(anchor.shape)}; resume with the same model and sharding"
+                )
+            out.append(t)
+        return out
