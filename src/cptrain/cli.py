@@ -49,7 +49,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     from cptrain.trainer import train
 
     cfg = load_run_config(Path(args.config), args.overrides)
-    summary = train(cfg, resume=args.resume, progress=_progress(args))
+    summary = train(
+        cfg,
+        resume=args.resume,
+        progress=_progress(args),
+        allow_config_change=args.allow_config_change,
+    )
     print(run_report(summary, title=f"run {cfg.run_dir}: validation loss"))
     print(f"summary: {Path(cfg.run_dir) / 'summary.json'}")
     return 0
@@ -103,6 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="run config (YAML)")
     _add_overrides(p)
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    p.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="resume even though result-changing settings differ from the checkpoint's",
+    )
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_train)
 

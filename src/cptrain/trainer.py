@@ -162,8 +162,16 @@ class MetricsLog:
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, *, resume: bool = False, progress: bool = True):
+    def __init__(
+        self,
+        cfg: RunConfig,
+        *,
+        resume: bool = False,
+        progress: bool = True,
+        allow_config_change: bool = False,
+    ):
         self.cfg = cfg
+        self.allow_config_change = allow_config_change
         self.progress = progress
         self.run_dir = Path(cfg.run_dir)
         self.resume = resume
@@ -360,11 +368,14 @@ class Trainer:
             )
         c = ckpt.load_checkpoint(path)
         diffs = config_differences(c.state["config"], self.cfg.model_dump(mode="json"))
-        if diffs:
+        if diffs and self.allow_config_change:
+            for d in diffs:
+                print(f"warning: resuming with a changed config: {d}")
+        elif diffs:
             raise CheckpointError(
                 f"--resume: the config changed in a way that changes results ({diffs[0]}"
                 f"{f'; {len(diffs) - 1} more' if len(diffs) > 1 else ''}); restore the old value "
-                "or start a new run_dir"
+                "or start a new run_dir (or pass --allow-config-change to resume anyway)"
             )
         self.model.load_state_dict(c.model_state(), strict=True)
         blob = c.optimizer_blob()
@@ -716,7 +727,15 @@ def _unflatten_tensors(plain: dict[str, Any], tensors: dict[str, torch.Tensor]) 
     return out
 
 
-def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
-    trainer = Trainer(cfg, resume=resume, progress=progress)
+def train(
+    cfg: RunConfig,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    allow_config_change: bool = False,
+) -> dict[str, Any]:
+    trainer = Trainer(
+        cfg, resume=resume, progress=progress, allow_config_change=allow_config_change
+    )
     with contextlib.ExitStack():
         return trainer.run()
