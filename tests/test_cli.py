@@ -98,3 +98,26 @@ def test_fetch_demo_without_apt(tmp_path):
         cwd=Path(__file__).parent,
     )
     assert_one_line_error(proc, "apt")
+
+
+def test_export_newest_checkpoint(prepared_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    run_dir = tmp_path / "run"
+    p = tmp_path / "run.yaml"
+    p.write_text(
+        yaml.safe_dump(
+            {
+                "run_dir": str(run_dir),
+                "data": {"dir": str(prepared_dir), "tasks": ["email"], "tokens_per_task": 512},
+                "train": {"seq_len": 32, "batch_size": 8},
+                "eval": {"windows": 4},
+            }
+        )
+    )
+    assert cptrain("train", str(p), "--no-progress").returncode == 0
+    proc = cptrain("export", str(run_dir), "--out", str(tmp_path / "hf"))
+    assert proc.returncode == 0, proc.stderr
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    assert model.config.vocab_size == 512
+    assert_one_line_error(cptrain("export", str(tmp_path / "nothing")), "no complete checkpoint")

@@ -78,6 +78,28 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    import shutil
+
+    from cptrain import checkpoint as ckpt
+
+    run = Path(args.run)
+    path, skipped = ckpt.latest_complete(run / "checkpoints")
+    if path is None:
+        raise ConfigError(f"{run}: no complete checkpoint to export; train (or resume) it first")
+    for reason in skipped:
+        print(f"skipping damaged or incomplete checkpoint {reason}")
+    out = Path(args.out) if args.out else run / "export"
+    tmp = out.with_name(out.name + ".tmp-export")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(path / "model", tmp)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    print(f"exported {path.name} to {out} (load with AutoModelForCausalLM.from_pretrained)")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from cptrain.demo import run_demo
 
@@ -119,6 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="print a run's loss matrix and metrics")
     p.add_argument("runs", nargs="+", help="run directories")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("export", help="copy a run's newest checkpoint as a HF model directory")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--out", help="output directory (default: RUN/export)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("demo", help="the embedded-corpus demo: en → fr → de")
     p.add_argument("--runs-dir", default="runs/demo")

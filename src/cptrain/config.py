@@ -9,6 +9,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from cptrain.config_base import StrictModel, apply_overrides, build_config, read_yaml
+from cptrain.distributed import DistributedConfig
 from cptrain.model import PRESETS
 from cptrain.replay.config import ReplayConfig
 from cptrain.reptile import ReptileConfig
@@ -128,6 +129,7 @@ class RunConfig(StrictModel):
     checkpoint: CheckpointConfig = CheckpointConfig()
     replay: ReplayConfig = ReplayConfig()
     reptile: ReptileConfig = ReptileConfig()
+    distributed: DistributedConfig = DistributedConfig()
 
     @model_validator(mode="before")
     @classmethod

@@ -9,7 +9,6 @@ end every task's validation loss fills one row of the loss matrix.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -28,14 +27,15 @@ from tqdm import tqdm
 from transformers.utils import logging as hf_logging
 
 from cptrain import checkpoint as ckpt
-from cptrain import metrics
+from cptrain import dist_checkpoint, metrics
 from cptrain.config import RunConfig
 from cptrain.data.prepare import load_prepared, open_split
 from cptrain.data.shards import ShardSet
+from cptrain.distributed import init_distributed, set_grad_sync, shutdown, wrap_model
 from cptrain.errors import CheckpointError, ConfigError, DataError
 from cptrain.evaluate import evaluate_tasks, token_loss
 from cptrain.model import build_model, count_parameters, load_pretrained
-from cptrain.replay.mixer import mix_counts
+from cptrain.replay.mixer import mix_counts, split_for_rank
 from cptrain.schedule import Schedule
 
 # save_pretrained's per-file progress bars would interleave with the training bar.
@@ -49,6 +49,7 @@ _RUN_CONTROL_KEYS = {
     "train.threads",
     "train.compile",
     "replay.prefetch_mb",
+    "distributed",  # strategy/backend; the world size is checked on its own
 }
 
 
@@ -132,12 +133,13 @@ def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 class MetricsLog:
     """Append-only JSON lines; on resume, records after the checkpoint's step are dropped."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, enabled: bool = True):
         self.path = path
+        self.enabled = enabled  # only rank 0 writes
         self._f = None
 
     def truncate_after(self, step: int) -> None:
-        if not self.path.exists():
+        if not self.enabled or not self.path.exists():
             return
         kept = []
         for line in self.path.read_text(encoding="utf-8").splitlines():
@@ -150,6 +152,8 @@ class MetricsLog:
         ckpt.atomic_write_text(self.path, "".join(k + "\n" for k in kept))
 
     def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
         if self._f is None:
             self._f = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - kept open
         self._f.write(json.dumps(record) + "\n")
@@ -182,21 +186,24 @@ class Trainer:
             )
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
+        self.env = init_distributed(cfg.distributed)
+        self.progress = progress and self.env.is_main
         self._prepare_run_dir()
         self._open_data()
         self._build_model()
         self._build_optimizer()
         self.state = TrainerState(cursors=[0] * len(cfg.data.tasks))
-        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", enabled=self.env.is_main)
         self.buffer = None
         self.reptile = None
         if resume:
             self._restore()
         else:
-            self.state.run_id = uuid.uuid4().hex
-            self._write_config()
-            if self.metrics.path.exists():
-                self.metrics.path.unlink()
+            self.state.run_id = self.env.broadcast_object(uuid.uuid4().hex)
+            if self.env.is_main:
+                self._write_config()
+                if self.metrics.path.exists():
+                    self.metrics.path.unlink()
         self._build_components()
 
     # ----------------------------------------------------------------- set-up
@@ -250,6 +257,9 @@ class Trainer:
             self.n_fresh, self.n_replay = b, 0
         else:
             self.n_fresh, self.n_replay = mix_counts(cfg.replay.alpha, b, cfg.replay.mode)
+        # This rank's share of the global batch: contiguous slices, sizes differ by at most one.
+        self.fresh_slice = split_for_rank(self.n_fresh, self.env.world_size, self.env.rank)
+        self.n_replay_local = split_for_rank(self.n_replay, self.env.world_size, self.env.rank)[1]
         if self.n_fresh == 0:
             raise ConfigError(
                 f"replay.alpha={cfg.replay.alpha} leaves no fresh sequence in a batch of {b}; "
@@ -290,10 +300,11 @@ class Trainer:
                 f"the shards use a vocabulary of {self.vocab_size} but the model's embedding has "
                 f"{model.config.vocab_size} rows; prepare the data with the model's tokenizer"
             )
-        self.model = model
+        self.model = model.to(self.env.device)
         self.model.train()
+        wrapped = wrap_model(self.model, self.env, cfg.distributed)
         self.forward_model: torch.nn.Module = (
-            torch.compile(model) if cfg.train.compile else model  # type: ignore[assignment]
+            torch.compile(wrapped) if cfg.train.compile else wrapped  # type: ignore[assignment]
         )
         self.autocast = torch.bfloat16 if cfg.train.precision == "bf16" else None
         self.n_params = count_parameters(model)
@@ -330,6 +341,8 @@ class Trainer:
                 vocab_size=self.vocab_size,
                 seed=cfg.seed,
                 run_id=self.state.run_id,
+                rank=self.env.rank,
+                world_size=self.env.world_size,
                 resolver=lambda task_id, idx: self.streams[task_id].rows(idx),
             )
             if self._replay_state is not None:
@@ -337,7 +350,7 @@ class Trainer:
         if cfg.reptile.enabled:
             from cptrain.reptile import Reptile
 
-            self.reptile = Reptile(self.model.named_parameters(), cfg.reptile)
+            self.reptile = self._reptile_pre or Reptile(self.model.named_parameters(), cfg.reptile)
             self.reptile.attach(self.optimizer)
             if self._reptile_state is not None:
                 self.reptile.load_state_dict(self._reptile_state)
@@ -356,18 +369,19 @@ class Trainer:
     # ---------------------------------------------------------------- resume
     _replay_state: dict[str, Any] | None = None
     _reptile_state: dict[str, Any] | None = None
+    _reptile_pre: Any = None
 
-    def _restore(self) -> None:
-        root = self.run_dir / "checkpoints"
-        path, skipped = ckpt.latest_complete(root)
-        for reason in skipped:
-            print(f"skipping damaged or incomplete checkpoint {reason}")
-        if path is None:
+    def _check_world_size(self, path: Path, state: dict[str, Any]) -> None:
+        old = int(state.get("world_size", 1))
+        if old != self.env.world_size:
             raise CheckpointError(
-                f"--resume: no complete checkpoint under {root}; start the run without --resume"
+                f"checkpoint {path.name} was written by {old} process(es) but this run has "
+                f"{self.env.world_size}; resume with the same count (torchrun "
+                f"--nproc_per_node={old}), re-sharding on resume is not supported"
             )
-        c = ckpt.load_checkpoint(path)
-        diffs = config_differences(c.state["config"], self.cfg.model_dump(mode="json"))
+
+    def _check_config(self, saved: dict[str, Any]) -> None:
+        diffs = config_differences(saved, self.cfg.model_dump(mode="json"))
         if diffs and self.allow_config_change:
             for d in diffs:
                 print(f"warning: resuming with a changed config: {d}")
@@ -377,6 +391,56 @@ class Trainer:
                 f"{f'; {len(diffs) - 1} more' if len(diffs) > 1 else ''}); restore the old value "
                 "or start a new run_dir (or pass --allow-config-change to resume anyway)"
             )
+
+    def _latest_checkpoint(self) -> Path:
+        root = self.run_dir / "checkpoints"
+        found = None
+        if self.env.is_main:
+            path, skipped = ckpt.latest_complete(root)
+            for reason in skipped:
+                print(f"skipping damaged or incomplete checkpoint {reason}")
+            found = str(path) if path is not None else None
+        found = self.env.broadcast_object(found)
+        if found is None:
+            raise CheckpointError(
+                f"--resume: no complete checkpoint under {root}; start the run without --resume"
+            )
+        return Path(found)
+
+    def _restore_distributed(self, path: Path) -> None:
+        state = json.loads((path / "state.json").read_text())
+        self._check_world_size(path, state)
+        self._check_config(state["config"])
+        template = None
+        if self.cfg.reptile.enabled and state.get("reptile") is not None:
+            from cptrain.reptile import Reptile
+
+            self._reptile_pre = Reptile(self.model.named_parameters(), self.cfg.reptile)
+            template = _split_tensors(self._reptile_pre.state_dict())[1]
+        state, anchors = dist_checkpoint.load(
+            path, self.env, model=self.model, optimizer=self.optimizer, anchors_template=template
+        )
+        self.state = TrainerState(**state["trainer"])
+        mine = state["ranks"][self.env.rank]
+        self._replay_state = mine.get("replay")
+        if state.get("reptile") is not None:
+            self._reptile_state = _unflatten_tensors(state["reptile"], anchors or {})
+
+    def _restore(self) -> None:
+        path = self._latest_checkpoint()
+        if self.env.active:
+            self._restore_distributed(path)
+            self.metrics.truncate_after(self.state.step)
+            if self.env.is_main:
+                print(f"resuming from {path} (step {self.state.step} of {self.total_steps})")
+            return
+        c = ckpt.load_checkpoint(path)
+        self._check_world_size(path, c.state)
+        if c.state.get("sharded"):
+            raise CheckpointError(
+                f"{path} holds sharded (torchrun) state; resume it with torchrun"
+            )
+        self._check_config(c.state["config"])
         self.model.load_state_dict(c.model_state(), strict=True)
         blob = c.optimizer_blob()
         self.optimizer.load_state_dict(blob["optimizer"])
@@ -395,6 +459,7 @@ class Trainer:
         state: dict[str, Any] = {
             "trainer": asdict(self.state),
             "config": self.cfg.model_dump(mode="json"),
+            "world_size": self.env.world_size,
         }
         tensors: dict[str, dict[str, torch.Tensor]] = {}
         if self.buffer is not None:
@@ -404,6 +469,20 @@ class Trainer:
             json_part, tensor_part = _split_tensors(self.reptile.state_dict())
             state["reptile"] = json_part
             tensors["reptile"] = tensor_part
+        if self.env.active:
+            rank_state = {"replay": state.pop("replay", None)}
+            return dist_checkpoint.save(
+                self.run_dir / "checkpoints",
+                self.state.step,
+                self.env,
+                model=self.model,
+                optimizer=self.optimizer,
+                tokenizer_dir=self.tokenizer_dir,
+                state=state,
+                rank_state=rank_state,
+                anchors=tensors.get("reptile"),
+                keep_last=self.cfg.checkpoint.keep_last,
+            )
         return ckpt.save_checkpoint(
             self.run_dir / "checkpoints",
             self.state.step,
@@ -417,29 +496,38 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def _fresh(self, task_idx: int) -> tuple[np.ndarray, list[tuple[int, np.ndarray]]]:
-        """Fresh rows for this step and, per source task, the window indices used."""
+        """This rank's fresh rows for this step and, per source task, the window indices.
+
+        The global batch's windows are a pure function of the cursors; each data-parallel rank
+        takes its contiguous slice of them, so ranks read disjoint windows.
+        """
+        start, count = self.fresh_slice
         if self.cfg.method != "joint":
             idx = self.streams[task_idx].indices(self.state.cursors[task_idx], self.n_fresh)
             self.state.cursors[task_idx] += self.n_fresh
-            return self.streams[task_idx].rows(idx), [(task_idx, idx)]
+            mine = idx[start : start + count]
+            return self.streams[task_idx].rows(mine), [(task_idx, mine)]
         rng = np.random.default_rng([self.cfg.seed, self.state.step, 0x701])
         picks = rng.choice(len(self.streams), size=self.n_fresh, p=self.joint_p)
-        parts, used = [], []
+        tasks, windows = [], []
         for t in range(len(self.streams)):
             k = int((picks == t).sum())
             if k:
-                idx = self.streams[t].indices(self.state.cursors[t], k)
+                tasks.append(np.full(k, t))
+                windows.append(self.streams[t].indices(self.state.cursors[t], k))
                 self.state.cursors[t] += k
-                parts.append(self.streams[t].rows(idx))
-                used.append((t, idx))
-        return np.concatenate(parts), used
+        task_of = np.concatenate(tasks)[start : start + count]
+        window_of = np.concatenate(windows)[start : start + count]
+        used = [(int(t), window_of[task_of == t]) for t in np.unique(task_of)]
+        rows = np.concatenate([self.streams[t].rows(idx) for t, idx in used])
+        return rows, used
 
     def _upcoming(self) -> Iterator[tuple[int, int, int]]:
         step = self.state.step
         for t in range(self.state.task_idx, len(self.task_steps)):
             first = self.state.task_step if t == self.state.task_idx else 0
             for _ in range(first, self.task_steps[t]):
-                yield step, self.n_replay, t
+                yield step, self.n_replay_local, t
                 step += 1
 
     def _train_step(self, task_idx: int) -> dict[str, Any]:
@@ -449,7 +537,7 @@ class Trainer:
         fresh, used = self._fresh(task_idx)
         replay = None
         if self.buffer is not None:
-            replay = self.buffer.draw(self.state.step, self.n_replay, current_task=task_idx)
+            replay = self.buffer.draw(self.state.step, self.n_replay_local, current_task=task_idx)
         rows_np = fresh if replay is None or len(replay) == 0 else np.concatenate([fresh, replay])
         top = int(rows_np.max())
         if top >= self.model.config.vocab_size:
@@ -458,15 +546,24 @@ class Trainer:
                 f"({self.model.config.vocab_size}); the shards do not match the model's tokenizer"
             )
         diag = self._diagnostics(task_idx, fresh, replay)
-        rows = torch.from_numpy(rows_np)
-        n = rows.shape[0]
+        rows = torch.from_numpy(rows_np).to(self.env.device)
+        n_local = rows.shape[0]
+        n_rep_local = 0 if replay is None else len(replay)
+        n_rep = int(round(self.env.sum_scalar(n_rep_local))) if self.env.active else n_rep_local
+        n_global = self.n_fresh + n_rep
+        # Gradients are averaged over ranks, so each row weighs world/global: the result is the
+        # mean loss over the whole global batch, whatever the split.
+        scale = self.env.world_size / n_global
         mb = self.cfg.micro_batch_size
-        total_loss = 0.0
-        for start in range(0, n, mb):
+        loss_sum = 0.0
+        starts = list(range(0, n_local, mb))
+        for i, start in enumerate(starts):
             part = rows[start : start + mb]
-            loss = token_loss(self.forward_model, part, self.autocast)
-            (loss * (part.shape[0] / n)).backward()
-            total_loss += float(loss.detach()) * part.shape[0] / n
+            with set_grad_sync(self.forward_model, self.env, i == len(starts) - 1):
+                loss = token_loss(self.forward_model, part, self.autocast)
+                (loss * (part.shape[0] * scale)).backward()
+            loss_sum += float(loss.detach()) * part.shape[0]
+        total_loss = self.env.sum_scalar(loss_sum) / n_global
         if self.cfg.train.grad_clip > 0:
             gnorm = float(
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
@@ -479,8 +576,7 @@ class Trainer:
             for t, idx in used:
                 part_rows = self.streams[t].rows(idx) if len(used) > 1 else fresh
                 self.buffer.add(part_rows, task_id=t, step=self.state.step, refs=idx)
-        n_rep = 0 if replay is None else len(replay)
-        self.state.fresh_tokens += len(fresh) * self.cfg.train.seq_len
+        self.state.fresh_tokens += self.n_fresh * self.cfg.train.seq_len
         self.state.replay_tokens += n_rep * self.cfg.train.seq_len
         self.state.step += 1
         self.state.task_step += 1
@@ -489,7 +585,7 @@ class Trainer:
             "lr": lr,
             "grad_norm": gnorm,
             "replay_rows": n_rep,
-            "effective_alpha": n_rep / n,
+            "effective_alpha": n_rep / n_global,
         }
         rec.update(diag)
         cos = getattr(self.reptile, "last_displacement_cosine", None)
@@ -507,7 +603,7 @@ class Trainer:
         of interference between the current task and the past.
         """
         every = self.cfg.reptile.diagnostics_every
-        if not every or (self.state.step + 1) % every:
+        if not every or (self.state.step + 1) % every or self.env.strategy == "fsdp2":
             return {}
         if replay is not None and len(replay):
             ref, kind = replay, "replay"
@@ -528,8 +624,8 @@ class Trainer:
 
         out: dict[str, Any] = gradient_alignment(
             self.model,
-            torch.from_numpy(fresh),
-            torch.from_numpy(ref),
+            torch.from_numpy(fresh).to(self.env.device),
+            torch.from_numpy(ref).to(self.env.device),
             autocast_dtype=self.autocast,
         )
         out["grad_ref"] = kind
@@ -546,6 +642,7 @@ class Trainer:
             windows=self.cfg.eval.windows,
             batch_size=self.cfg.eval.batch_size,
             autocast=self.autocast,
+            device=self.env.device,
         )
 
     def _log_eval(self, losses: dict[str, float], kind: str) -> None:
@@ -575,6 +672,8 @@ class Trainer:
             tps = self._steps_since_log * rows * self.cfg.train.seq_len / elapsed
             self._last_log_t, self._steps_since_log = now, 0
             rec.update(type="train", step=step, task=self.task_names[task_idx], tokens_per_s=tps)
+            if self.env.device.type == "cuda":
+                rec["cuda_max_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
             if self.buffer is not None:
                 stats = self.buffer.stats()
                 rec.update(
@@ -604,7 +703,7 @@ class Trainer:
         self._sync_wall()
         self.save()
         self.write_summary(complete=self.state.task_idx == len(self.task_steps))
-        if not self.progress:
+        if not self.progress and self.env.is_main:
             row = ", ".join(f"{k} {v:.3f}" for k, v in losses.items())
             print(f"after {self.task_names[t]} (step {self.state.step}): val loss {row}")
 
@@ -655,6 +754,9 @@ class Trainer:
     def _export_task_model(self, task_idx: int) -> None:
         """Weights after each task, loadable by ``from_pretrained`` and lm-eval."""
         out = self.run_dir / "models" / f"after_{task_idx}_{self.task_names[task_idx]}"
+        if self.env.active:
+            dist_checkpoint.export_hf(self.model, self.env, out, self.tokenizer_dir)
+            return
         tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         self.model.save_pretrained(tmp, safe_serialization=True)
@@ -690,6 +792,8 @@ class Trainer:
         return out
 
     def write_summary(self, complete: bool) -> None:
+        if not self.env.is_main:
+            return
         s = self.summary()
         s["complete"] = complete
         ckpt.atomic_write_json(self.run_dir / "summary.json", s)
@@ -737,5 +841,7 @@ def train(
     trainer = Trainer(
         cfg, resume=resume, progress=progress, allow_config_change=allow_config_change
     )
-    with contextlib.ExitStack():
+    try:
         return trainer.run()
+    finally:
+        shutdown(trainer.env)

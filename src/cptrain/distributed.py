@@ -1,0 +1,144 @@
+"""torchrun / DDP / FSDP2 set-up on PyTorch's own engine, and rank-aware helpers.
+
+``cptrain train`` launched by ``torchrun`` finds RANK / WORLD_SIZE / LOCAL_RANK in the
+environment, initialises the default process group (nccl on GPU, gloo on CPU) and wraps the
+model: DDP, or FSDP2 ``fully_shard`` on every decoder layer and then the root module.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+from pydantic import Field
+
+from cptrain.config_base import StrictModel
+from cptrain.errors import ConfigError
+
+
+class DistributedConfig(StrictModel):
+    strategy: Literal["none", "ddp", "fsdp2"] = "none"
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    activation_checkpointing: bool = False
+    # FSDP2 on GPU: parameters cast to bf16 for compute, gradients reduced in fp32.
+    mixed_precision: bool = Field(default=True, description="fsdp2 on GPU only")
+
+
+@dataclass
+class DistEnv:
+    strategy: str
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.strategy != "none"
+
+    def barrier(self) -> None:
+        if self.active:
+            dist.barrier()
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        if not self.active:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def broadcast_object(self, obj: Any) -> Any:
+        if not self.active:
+            return obj
+        box = [obj if self.is_main else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def sum_scalar(self, value: float) -> float:
+        if not self.active:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return float(t.item())
+
+
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def init_distributed(cfg: DistributedConfig) -> DistEnv:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available()
+    if cfg.strategy == "none":
+        if world > 1:
+            raise ConfigError(
+                f"launched with {world} processes but distributed.strategy is none; set "
+                "distributed.strategy=ddp or fsdp2"
+            )
+        return DistEnv("none", device=torch.device("cuda") if cuda else torch.device("cpu"))
+    if not launched_by_torchrun():
+        raise ConfigError(
+            f"distributed.strategy={cfg.strategy} needs torchrun: launch with `torchrun "
+            "--nproc_per_node=N -m cptrain.cli train CONFIG`"
+        )
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    backend = cfg.backend if cfg.backend != "auto" else ("nccl" if cuda else "gloo")
+    if backend == "nccl" and not cuda:
+        raise ConfigError("distributed.backend=nccl needs GPUs; use gloo (or auto) on CPU")
+    device = torch.device("cuda", local) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend)
+    return DistEnv(cfg.strategy, rank=rank, world_size=world, local_rank=local, device=device)
+
+
+def wrap_model(
+    model: torch.nn.Module, env: DistEnv, cfg: DistributedConfig
+) -> torch.nn.Module:
+    """Returns the module to call forward on; ``model`` itself stays the unwrapped module
+    (FSDP2 shards it in place, so its parameters become DTensors)."""
+    if cfg.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if env.strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ids = [env.device.index] if env.device.type == "cuda" else None
+        return DDP(model, device_ids=ids)
+    if env.strategy == "fsdp2":
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        mp = None
+        if cfg.mixed_precision and env.device.type == "cuda":
+            mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        kwargs = {"mp_policy": mp} if mp is not None else {}
+        for layer in model.model.layers:
+            fully_shard(layer, **kwargs)
+        fully_shard(model, **kwargs)
+        return model
+    return model
+
+
+def set_grad_sync(forward_model: torch.nn.Module, env: DistEnv, enabled: bool) -> Any:
+    """A context in which backward does (or skips) the gradient all-reduce, so gradient
+    accumulation communicates once per optimizer step."""
+    import contextlib
+
+    if env.strategy == "ddp" and not enabled:
+        return forward_model.no_sync()
+    if env.strategy == "fsdp2":
+        forward_model.set_requires_gradient_sync(enabled)  # type: ignore[operator]
+    return contextlib.nullcontext()
+
+
+def shutdown(env: DistEnv) -> None:
+    if env.active and dist.is_initialized():
+        dist.barrier()  # a rank leaving early aborts the other's pending gloo work
+        dist.destroy_process_group()
