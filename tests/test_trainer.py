@@ -216,3 +216,15 @@ def test_grad_accumulation_matches_full_batch(make_config):
     for k in a:
         # Adam normalises updates, so float re-association noise shows at ~1e-5
         torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=2e-4)
+
+
+def test_activation_checkpointing_gives_the_same_weights(make_config):
+    short = {"tasks": ["email"], "tokens_per_task": 8 * 32 * 3}
+    plain = make_config("plain", data=short)
+    ckpt_act = make_config("act", data=short, distributed={"activation_checkpointing": True})
+    train(plain, progress=False)
+    train(ckpt_act, progress=False)
+    a = load_file(next((Path(plain.run_dir) / "models").glob("after_0_*")) / "model.safetensors")
+    b = load_file(next((Path(ckpt_act.run_dir) / "models").glob("after_0_*")) / "model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
