@@ -106,7 +106,11 @@ def wrap_model(
     """Returns the module to call forward on; ``model`` itself stays the unwrapped module
     (FSDP2 shards it in place, so its parameters become DTensors)."""
     if cfg.activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     if env.strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
 
