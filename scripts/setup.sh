@@ -10,5 +10,5 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install --quiet --upgrade "pip>=24"
 .venv/bin/python -m pip install --quiet "torch==2.13.0"
-.venv/bin/python -m pip install --quiet -c requirements/constraints.txt -e ".[dev]"
+.venv/bin/python -m pip install --quiet -c requirements/constraints.txt -e ".[dev,downstream]"
 .venv/bin/cptrain data fetch-demo

@@ -2,18 +2,24 @@
 
 Layout of ``<run_dir>/checkpoints/step_<N>/``:
   model/            Hugging Face ``save_pretrained`` directory (safetensors) + tokenizer files
-  optimizer.pt      optimizer state and RNG states, tensors only (loaded with weights_only=True)
+  optimizer.safetensors   optimizer tensors and the CPU RNG state; the optimizer's plain values
+                    (param groups, hyper-parameters) travel as JSON in the file's metadata
   tensors/*.safetensors   other components' tensors (e.g. the Reptile anchor)
   state.json        trainer counters and every component's JSON state
   MANIFEST.json     size and sha256 of every file above; written last, so its presence (and a
                     match) is what makes a checkpoint complete
 
-The directory is built under a temporary name, fsynced, then renamed into place.
+Nothing is pickled: tensors are safetensors, everything else JSON. (Checkpoints of earlier
+versions hold ``optimizer.pt``; it is still read, with ``torch.load(weights_only=True)``.)
+
+The directory is built under a temporary name, fsynced, then renamed into place. A full disk
+during any of it raises ``EnvironmentProblem`` and leaves the older checkpoints untouched.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -25,14 +31,27 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load, load_file
+from safetensors.torch import save as safetensors_bytes
 
-from cptrain.errors import CheckpointError
+from cptrain.errors import CheckpointError, EnvironmentProblem
 
 FORMAT = "cptrain-checkpoint-v1"
+OPTIMIZER_FILE = "optimizer.safetensors"
+LEGACY_OPTIMIZER_FILE = "optimizer.pt"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+_OLD_DIR = re.compile(r"^\.old-step_(\d+)-\d+$")
+_TMP_DIR = re.compile(r"^\.tmp-step_(\d+)")
+_DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+_OS_ERROR_CODE = re.compile(r"os error (\d+)")  # how Rust writers (safetensors) report errno
+_META_KEY = "cptrain"
+
+# Indirection so that tests can make the disk "fill up" at an exact byte.
+_write = os.write
 
 
+# ------------------------------------------------------------------------ file helpers
 def _fsync_path(path: Path) -> None:
     flags = os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0)
     fd = os.open(path, flags)
@@ -42,22 +61,35 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
+def sha256_file(path: Path) -> str:
     with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    """Write a new file in full and fsync it (used inside the temporary checkpoint dir)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        view = memoryview(data).cast("B")
+        while len(view):
+            view = view[_write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     _fsync_path(path.parent)
 
 
@@ -65,6 +97,75 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+def disk_full_errno(exc: BaseException) -> int | None:
+    """errno of a full disk / quota / size limit behind ``exc``, whoever raised it."""
+    if isinstance(exc, OSError):
+        return exc.errno if exc.errno in _DISK_FULL else None
+    if isinstance(exc, SafetensorError | RuntimeError):
+        match = _OS_ERROR_CODE.search(str(exc))
+        if match and int(match.group(1)) in _DISK_FULL:
+            return int(match.group(1))
+    return None
+
+
+# ---------------------------------------------------------------- optimizer (no pickle)
+def _to_json(value: Any, tensors: dict[str, torch.Tensor], name: str) -> Any:
+    """JSON form of a plain value; tensors go to ``tensors`` under ``name`` (a placeholder
+    stays), tuples are marked so that they come back as tuples."""
+    if isinstance(value, torch.Tensor):
+        tensors[name] = value.detach().contiguous().cpu()
+        return {"__tensor__": name}
+    if isinstance(value, tuple):
+        return {"__tuple__": [_to_json(v, tensors, f"{name}/{i}") for i, v in enumerate(value)]}
+    if isinstance(value, list):
+        return [_to_json(v, tensors, f"{name}/{i}") for i, v in enumerate(value)]
+    if isinstance(value, dict):
+        return {str(k): _to_json(v, tensors, f"{name}/{k}") for k, v in value.items()}
+    return value
+
+
+def _from_json(value: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
+    if isinstance(value, dict):
+        if set(value) == {"__tensor__"}:
+            return tensors[value["__tensor__"]]
+        if set(value) == {"__tuple__"}:
+            return tuple(_from_json(v, tensors) for v in value["__tuple__"])
+        return {k: _from_json(v, tensors) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_from_json(v, tensors) for v in value]
+    return value
+
+
+def pack_optimizer(optimizer_state: Mapping[str, Any], rng_cpu: torch.Tensor) -> bytes:
+    """An optimizer ``state_dict()`` and the CPU RNG state as one safetensors blob: tensors
+    as tensors, everything else as JSON in the file's metadata."""
+    tensors: dict[str, torch.Tensor] = {"rng_cpu": rng_cpu.detach().contiguous().cpu()}
+    meta = {
+        "state": {
+            str(pid): _to_json(per_param, tensors, f"state/{pid}")
+            for pid, per_param in optimizer_state["state"].items()
+        },
+        "param_groups": _to_json(optimizer_state["param_groups"], tensors, "groups"),
+    }
+    return safetensors_bytes(tensors, metadata={_META_KEY: json.dumps(meta)})
+
+
+def unpack_optimizer(data: bytes, metadata_json: str) -> dict[str, Any]:
+    """Inverse of ``pack_optimizer``: {"optimizer": state_dict, "rng_cpu": tensor}."""
+    tensors = load(data)
+    meta = json.loads(metadata_json)
+    state = {int(pid): _from_json(v, tensors) for pid, v in meta["state"].items()}
+    groups = _from_json(meta["param_groups"], tensors)
+    return {"optimizer": {"state": state, "param_groups": groups}, "rng_cpu": tensors["rng_cpu"]}
+
+
+def _metadata_of(data: bytes) -> dict[str, str]:
+    header_len = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + header_len])
+    return header.get("__metadata__") or {}
+
+
+# --------------------------------------------------------------------------- reading
 @dataclass
 class Checkpoint:
     path: Path
@@ -85,12 +186,17 @@ class Checkpoint:
         return tensors
 
     def optimizer_blob(self) -> dict[str, Any]:
+        """{"optimizer": optimizer state_dict, "rng_cpu": CPU RNG state}."""
+        new, old = self.path / OPTIMIZER_FILE, self.path / LEGACY_OPTIMIZER_FILE
+        target = new if new.is_file() or not old.is_file() else old
         try:
-            return torch.load(self.path / "optimizer.pt", weights_only=True, map_location="cpu")
-        except Exception as exc:  # noqa: BLE001 - any unpickling failure means a damaged file
+            if target == old:
+                return torch.load(old, weights_only=True, map_location="cpu")
+            data = new.read_bytes()
+            return unpack_optimizer(data, _metadata_of(data)[_META_KEY])
+        except Exception as exc:  # noqa: BLE001 - any decoding failure means a damaged file
             raise CheckpointError(
-                f"{self.path / 'optimizer.pt'}: unreadable ({type(exc).__name__}); "
-                "resume from an older checkpoint"
+                f"{target}: unreadable ({type(exc).__name__}); resume from an older checkpoint"
             ) from None
 
     def tensors(self, name: str) -> dict[str, torch.Tensor] | None:
@@ -98,6 +204,7 @@ class Checkpoint:
         return load_file(f) if f.is_file() else None
 
 
+# --------------------------------------------------------------------------- writing
 def save_checkpoint(
     root: Path,
     step: int,
@@ -109,80 +216,134 @@ def save_checkpoint(
     tensors: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
     keep_last: int = 2,
 ) -> Path:
+    """Write checkpoint ``step`` atomically and prune old ones; returns its directory."""
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:09d}"
     tmp = root / f".tmp-step_{step:09d}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
     try:
-        model.save_pretrained(tmp / "model", safe_serialization=True)
-        if tokenizer_dir is not None:
-            for f in Path(tokenizer_dir).iterdir():
-                if f.is_file():
-                    shutil.copy2(f, tmp / "model" / f.name)
-        blob = {"optimizer": optimizer.state_dict(), "rng_cpu": torch.get_rng_state()}
-        torch.save(blob, tmp / "optimizer.pt")
-        if tensors:
-            (tmp / "tensors").mkdir()
-            for name, group in tensors.items():
-                contiguous = {k: v.detach().contiguous().cpu() for k, v in group.items()}
-                save_file(contiguous, tmp / "tensors" / f"{name}.safetensors")
-        atomic_write_json(tmp / "state.json", {"format": FORMAT, "step": step, **state})
-        files = sorted(p for p in tmp.rglob("*") if p.is_file())
-        for f in files:
-            _fsync_path(f)
-        manifest = {
-            "format": FORMAT,
-            "step": step,
-            "files": {
-                str(f.relative_to(tmp)): {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
-                for f in files
-            },
-        }
-        atomic_write_json(tmp / "MANIFEST.json", manifest)
-        for d in [p for p in tmp.rglob("*") if p.is_dir()] + [tmp]:
-            _fsync_path(d)
-        if final.exists():
-            # The same step saved twice (e.g. a resumed run re-saving): replace the old copy only
-            # after the new one is complete.
-            old = root / f".old-step_{step:09d}-{os.getpid()}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        _fsync_path(root)
-    except BaseException:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        _write_contents(tmp, step, model, tokenizer_dir, optimizer, state, tensors)
+        publish(root, tmp, final, step)
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        code = disk_full_errno(exc)
+        if code is None:
+            raise
+        raise _disk_full_error(root, final, code) from None
     prune(root, keep_last, protect=final)
     return final
 
 
+def _disk_full_error(root: Path, final: Path, code: int) -> EnvironmentProblem:
+    newest, _ = latest_complete(root, full=False, repair=False)
+    kept = f"the newest complete one, {newest.name}, is intact" if newest else "none is complete"
+    return EnvironmentProblem(
+        f"disk full while writing checkpoint {final} ({os.strerror(code)}); free space, then "
+        f"resume with --resume ({kept})"
+    )
+
+
+def _write_contents(
+    tmp: Path,
+    step: int,
+    model: torch.nn.Module,
+    tokenizer_dir: Path | None,
+    optimizer: torch.optim.Optimizer,
+    state: Mapping[str, Any],
+    tensors: Mapping[str, Mapping[str, torch.Tensor]] | None,
+) -> None:
+    model.save_pretrained(tmp / "model", safe_serialization=True)
+    if tokenizer_dir is not None:
+        for f in Path(tokenizer_dir).iterdir():
+            if f.is_file():
+                shutil.copy2(f, tmp / "model" / f.name)
+    _write_file(tmp / OPTIMIZER_FILE, pack_optimizer(optimizer.state_dict(), torch.get_rng_state()))
+    if tensors:
+        (tmp / "tensors").mkdir()
+        for name, group in tensors.items():
+            contiguous = {k: v.detach().contiguous().cpu() for k, v in group.items()}
+            _write_file(tmp / "tensors" / f"{name}.safetensors", safetensors_bytes(contiguous))
+    atomic_write_json(tmp / "state.json", {"format": FORMAT, "step": step, **state})
+    files = sorted(p for p in tmp.rglob("*") if p.is_file())
+    for f in files:
+        _fsync_path(f)
+    manifest = {
+        "format": FORMAT,
+        "step": step,
+        "files": {
+            str(f.relative_to(tmp)): {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
+            for f in files
+        },
+    }
+    atomic_write_json(tmp / "MANIFEST.json", manifest)
+    for d in [p for p in tmp.rglob("*") if p.is_dir()] + [tmp]:
+        _fsync_path(d)
+
+
+def publish(root: Path, tmp: Path, final: Path, step: int) -> None:
+    """Rename a finished temporary checkpoint directory into place (fsynced)."""
+    if final.exists():
+        # The same step saved twice (e.g. a resumed run re-saving over a damaged copy): move
+        # the old copy aside first; a kill between the two renames is repaired on resume.
+        old = root / f".old-step_{step:09d}-{os.getpid()}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        _fsync_path(root)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+        _fsync_path(root)
+
+
+# ----------------------------------------------------------------------- verification
+_REQUIRED = ("state.json",)
+
+
 def verify(path: Path, *, full: bool = True) -> str | None:
     """None when the checkpoint is complete and intact, else a one-line reason."""
+    path = Path(path)
     mf = path / "MANIFEST.json"
     if not mf.is_file():
         return "no MANIFEST.json (incomplete write)"
     try:
-        manifest = json.loads(mf.read_text())
+        manifest = json.loads(mf.read_text(encoding="utf-8"))
         files = manifest["files"]
-    except (json.JSONDecodeError, KeyError, TypeError):
+        step = manifest["step"]
+        entries = [(str(rel), int(m["bytes"]), str(m["sha256"])) for rel, m in files.items()]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError,
+            AttributeError):
         return "MANIFEST.json is damaged"
-    for rel, meta in files.items():
+    name = _STEP_DIR.match(path.name)
+    if name and int(name.group(1)) != step:
+        return f"MANIFEST.json is for step {step}, not {int(name.group(1))}"
+    listed = {rel for rel, _, _ in entries}
+    missing = [r for r in _REQUIRED if r not in listed]
+    if not any(r.startswith("model/") and r.endswith(".safetensors") for r in listed):
+        missing.append("model/*.safetensors")
+    sharded = any(r.startswith("dcp/") for r in listed)  # torchrun runs: optimizer in DCP
+    if OPTIMIZER_FILE not in listed and LEGACY_OPTIMIZER_FILE not in listed and not sharded:
+        missing.append(OPTIMIZER_FILE)
+    if missing:
+        return f"MANIFEST.json does not list {', '.join(missing)}"
+    for rel, size, digest in entries:
+        if Path(rel).is_absolute() or ".." in Path(rel).parts:
+            return f"MANIFEST.json names a file outside the checkpoint ({rel})"
         f = path / rel
         if not f.is_file():
             return f"missing file {rel}"
-        if f.stat().st_size != meta["bytes"]:
-            return f"{rel} has {f.stat().st_size} bytes, expected {meta['bytes']}"
-        if full and sha256_file(f) != meta["sha256"]:
+        found = f.stat().st_size
+        if found != size:
+            return f"{rel} has {found} bytes, expected {size}"
+        if full and sha256_file(f) != digest:
             return f"{rel} fails its sha256 check"
     return None
 
 
 def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
+    """(step, directory) of every ``step_<N>`` directory, sorted by step number."""
     root = Path(root)
     if not root.is_dir():
         return []
@@ -194,8 +355,42 @@ def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def latest_complete(root: Path, *, full: bool = True) -> tuple[Path | None, list[str]]:
-    """Newest checkpoint (by step number) that verifies; also the reasons others were skipped."""
+def leftovers(root: Path) -> list[Path]:
+    """Temporary directories that interrupted saves left behind (safe to delete)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if _TMP_DIR.match(p.name) or _OLD_DIR.match(p.name))
+
+
+def interrupted_resaves(root: Path) -> list[tuple[int, Path]]:
+    """Copies moved aside by a re-save of the same step that was killed before its new copy
+    was renamed into place: (step, moved-aside directory) where ``step_<N>`` is missing."""
+    root = Path(root)
+    present = {s for s, _ in list_checkpoints(root)}
+    out = []
+    for p in leftovers(root):
+        m = _OLD_DIR.match(p.name)
+        if m and int(m.group(1)) not in present:
+            out.append((int(m.group(1)), p))
+    return sorted(out)
+
+
+def _repair(root: Path) -> None:
+    for step, old in interrupted_resaves(root):
+        if verify(old, full=False) is None:
+            os.replace(old, Path(root) / f"step_{step:09d}")
+            _fsync_path(Path(root))
+
+
+def latest_complete(
+    root: Path, *, full: bool = True, repair: bool = True
+) -> tuple[Path | None, list[str]]:
+    """Newest checkpoint (by step number) that verifies; also the reasons others were skipped.
+
+    With ``repair`` a copy that an interrupted re-save moved aside is first put back."""
+    if repair:
+        _repair(root)
     skipped = []
     for _step, path in reversed(list_checkpoints(root)):
         reason = verify(path, full=full)
@@ -209,22 +404,48 @@ def load_checkpoint(path: Path) -> Checkpoint:
     reason = verify(path)
     if reason is not None:
         raise CheckpointError(f"checkpoint {path} is damaged: {reason}; resume from an older one")
-    state = json.loads((path / "state.json").read_text())
+    try:
+        state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+        step = int(state["step"])
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError):
+        raise CheckpointError(
+            f"checkpoint {path}: state.json is not a checkpoint state; resume from an older one"
+        ) from None
     if state.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {path}: unknown format {state.get('format')!r}")
-    return Checkpoint(path=path, step=int(state["step"]), state=state)
+    return Checkpoint(path=path, step=step, state=state)
 
 
+# ---------------------------------------------------------------------------- pruning
 def prune(root: Path, keep_last: int, *, protect: Path | None = None) -> None:
-    """Delete the oldest complete checkpoints beyond ``keep_last``; never the protected one,
-    never an incomplete one's newer sibling, and never the last complete one."""
-    complete = [(s, p) for s, p in list_checkpoints(root) if (p / "MANIFEST.json").is_file()]
-    excess = complete[:-keep_last] if keep_last > 0 else []
-    for _, p in excess:
-        if protect is not None and p.resolve() == Path(protect).resolve():
+    """Keep the newest ``keep_last`` intact checkpoints (``protect`` among them) and delete the
+    intact ones older than all of those, plus the leftovers of interrupted saves.
+
+    Damaged checkpoints never count as kept and are left for ``cptrain doctor`` to report. The
+    protected checkpoint was just written and hashed; without one, at least one kept checkpoint
+    must pass a full sha256 check, so pruning can never leave only damaged checkpoints."""
+    root = Path(root)
+    _repair(root)
+    good = [(s, p) for s, p in reversed(list_checkpoints(root)) if verify(p, full=False) is None]
+    keep: dict[Path, int] = {}
+    protected = Path(protect).resolve() if protect is not None else None
+    need_full = protected is None
+    for step, path in good:
+        if path.resolve() == protected:
+            keep[path.resolve()] = step
+    for step, path in good:
+        if len(keep) >= max(keep_last, 1) and not need_full:
+            break
+        if need_full and verify(path, full=True) is not None:
             continue
-        shutil.rmtree(p, ignore_errors=True)
-    for stale in Path(root).glob(".tmp-step_*"):
+        need_full = False
+        keep[path.resolve()] = step
+    if not keep:
+        return  # nothing verifiably intact: delete nothing
+    oldest_kept = min(keep.values())
+    for step, path in good:
+        if path.resolve() not in keep and step < oldest_kept:
+            shutil.rmtree(path, ignore_errors=True)
+    for stale in leftovers(root):
         with contextlib.suppress(OSError):
-            if not stale.name.endswith(f"-{os.getpid()}"):
-                shutil.rmtree(stale, ignore_errors=True)
+            shutil.rmtree(stale, ignore_errors=True)

@@ -78,6 +78,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from cptrain.doctor import main_doctor
+
+    return main_doctor(Path(args.run))
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     import shutil
 
@@ -97,6 +103,54 @@ def cmd_export(args: argparse.Namespace) -> int:
         shutil.rmtree(out)
     tmp.rename(out)
     print(f"exported {path.name} to {out} (load with AutoModelForCausalLM.from_pretrained)")
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from cptrain.sweep import run_sweep
+
+    try:
+        run_sweep(
+            Path(args.config),
+            overrides=args.overrides,
+            progress=_progress(args),
+            dry_run=args.dry_run,
+        )
+    except KeyboardInterrupt:
+        print("cptrain: interrupted; re-run `cptrain sweep` to continue", file=sys.stderr)
+        return 130
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from cptrain.report import write_report
+
+    dirs = [Path(d) for d in args.dirs]
+    out = Path(args.out) if args.out else (dirs[0] / "report" if len(dirs) == 1 else Path("report"))
+    html = write_report(dirs, out)
+    print(f"report: {html}")
+    print(f"        {html.with_suffix('.md')}")
+    return 0
+
+
+def cmd_downstream(args: argparse.Namespace) -> int:
+    from cptrain.downstream import format_results, run_downstream
+
+    rec = run_downstream(
+        Path(args.target),
+        tasks=tuple(t for part in args.tasks for t in part.split(",") if t),
+        out_dir=Path(args.out) if args.out else None,
+        data_dir=Path(args.data) if args.data else None,
+        limit=args.limit,
+        num_fewshot=args.num_fewshot,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        items=args.items,
+        online=args.online,
+        device=args.device,
+    )
+    print(format_results(rec))
+    print(rec["path"])
     return 0
 
 
@@ -142,6 +196,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+", help="run directories")
     p.set_defaults(func=cmd_eval)
 
+    p = sub.add_parser("doctor", help="check a run directory and say how to resume it")
+    p.add_argument("run", help="run directory")
+    p.set_defaults(func=cmd_doctor)
+
     p = sub.add_parser("export", help="copy a run's newest checkpoint as a HF model directory")
     p.add_argument("run", help="run directory")
     p.add_argument("--out", help="output directory (default: RUN/export)")
@@ -154,6 +212,37 @@ def build_parser() -> argparse.ArgumentParser:
     _add_overrides(p)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("sweep", help="run a grid of runs (methods x alphas x sizes x seeds)")
+    p.add_argument("config", help="sweep config (YAML), e.g. recipes/demo-sweep.yaml")
+    _add_overrides(p)
+    p.add_argument("--dry-run", action="store_true", help="list the runs, train nothing")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("report", help="tables and figures (report.md / report.html) of runs")
+    p.add_argument("dirs", nargs="+", help="run or sweep directories")
+    p.add_argument("--out", help="output directory (default: DIR/report for one DIR)")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("downstream", help="lm-evaluation-harness on a run or checkpoint")
+    p.add_argument("target", help="run dir, models/after_*, checkpoints/step_N or HF dir")
+    p.add_argument(
+        "--tasks",
+        nargs="+",
+        default=["local"],
+        help="'local' (generated offline tasks) and/or lm-eval task names",
+    )
+    p.add_argument("--limit", type=int)
+    p.add_argument("--num-fewshot", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-length", type=int)
+    p.add_argument("--items", type=int, default=200, help="items per generated local task")
+    p.add_argument("--data", help="prepared data dir (default: the run's data.dir)")
+    p.add_argument("--out", help="where to write results")
+    p.add_argument("--online", action="store_true", help="allow hub downloads (hub tasks)")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_downstream)
 
     p = sub.add_parser("data", help="data utilities")
     dsub = p.add_subparsers(dest="data_command", required=True)
@@ -174,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cptrain: error: {msg}", file=sys.stderr)
         return exc.exit_code
     except OSError as exc:
-        if exc.errno != errno.ENOSPC:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
             raise
         where = f" writing {exc.filename}" if exc.filename else ""
         print(

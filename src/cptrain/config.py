@@ -120,7 +120,7 @@ class CheckpointConfig(StrictModel):
 
 class RunConfig(StrictModel):
     run_dir: str
-    seed: int = Field(default=0, ge=0)
+    seed: int = Field(default=0, ge=0, le=2**63 - 1)
     method: Literal["sequential", "replay", "reptile", "mer", "joint"] | None = None
     data: DataConfig
     model: ModelConfig = ModelConfig()

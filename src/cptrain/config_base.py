@@ -16,12 +16,16 @@ M = TypeVar("M", bound=BaseModel)
 class StrictModel(BaseModel):
     """Base for every config section: unknown keys are errors, values are validated on set."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=True, frozen=False, allow_inf_nan=False
+    )
 
 
 def _format_validation_error(err: ValidationError, source: str) -> str:
     first = err.errors()[0]
-    path = ".".join(str(p) for p in first["loc"]) or "<root>"
+    path = ".".join(
+        s if (s := str(p)).isprintable() and "." not in s else repr(s) for p in first["loc"]
+    ) or "<root>"
     msg = first["msg"]
     if first["type"] == "extra_forbidden":
         msg = "unknown key (check spelling; see the recipes/ examples for valid keys)"

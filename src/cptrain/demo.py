@@ -12,6 +12,7 @@ from cptrain.config import RunConfig
 from cptrain.config_base import apply_overrides, build_config
 from cptrain.data.demo_corpus import demo_corpus_ready, fetch_demo
 from cptrain.data.prepare import PrepareConfig, prepare
+from cptrain.report import write_report
 from cptrain.tables import comparison_table, run_report
 from cptrain.trainer import train
 
@@ -130,5 +131,7 @@ def run_demo(
             f"MER 25% retained loss {mer:.3f} vs replay 25% {rep:.3f}: at this budget Reptile "
             f"{verdict} on top of replay ({mer - rep:+.3f})."
         )
+    report = write_report([runs_dir], runs_dir / "report")
     print(f"demo finished in {time.perf_counter() - t0:.0f} s; runs in {runs_dir}")
+    print(f"report: {report}")
     return results

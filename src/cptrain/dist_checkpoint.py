@@ -81,13 +81,7 @@ def _finalize(tmp: Path, final: Path, step: int) -> None:
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
     ckpt.atomic_write_json(tmp / "MANIFEST.json", manifest)
-    if final.exists():
-        old = final.with_name(final.name + ".old")
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
+    ckpt.publish(final.parent, tmp, final, step)
 
 
 def save(

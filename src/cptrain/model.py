@@ -77,7 +77,10 @@ def load_pretrained(path: str | Path) -> LlamaForCausalLM:
             "point it at a save_pretrained directory"
         )
     try:
-        model = LlamaForCausalLM.from_pretrained(path, torch_dtype=torch.float32)
+        # safetensors only: pickled .bin weights could run code on load
+        model = LlamaForCausalLM.from_pretrained(
+            path, torch_dtype=torch.float32, use_safetensors=True
+        )
     except (OSError, ValueError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise CheckpointError(f"init_from: cannot load {path}: {first}") from None

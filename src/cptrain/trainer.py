@@ -9,9 +9,11 @@ end every task's validation loss fills one row of the loss matrix.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import re
 import shutil
 import time
 import uuid
@@ -29,11 +31,12 @@ from transformers.utils import logging as hf_logging
 from cptrain import checkpoint as ckpt
 from cptrain import dist_checkpoint, metrics
 from cptrain.config import RunConfig
-from cptrain.data.prepare import load_prepared, open_split
+from cptrain.data.prepare import load_prepared, load_prepared_tokenizer, open_split
 from cptrain.data.shards import ShardSet
 from cptrain.distributed import init_distributed, set_grad_sync, shutdown, wrap_model
-from cptrain.errors import CheckpointError, ConfigError, DataError
+from cptrain.errors import CheckpointError, ConfigError, DataError, EnvironmentProblem
 from cptrain.evaluate import evaluate_tasks, token_loss
+from cptrain.flops import run_flops
 from cptrain.model import build_model, count_parameters, load_pretrained
 from cptrain.replay.mixer import mix_counts, split_for_rank
 from cptrain.schedule import Schedule
@@ -50,6 +53,8 @@ _RUN_CONTROL_KEYS = {
     "train.compile",
     "replay.prefetch_mb",
     "distributed",  # strategy/backend; the world size is checked on its own
+    "run_dir",  # a moved run is the same run
+    "replay.dir",
 }
 
 
@@ -199,7 +204,9 @@ class Trainer:
         if resume:
             self._restore()
         else:
-            self.state.run_id = self.env.broadcast_object(uuid.uuid4().hex)
+            self.state.run_id = self.env.broadcast_object(
+                self._attempt_run_id() if self.env.is_main else None
+            )
             if self.env.is_main:
                 self._write_config()
                 if self.metrics.path.exists():
@@ -207,6 +214,18 @@ class Trainer:
         self._build_components()
 
     # ----------------------------------------------------------------- set-up
+    def _attempt_run_id(self) -> str:
+        """The run id of an attempt that died before its first checkpoint, else a new one, so
+        that its replay directory is recognised (and emptied) rather than refused."""
+        path = self.run_dir / "run_id"
+        with contextlib.suppress(OSError, UnicodeDecodeError):
+            old = path.read_text().strip()
+            if re.fullmatch(r"[0-9a-f]{32}", old):
+                return old
+        new = uuid.uuid4().hex
+        ckpt.atomic_write_text(path, new + "\n")
+        return new
+
     def _prepare_run_dir(self) -> None:
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -240,6 +259,11 @@ class Trainer:
         self.window_len = cfg.train.seq_len + 1
         self.train_sets = {n: open_split(data_dir, n, "train") for n in self.task_names}
         self.val_sets = {n: open_split(data_dir, n, "val") for n in self.task_names}
+        # Full checksums once per start (~1 s per GB): a flipped byte that keeps token ids in
+        # the vocabulary would otherwise train silently.
+        for shard in (*self.train_sets.values(), *self.val_sets.values()):
+            shard.verify(full=True)
+        load_prepared_tokenizer(data_dir)
         self.streams = [
             TaskStream(self.train_sets[n], i, cfg.seed, self.window_len, n)
             for i, n in enumerate(self.task_names)
@@ -392,6 +416,14 @@ class Trainer:
                 "or start a new run_dir (or pass --allow-config-change to resume anyway)"
             )
 
+    def _check_tokenizer(self, state: dict[str, Any]) -> None:
+        old, new = state.get("tokenizer_sha256"), self.prepared["tokenizer"]["sha256"]
+        if old is not None and old != new:
+            raise DataError(
+                f"the checkpoint was trained with tokenizer {old[:12]} but {self.cfg.data.dir} "
+                f"holds tokenizer {new[:12]}; resume with the data the run was prepared with"
+            )
+
     def _latest_checkpoint(self) -> Path:
         root = self.run_dir / "checkpoints"
         found = None
@@ -411,6 +443,7 @@ class Trainer:
         state = json.loads((path / "state.json").read_text())
         self._check_world_size(path, state)
         self._check_config(state["config"])
+        self._check_tokenizer(state)
         template = None
         if self.cfg.reptile.enabled and state.get("reptile") is not None:
             from cptrain.reptile import Reptile
@@ -441,7 +474,16 @@ class Trainer:
                 f"{path} holds sharded (torchrun) state; resume it with torchrun"
             )
         self._check_config(c.state["config"])
-        self.model.load_state_dict(c.model_state(), strict=True)
+        weights = c.model_state()
+        rows = weights["model.embed_tokens.weight"].shape[0]
+        if rows != self.model.config.vocab_size:
+            raise DataError(
+                f"the checkpoint's embedding has {rows} rows but the shards in "
+                f"{self.cfg.data.dir} use a vocabulary of {self.model.config.vocab_size}; "
+                "resume with the data the run was prepared with"
+            )
+        self._check_tokenizer(c.state)
+        self.model.load_state_dict(weights, strict=True)
         blob = c.optimizer_blob()
         self.optimizer.load_state_dict(blob["optimizer"])
         torch.set_rng_state(blob["rng_cpu"])
@@ -460,6 +502,7 @@ class Trainer:
             "trainer": asdict(self.state),
             "config": self.cfg.model_dump(mode="json"),
             "world_size": self.env.world_size,
+            "tokenizer_sha256": self.prepared["tokenizer"]["sha256"],
         }
         tensors: dict[str, dict[str, torch.Tensor]] = {}
         if self.buffer is not None:
@@ -758,11 +801,22 @@ class Trainer:
             dist_checkpoint.export_hf(self.model, self.env, out, self.tokenizer_dir)
             return
         tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        self.model.save_pretrained(tmp, safe_serialization=True)
-        for f in self.tokenizer_dir.iterdir():
-            if f.is_file():
-                shutil.copy2(f, tmp / f.name)
+        for stale in out.parent.glob(out.name + ".tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        try:
+            self.model.save_pretrained(tmp, safe_serialization=True)
+            for f in self.tokenizer_dir.iterdir():
+                if f.is_file():
+                    shutil.copy2(f, tmp / f.name)
+        except Exception as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            code = ckpt.disk_full_errno(exc)
+            if code:
+                raise EnvironmentProblem(
+                    f"disk full while exporting {out} ({os.strerror(code)}); free space, then "
+                    "resume with --resume"
+                ) from None
+            raise
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
@@ -786,6 +840,8 @@ class Trainer:
             out["union_loss"] = metrics.union_loss(lm[-1])
         if self.buffer is not None:
             out["replay"] = self.buffer.stats()
+        with contextlib.suppress(ConfigError):
+            out["flops"] = run_flops(out, self.run_dir)
         if self.state.diag_cos_n:
             out["grad_cos_mean"] = self.state.diag_cos_sum / self.state.diag_cos_n
             out["grad_cos_count"] = self.state.diag_cos_n

@@ -1,0 +1,375 @@
+"""``cptrain doctor RUN``: check a run directory and say how to resume it.
+
+Reads only; changes nothing. Checks the run's config, every checkpoint (manifest, sizes,
+sha256), the replay buffer of each rank against the newest good checkpoint (row counts and
+CRCs), the token shards and tokenizer the run uses, and that the checkpoint's model still
+matches the data. Prints what is intact, what is damaged, and the command that resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from cptrain import checkpoint as ckpt
+from cptrain.config import RunConfig, load_run_config
+from cptrain.errors import ConfigError, CptrainError
+
+Status = Literal["ok", "damaged", "note"]
+_LABEL = {"ok": "ok", "damaged": "DAMAGED", "note": "note"}
+
+
+@dataclass(frozen=True)
+class Item:
+    status: Status
+    subject: str
+    detail: str
+    blocks: bool = False  # a resume would fail because of it
+
+
+@dataclass
+class Report:
+    run_dir: Path
+    items: list[Item] = field(default_factory=list)
+    resume_from: Path | None = None
+    resume_step: int | None = None
+    command: str | None = None
+    blocking: str | None = None  # why the run cannot be resumed as it is
+
+    @property
+    def resumable(self) -> bool:
+        return self.blocking is None and self.command is not None
+
+    @property
+    def damaged(self) -> list[Item]:
+        return [i for i in self.items if i.status == "damaged"]
+
+    def add(self, status: Status, subject: str, detail: str, blocks: bool | None = None) -> None:
+        blocking = status == "damaged" if blocks is None else blocks
+        self.items.append(Item(status, subject, detail, blocking))
+
+    def render(self) -> str:
+        lines = [f"cptrain doctor: {self.run_dir}"]
+        lines += [f"  {_LABEL[i.status]:<8} {i.subject}: {i.detail}" for i in self.items]
+        if self.resumable:
+            lines.append(f"resumable from {self.resume_from} (step {self.resume_step}):")
+            lines.append(f"  {self.command}")
+        else:
+            lines.append(f"NOT resumable: {self.blocking}")
+            if self.command:
+                lines.append(f"  {self.command}")
+        return "\n".join(lines)
+
+
+def diagnose(run_dir: Path) -> Report:
+    """Check everything a resume of ``run_dir`` depends on (read-only)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ConfigError(f"run directory {run_dir} does not exist; pass a run_dir of a run")
+    config_path = run_dir / "config.yaml"
+    root = run_dir / "checkpoints"
+    if not config_path.is_file() and not ckpt.list_checkpoints(root):
+        raise ConfigError(
+            f"{run_dir} is not a cptrain run directory (no config.yaml, no checkpoints/); "
+            "pass the run_dir of a `cptrain train` run"
+        )
+    report = Report(run_dir)
+    cfg = _check_config(report, config_path)
+    good = _check_checkpoints(report, root)
+    state = _checkpoint_state(report, good)
+    if cfg is not None and state is not None:
+        _check_config_matches(report, cfg, state)
+    if state is not None:
+        _check_buffers(report, cfg, state, run_dir)
+    if cfg is not None:
+        _check_data(report, cfg, good)
+    _check_metrics(report, run_dir)
+    _conclude(report, config_path, good, state)
+    return report
+
+
+def main_doctor(run_dir: Path | str) -> int:
+    """The ``cptrain doctor RUN`` command: print the report; 0 when resumable, else 2."""
+    report = diagnose(Path(run_dir))
+    print(report.render())
+    return 0 if report.resumable else 2
+
+
+# --------------------------------------------------------------------------- config
+def _check_config(report: Report, path: Path) -> RunConfig | None:
+    if not path.is_file():
+        report.add("damaged", "config.yaml", "missing; resume with the run's own YAML file")
+        return None
+    try:
+        cfg = load_run_config(path)
+    except ConfigError as exc:
+        report.add("damaged", "config.yaml", str(exc))
+        return None
+    report.add("ok", "config.yaml", "valid")
+    return cfg
+
+
+def _check_config_matches(report: Report, cfg: RunConfig, state: dict[str, Any]) -> None:
+    from cptrain.trainer import config_differences
+
+    saved = state.get("config")
+    if not isinstance(saved, dict):
+        return
+    diffs = config_differences(saved, cfg.model_dump(mode="json"))
+    if diffs:
+        more = f" ({len(diffs) - 1} more)" if len(diffs) > 1 else ""
+        report.add(
+            "damaged",
+            "config.yaml vs checkpoint",
+            f"{diffs[0]}{more}; restore the old value (--resume refuses a result-changing "
+            "change unless --allow-config-change)",
+        )
+
+
+# ----------------------------------------------------------------------- checkpoints
+def _check_checkpoints(report: Report, root: Path) -> Path | None:
+    """Verify every checkpoint in full; return the newest intact one. Damaged checkpoints do
+    not block a resume: it skips them, as this report says."""
+    newest_good: Path | None = None
+    for _, path in reversed(ckpt.list_checkpoints(root)):
+        reason = ckpt.verify(path, full=True)
+        if reason is None:
+            n = len(json.loads((path / "MANIFEST.json").read_text())["files"])
+            report.add("ok", f"checkpoint {path.name}", f"complete; sha256 of {n} files match")
+            newest_good = newest_good or path
+        else:
+            report.add("damaged", f"checkpoint {path.name}", f"{reason}; resume skips it",
+                       blocks=False)
+    moved = ckpt.interrupted_resaves(root)
+    for step, old in reversed(moved):
+        reason = ckpt.verify(old, full=True)
+        if reason is not None:
+            report.add("damaged", f"checkpoint {old.name}", reason, blocks=False)
+            continue
+        report.add("note", f"checkpoint {old.name}",
+                   f"complete copy of step {step} moved aside by an interrupted re-save; "
+                   f"--resume puts it back as step_{step:09d}")
+        if newest_good is None or step > _step_of(newest_good):
+            newest_good = old
+    for stale in ckpt.leftovers(root):
+        if stale not in {p for _, p in moved}:
+            report.add("note", f"checkpoints/{stale.name}",
+                       "left by an interrupted save; deleted at the next checkpoint")
+    if newest_good is None and not ckpt.list_checkpoints(root):
+        report.add("note", "checkpoints", "none yet")
+    return newest_good
+
+
+def _step_of(path: Path) -> int:
+    return int(json.loads((path / "MANIFEST.json").read_text())["step"])
+
+
+def _checkpoint_state(report: Report, path: Path | None) -> dict[str, Any] | None:
+    if path is None:
+        return None
+    try:
+        state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        report.add("damaged", f"checkpoint {path.name}", "state.json is unreadable")
+        return None
+    if state.get("format") != ckpt.FORMAT:
+        report.add("damaged", f"checkpoint {path.name}", f"unknown format {state.get('format')!r}")
+        return None
+    report.resume_from, report.resume_step = path, int(state.get("step", -1))
+    return state
+
+
+# --------------------------------------------------------------------- replay buffer
+def _buffer_states(state: dict[str, Any]) -> list[dict[str, Any]]:
+    if isinstance(state.get("replay"), dict):
+        return [state["replay"]]
+    ranks = state.get("ranks") or []
+    return [r["replay"] for r in ranks if isinstance(r, dict) and isinstance(r.get("replay"), dict)]
+
+
+def _check_buffers(
+    report: Report, cfg: RunConfig | None, state: dict[str, Any], run_dir: Path
+) -> None:
+    saved_cfg = state.get("config") or {}
+    replay_dir = (cfg.replay.dir if cfg is not None else None) or (
+        (saved_cfg.get("replay") or {}).get("dir")
+    )
+    base = Path(replay_dir) if replay_dir else run_dir / "replay"
+    for buf in _buffer_states(state):
+        rank = buf.get("rank", 0)
+        subject = f"replay buffer rank {rank}"
+        problem = check_buffer(base / f"rank_{rank}", buf)
+        if problem is None:
+            rows = buf["store"]["rows"]
+            report.add("ok", subject, f"{rows} rows match the checkpoint's row count and CRCs")
+        else:
+            report.add("damaged", subject, problem)
+
+
+def check_buffer(directory: Path, buf: dict[str, Any]) -> str | None:
+    """Read-only check of one rank's replay files against a checkpoint's buffer state: the
+    rows it counts exist, sealed chunks match the manifest's CRCs, the open chunk's prefix
+    matches the checkpoint's running CRCs. None when intact, else a one-line reason."""
+    from cptrain.replay import storage
+
+    manifest_path = directory / storage.MANIFEST
+    try:
+        m = json.loads(manifest_path.read_text(encoding="utf-8"))
+        rpc = int(m["rows_per_chunk"])
+        sealed = {int(c): (int(d), int(e)) for c, (d, e) in m["sealed"].items()}
+        reclaimed = {int(c) for c in m["reclaimed"]}
+    except FileNotFoundError:
+        return f"{manifest_path} is missing"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return f"{manifest_path} is unreadable or not a replay manifest"
+    if m.get("run_id") != buf.get("run_id"):
+        return f"{manifest_path} belongs to run {m.get('run_id')!r}, not {buf.get('run_id')!r}"
+    try:
+        layout = storage.Layout(buf["storage"], buf["token_dtype"], int(buf["row_len"]))
+        store = buf["store"]
+        rows, crcs = int(store["rows"]), (int(store["data_crc"]), int(store["meta_crc"]))
+    except (KeyError, TypeError, ValueError):
+        return "the checkpoint's replay state is incomplete"
+    full, rest = divmod(rows, rpc)
+    for chunk in range(full):
+        if chunk in reclaimed:
+            continue
+        if chunk not in sealed:
+            return f"{manifest_path} has no checksum for full chunk {chunk}"
+        problem = _check_chunk(directory, chunk, rpc, layout, sealed[chunk], exact=True)
+        if problem:
+            return problem
+    if rest:
+        return _check_chunk(directory, full, rest, layout, crcs, exact=False)
+    return None
+
+
+def _check_chunk(
+    directory: Path, chunk: int, rows: int, layout: Any, crcs: tuple[int, int], exact: bool
+) -> str | None:
+    from cptrain.replay import storage
+
+    files = (
+        (directory / f"chunk_{chunk:06d}.rows", rows * layout.record_bytes, crcs[0]),
+        (directory / f"chunk_{chunk:06d}.meta", rows * storage.META_DTYPE.itemsize, crcs[1]),
+    )
+    for path, nbytes, crc in files:
+        if not path.is_file():
+            return f"{path} is missing"
+        size = path.stat().st_size
+        if size < nbytes or (exact and size != nbytes):
+            return f"{path} holds {size} bytes, the checkpoint needs {nbytes}"
+        if storage.file_crc(path, nbytes) != crc:
+            return f"{path} fails its checksum (corrupt bytes)"
+    return None
+
+
+# ---------------------------------------------------------------------- data, tokenizer
+def _check_data(report: Report, cfg: RunConfig, good: Path | None) -> None:
+    from cptrain.data.prepare import load_prepared, load_prepared_tokenizer, open_split
+
+    data_dir = Path(cfg.data.dir)
+    try:
+        info = load_prepared(data_dir)
+        load_prepared_tokenizer(data_dir)
+    except CptrainError as exc:
+        report.add("damaged", f"data {data_dir}", str(exc))
+        return
+    report.add("ok", f"tokenizer {data_dir / 'tokenizer'}", "matches prepare.json")
+    vocab = 0
+    for task in (t.name for t in cfg.data.tasks):
+        for split in ("train", "val"):
+            subject = f"shards {task}/{split}"
+            try:
+                shards = open_split(data_dir, task, split)
+                shards.verify(full=True)
+            except CptrainError as exc:
+                report.add("damaged", subject, str(exc))
+                continue
+            vocab = max(vocab, shards.vocab_size)
+            report.add(
+                "ok", subject, f"{shards.num_tokens} tokens in {len(shards.files)} file(s); "
+                "sha256 match"
+            )
+    if good is not None:
+        _check_model_matches_data(report, good, info, vocab)
+
+
+def _check_model_matches_data(
+    report: Report, good: Path, info: dict[str, Any], vocab: int
+) -> None:
+    from cptrain.data.tokenizer import load_tokenizer, tokenizer_sha256
+
+    model_dir = good / "model"
+    try:
+        rows = int(json.loads((model_dir / "config.json").read_text())["vocab_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        rows = None
+    if rows is not None and vocab > rows:
+        report.add(
+            "damaged", f"checkpoint {good.name} vs data",
+            f"the shards use a vocabulary of {vocab} but the checkpoint's embedding has {rows} "
+            "rows: the data was re-prepared with another tokenizer",
+        )
+        return
+    if not (model_dir / "tokenizer.json").is_file():
+        return
+    try:
+        found = tokenizer_sha256(load_tokenizer(model_dir))
+    except CptrainError:
+        return
+    expected = info["tokenizer"]["sha256"]
+    if found != expected:
+        report.add(
+            "damaged", f"checkpoint {good.name} vs data",
+            f"the checkpoint was trained with tokenizer {found[:12]} but the data now uses "
+            f"{expected[:12]}: the data was re-prepared; point data.dir at the original data",
+        )
+
+
+# --------------------------------------------------------------------------- metrics
+def _check_metrics(report: Report, run_dir: Path) -> None:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return
+    good, torn, last = 0, 0, None
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            step = json.loads(line).get("step")
+            good += 1
+        except (json.JSONDecodeError, AttributeError):
+            torn += 1
+            continue
+        if isinstance(step, int):
+            last = step if last is None else max(last, step)
+    detail = f"{good} records, last step {last}"
+    notes = []
+    if torn:
+        notes.append(f"{torn} torn line(s)")
+    if report.resume_step is not None and isinstance(last, int) and last > report.resume_step:
+        notes.append(f"records after step {report.resume_step}")
+    if notes:
+        detail += f"; {' and '.join(notes)} are dropped on resume"
+    report.add("note" if notes else "ok", "metrics.jsonl", detail)
+
+
+# -------------------------------------------------------------------------- verdict
+def _conclude(
+    report: Report, config_path: Path, good: Path | None, state: dict[str, Any] | None
+) -> None:
+    cmd = f"cptrain train {shlex.quote(str(config_path))}"
+    blocking = [i for i in report.items if i.blocks]
+    if good is None or state is None:
+        report.blocking = "no complete checkpoint"
+        if config_path.is_file():
+            report.blocking += "; start the run again (without --resume)"
+            report.command = cmd
+        return
+    if blocking:
+        first = blocking[0]
+        report.blocking = f"{first.subject}: {first.detail}"
+        return
+    report.command = f"{cmd} --resume"

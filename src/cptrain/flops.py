@@ -1,0 +1,198 @@
+"""Compute accounting: training FLOPs per token, per run, and per *incoming* (fresh) token.
+
+Convention (Kaplan et al. 2020, "Scaling Laws for Neural Language Models", Table 1; the same
+6·N rule Chinchilla's Eq. 1 uses, with the attention term kept because our CPU models are small
+enough for it to matter):
+
+    training FLOPs per processed token  C = 6·N + 6·L·T·d
+
+* ``N`` = parameters used in matrix multiplies for every token: the transformer blocks'
+  projection weights (attention q/k/v/o and the gated MLP's gate/up/down) **plus the output
+  head** (untied, V·d). The input embedding is a table lookup and costs no FLOPs; RMSNorm gains
+  and element-wise work are left out (negligible, as in Kaplan). The output head is kept
+  because with a 4k vocabulary it is most of a 1.5M-parameter model's work.
+* ``6·L·T·d``: attention scores (QKᵀ) and their weighted sum (AV) cost 2·2·d multiply-adds per
+  attended position per layer in the forward pass; under the causal mask a token attends to T/2
+  positions on average, so the forward cost is 2·L·T·d and training (forward + backward = 3×)
+  is 6·L·T·d. ``T`` is the training sequence length.
+* Forward + backward = 3 × forward (the factor 6 = 2 FLOPs per multiply-add × 3).
+
+Per run: C × (fresh + replayed tokens processed). Reptile's meta-update
+θ ← θ₀ + ε(θ − θ₀) costs 3·|θ| FLOPs every k optimizer steps; it is counted separately (it is
+tiny) and added to the total. Evaluation FLOPs are not counted: they are the same for every
+method.
+
+FLOPs per *incoming* token (the x-axis of the paper's Fig. 6): the compute spent per token of
+the incoming task stream. With a replay fraction α of each batch, every fresh token costs
+C·(rows per step)/(fresh rows per step): C/(1−α) in *substitute* mode (batch fixed, α of it
+replayed) and likewise in *additive* mode (B fresh rows plus α/(1−α)·B replayed), plus
+Reptile's 3·|θ|/k per step spread over the step's fresh tokens.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cptrain.errors import ConfigError
+from cptrain.model import PRESETS
+
+CONVENTION = "C = 6N + 6LTd (Kaplan et al. 2020; N = block matmul weights + output head)"
+REPTILE_FLOPS_PER_PARAM = 3  # one subtract, one multiply, one add per weight
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    layers: int
+    hidden: int
+    ffn: int
+    vocab: int
+    heads: int
+    kv_heads: int
+    tied: bool = False
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+    def block_matmul_params(self) -> int:
+        """q/o are d×d; k/v are d×(kv_heads·head_dim); the gated MLP has three d×ffn matrices."""
+        d = self.hidden
+        kv = self.kv_heads * self.head_dim
+        return self.layers * (2 * d * d + 2 * d * kv + 3 * d * self.ffn)
+
+    def total_params(self) -> int:
+        norms = (2 * self.layers + 1) * self.hidden
+        embeddings = self.vocab * self.hidden * (1 if self.tied else 2)
+        return self.block_matmul_params() + norms + embeddings
+
+    def nonembedding_params(self) -> int:
+        return self.block_matmul_params() + (2 * self.layers + 1) * self.hidden
+
+    def matmul_params(self) -> int:
+        """N of the 6·N rule: block weights plus the output head (tied or not, it is a matmul)."""
+        return self.block_matmul_params() + self.vocab * self.hidden
+
+
+def preset_shape(preset: str, vocab: int) -> ModelShape:
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown model preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    s = PRESETS[preset]
+    return ModelShape(s.layers, s.hidden, s.ffn, vocab, s.heads, s.heads)
+
+
+def shape_from_hf_config(cfg: dict[str, Any]) -> ModelShape:
+    heads = int(cfg["num_attention_heads"])
+    return ModelShape(
+        layers=int(cfg["num_hidden_layers"]),
+        hidden=int(cfg["hidden_size"]),
+        ffn=int(cfg["intermediate_size"]),
+        vocab=int(cfg["vocab_size"]),
+        heads=heads,
+        kv_heads=int(cfg.get("num_key_value_heads") or heads),
+        tied=bool(cfg.get("tie_word_embeddings", False)),
+    )
+
+
+def flops_per_token(shape: ModelShape, seq_len: int) -> int:
+    """Training FLOPs per processed token: 6·N + 6·L·T·d (see the module docstring)."""
+    return 6 * shape.matmul_params() + 6 * shape.layers * seq_len * shape.hidden
+
+
+def _vocab_from_params(preset: str, params: int) -> int | None:
+    """Invert total_params for an untied preset: the summary records params, not the vocab."""
+    base = preset_shape(preset, 0)
+    rest = params - base.total_params()
+    vocab, remainder = divmod(rest, 2 * base.hidden)
+    return vocab if remainder == 0 and vocab > 0 else None
+
+
+def _exported_hf_config(run_dir: Path | None) -> dict[str, Any] | None:
+    if run_dir is None:
+        return None
+    for cfg_file in sorted(Path(run_dir).glob("models/after_*/config.json")):
+        try:
+            return json.loads(cfg_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def run_shape(summary: dict[str, Any], run_dir: Path | None = None) -> ModelShape:
+    """The trained model's shape: from an exported HF config when one exists (needed for
+    ``init_from`` models), else the preset with the vocabulary recovered from ``params``."""
+    hf = _exported_hf_config(run_dir)
+    if hf is not None:
+        return shape_from_hf_config(hf)
+    preset = summary["config"]["model"]["preset"]
+    vocab = _vocab_from_params(preset, int(summary.get("params", 0)))
+    if vocab is None:
+        raise ConfigError(
+            f"cannot recover the model shape of this run (params {summary.get('params')} do not "
+            f"match preset {preset!r}); pass the run directory so its exported config is read"
+        )
+    return preset_shape(preset, vocab)
+
+
+def rows_per_step(config: dict[str, Any]) -> tuple[int, int]:
+    """(fresh rows, replayed rows) of one optimizer step at full buffer, as the trainer mixes."""
+    from cptrain.replay.mixer import mix_counts
+
+    batch = int(config["train"]["batch_size"])
+    if config.get("method") == "joint":
+        return batch, 0
+    replay = config.get("replay", {})
+    return mix_counts(float(replay.get("alpha", 0.0)), batch, replay.get("mode", "substitute"))
+
+
+def run_flops(summary: dict[str, Any], run_dir: Path | None = None) -> dict[str, Any]:
+    """Compute accounting of one run from its ``summary.json`` (see the module docstring)."""
+    cfg = summary["config"]
+    shape = run_shape(summary, run_dir)
+    seq_len = int(cfg["train"]["seq_len"])
+    per_token = flops_per_token(shape, seq_len)
+    fresh = int(summary.get("fresh_tokens", 0))
+    processed = fresh + int(summary.get("replay_tokens", 0))
+    steps = int(summary.get("steps", 0))
+    params = shape.total_params()
+
+    reptile = cfg.get("reptile", {})
+    k = int(reptile.get("k", 0)) if reptile.get("enabled") else 0
+    # Upper bound when re-anchoring at task boundaries drops a partial period.
+    reptile_updates = steps // k if k else 0
+    reptile_total = REPTILE_FLOPS_PER_PARAM * params * reptile_updates
+    model_total = per_token * processed
+    total = model_total + reptile_total
+
+    n_fresh, n_replay = rows_per_step(cfg)
+    fresh_per_step = n_fresh * seq_len
+    reptile_per_incoming = REPTILE_FLOPS_PER_PARAM * params / (k * fresh_per_step) if k else 0.0
+    return {
+        "convention": CONVENTION,
+        "params": params,
+        "params_nonembedding": shape.nonembedding_params(),
+        "params_matmul": shape.matmul_params(),
+        "seq_len": seq_len,
+        "flops_per_token": per_token,
+        "tokens_processed": processed,
+        "model_flops": model_total,
+        "reptile_updates": reptile_updates,
+        "reptile_flops": reptile_total,
+        "total_flops": total,
+        "flops_per_step": total / steps if steps else None,
+        "flops_per_fresh_token": total / fresh if fresh else None,
+        "replay_fraction": n_replay / (n_fresh + n_replay),
+        "flops_per_incoming_token": per_token * (n_fresh + n_replay) / n_fresh
+        + reptile_per_incoming,
+        "reptile_flops_per_incoming_token": reptile_per_incoming,
+    }
+
+
+def planned_flops(config: dict[str, Any], vocab: int, total_steps: int) -> float:
+    """FLOPs a run will spend (for ETAs before it has a summary)."""
+    shape = preset_shape(config["model"]["preset"], vocab)
+    n_fresh, n_replay = rows_per_step(config)
+    seq_len = int(config["train"]["seq_len"])
+    return float(flops_per_token(shape, seq_len) * (n_fresh + n_replay) * seq_len * total_steps)

@@ -1,0 +1,688 @@
+"""`cptrain report DIR…`: tables and figures of runs and sweeps → report.md + report.html.
+
+Runs are grouped by method (label and replay fraction α), model preset and task order; seeds
+are averaged, with 95% t-intervals across seeds. What a report shows follows the paper: loss
+curves with task boundaries (Fig. 2), union loss, forgetting with confidence intervals
+(Fig. 4), retained / learned loss by method and size (Tables 2 and 4), downstream scores
+(Table 3), loss against FLOPs per incoming token and against parameters with power-law fits
+(Fig. 6/7) and the replay-versus-size answer, and gradient-alignment diagnostics. Sections
+without data (one size, no downstream results) are left out. ``report.html`` embeds its PNGs
+so it can be mailed as one file.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import datetime as dt
+import html
+import json
+import math
+import os
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import stats
+
+from cptrain.checkpoint import atomic_write_text
+from cptrain.config import METHODS
+from cptrain.errors import ConfigError
+from cptrain.flops import run_flops
+from cptrain.model import PRESETS
+from cptrain.report_figures import Curves, bars_figure, curves_figure, scaling_figure
+from cptrain.scaling import fit_groups, replay_vs_size
+
+# The α = 0 method each replay method is compared with when asking "replay or a bigger model?"
+BASELINE_OF = {"replay": "sequential", "mer": "reptile"}
+
+
+# ------------------------------------------------------------------------------- runs
+@dataclass
+class Run:
+    name: str
+    dir: Path
+    summary: dict[str, Any]
+    label: str
+    method: str
+    alpha: float
+    preset: str
+    seed: int
+    order: tuple[str, ...]
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.summary.get("complete"))
+
+    @property
+    def group(self) -> str:
+        """Method label with its replay fraction, e.g. ``mer α=0.25``."""
+        mode = self.summary["config"].get("replay", {}).get("mode", "substitute")
+        suffix = f" α={self.alpha:g}" if self.alpha else ""
+        return f"{self.label}{suffix}{' additive' if self.alpha and mode == 'additive' else ''}"
+
+    @cached_property
+    def flops(self) -> dict[str, Any] | None:
+        if isinstance(self.summary.get("flops"), dict):
+            return self.summary["flops"]
+        try:  # runs from before compute accounting: derive it now
+            return run_flops(self.summary, self.dir)
+        except (ConfigError, KeyError, ValueError, TypeError):
+            return None
+
+    @cached_property
+    def records(self) -> list[dict[str, Any]]:
+        path = self.dir / "metrics.jsonl"
+        out: list[dict[str, Any]] = []
+        if not path.is_file():
+            return out
+        for line in path.read_text(encoding="utf-8").splitlines():
+            with contextlib.suppress(json.JSONDecodeError):
+                rec = json.loads(line)
+                if isinstance(rec, dict):
+                    out.append(rec)
+        return out
+
+    @cached_property
+    def downstream(self) -> dict[str, dict[str, float]]:
+        """Scores of the run's final model (``downstream/<model>.json``), if evaluated."""
+        files = sorted((self.dir / "downstream").glob("after_*.json"),
+                       key=lambda p: _task_index(p.stem))
+        for f in reversed(files):
+            with contextlib.suppress(OSError, ValueError):
+                return dict(json.loads(f.read_text(encoding="utf-8")).get("tasks", {}))
+        return {}
+
+    def point(self) -> dict[str, Any]:
+        """The run as one row for scaling fits and tables."""
+        s, f = self.summary, self.flops or {}
+        return {
+            "run": self.name, "group": self.group, "label": self.label, "method": self.method,
+            "alpha": self.alpha, "preset": self.preset, "seed": self.seed,
+            "params": s.get("params"),
+            "flops_per_incoming_token": f.get("flops_per_incoming_token"),
+            "total_flops": f.get("total_flops"), "forgetting": s.get("forgetting"),
+            "retained_loss": s.get("retained_loss"), "learned_loss": s.get("learned_loss"),
+            "union_loss": s.get("union_loss"), "grad_cos_mean": s.get("grad_cos_mean"),
+        }
+
+
+def _task_index(stem: str) -> int:
+    parts = stem.split("_")
+    return int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else -1
+
+
+def _infer_method(cfg: dict[str, Any]) -> str:
+    if cfg.get("method"):
+        return str(cfg["method"])
+    replays = float(cfg.get("replay", {}).get("alpha", 0.0)) > 0
+    reptile = bool(cfg.get("reptile", {}).get("enabled"))
+    return {(True, True): "mer", (True, False): "replay", (False, True): "reptile"}.get(
+        (replays, reptile), "sequential"
+    )
+
+
+def _summary_files(root: Path) -> Iterator[Path]:
+    """summary.json of ``root`` or of the runs below it; a run's own subfolders are not searched
+    (its checkpoints and exported models are not runs)."""
+    for dirpath, dirnames, filenames in os.walk(root):
+        if "summary.json" in filenames:
+            dirnames.clear()
+            yield Path(dirpath) / "summary.json"
+        else:
+            dirnames.sort()
+
+
+def _sweep_labels(root: Path) -> dict[str, dict[str, Any]]:
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        data = json.loads((root / "sweep.json").read_text(encoding="utf-8"))
+        return {r["name"]: r for r in data["runs"]}
+    return {}
+
+
+def collect_runs(dirs: Sequence[Path]) -> tuple[list[Run], list[str]]:
+    """Every run under ``dirs`` (run or sweep directories) and notes on what was skipped."""
+    runs: list[Run] = []
+    notes: list[str] = []
+    for root in map(Path, dirs):
+        if not root.is_dir():
+            raise ConfigError(f"{root} is not a directory; pass run or sweep directories")
+        labels = _sweep_labels(root)
+        for f in _summary_files(root):
+            try:
+                s = json.loads(f.read_text(encoding="utf-8"))
+                cfg = s["config"]
+                s["loss_matrix"], s["tasks"]  # noqa: B018 - required keys
+            except (OSError, ValueError, KeyError, TypeError):
+                notes.append(f"{f}: unreadable summary.json, skipped")
+                continue
+            method = _infer_method(cfg)
+            name = f.parent.name
+            runs.append(Run(
+                name=name, dir=f.parent, summary=s,
+                label=str(labels.get(name, {}).get("label") or method), method=method,
+                alpha=float(cfg.get("replay", {}).get("alpha", 0.0)),
+                preset=str(cfg.get("model", {}).get("preset", "?")), seed=int(cfg.get("seed", 0)),
+                order=tuple(s["tasks"]),
+            ))
+    if not runs:
+        raise ConfigError(
+            f"no runs found under {', '.join(map(str, dirs))} (no summary.json); pass the "
+            "directories of `cptrain train` or `cptrain sweep`"
+        )
+    return runs, notes
+
+
+# ------------------------------------------------------------------------------- statistics
+def mean_ci(values: Sequence[float], confidence: float = 0.95) -> tuple[float | None, float]:
+    """Mean and the half width of its t-interval (nan with fewer than two values)."""
+    v = np.asarray([x for x in values if x is not None and math.isfinite(x)], dtype=np.float64)
+    if v.size == 0:
+        return None, math.nan
+    if v.size == 1:
+        return float(v[0]), math.nan
+    half = stats.t.ppf(0.5 + confidence / 2, v.size - 1) * v.std(ddof=1) / math.sqrt(v.size)
+    return float(v.mean()), float(half)
+
+
+def _fmt(mean: float | None, half: float = math.nan, signed: bool = False, digits: int = 3) -> str:
+    if mean is None or not math.isfinite(mean):
+        return "–"
+    text = f"{mean:+.{digits}f}" if signed else f"{mean:.{digits}f}"
+    return text + (f" ± {half:.{digits}f}" if math.isfinite(half) else "")
+
+
+def _sci(x: float | None) -> str:
+    return "–" if x is None else f"{x:.3g}"
+
+
+def _count(x: float) -> str:
+    for size, unit in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= size:
+            return f"{x / size:.3g}{unit}"
+    return f"{x:.0f}"
+
+
+# ------------------------------------------------------------------------------- blocks
+@dataclass
+class Table:
+    header: list[str]
+    rows: list[list[str]]
+    caption: str = ""
+
+
+@dataclass
+class Figure:
+    path: Path
+    caption: str
+
+
+@dataclass
+class Row:
+    """Tables shown side by side in HTML (one after another in Markdown)."""
+
+    tables: list[Table]
+
+
+@dataclass
+class Section:
+    title: str
+    blocks: list[str | Table | Figure | Row] = field(default_factory=list)
+
+
+def _md_blocks(sec: Section) -> Iterator[str | Table | Figure]:
+    for b in sec.blocks:
+        if isinstance(b, Row):
+            yield from b.tables
+        else:
+            yield b
+
+
+def _to_markdown(title: str, sections: list[Section], out_dir: Path) -> str:
+    lines = [f"# {title}", ""]
+    for sec in sections:
+        lines += [f"## {sec.title}", ""]
+        for b in _md_blocks(sec):
+            if isinstance(b, Table):
+                if b.caption:
+                    lines += [f"*{b.caption}*", ""]
+                lines.append("| " + " | ".join(b.header) + " |")
+                lines.append("|" + "|".join("---" for _ in b.header) + "|")
+                lines += ["| " + " | ".join(r) + " |" for r in b.rows]
+            elif isinstance(b, Figure):
+                lines.append(f"![{b.caption}]({b.path.relative_to(out_dir).as_posix()})")
+                lines += ["", f"*{b.caption}*"]
+            else:
+                lines.append(b)
+            lines.append("")
+    return "\n".join(lines)
+
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;max-width:1100px;margin:2em auto;
+padding:0 1em;color:#222;line-height:1.45}
+h1{border-bottom:2px solid #444}h2{margin-top:2em;border-bottom:1px solid #ccc}
+table{border-collapse:collapse;margin:.6em 0;font-size:.88em}
+th,td{border:1px solid #bbb;padding:.25em .6em;text-align:right}
+th{background:#eee}td:first-child,th:first-child{text-align:left}
+figure{margin:1em 0}img{max-width:100%;border:1px solid #ddd}
+figcaption,.caption{font-size:.88em;color:#555;font-style:italic}
+.row{display:flex;flex-wrap:wrap;gap:0 1.5em}
+"""
+
+
+def _html_table(b: Table) -> list[str]:
+    e = html.escape
+    out = [f"<p class='caption'>{e(b.caption)}</p>"] if b.caption else []
+    out.append("<table><tr>" + "".join(f"<th>{e(h)}</th>" for h in b.header) + "</tr>")
+    out += ["<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in b.rows]
+    out.append("</table>")
+    return out
+
+
+def _to_html(title: str, sections: list[Section]) -> str:
+    e = html.escape
+    out = [f"<!doctype html><html><head><meta charset='utf-8'><title>{e(title)}</title>",
+           f"<style>{_CSS}</style></head><body><h1>{e(title)}</h1>"]
+    for sec in sections:
+        out.append(f"<h2>{e(sec.title)}</h2>")
+        for b in sec.blocks:
+            if isinstance(b, Table):
+                out += _html_table(b)
+            elif isinstance(b, Row):
+                out.append("<div class='row'>")
+                out += ["<div>" + "\n".join(_html_table(t)) + "</div>" for t in b.tables]
+                out.append("</div>")
+            elif isinstance(b, Figure):
+                data = base64.b64encode(b.path.read_bytes()).decode("ascii")
+                out.append(f"<figure><img alt='{e(b.caption)}' src='data:image/png;base64,{data}'>"
+                           f"<figcaption>{e(b.caption)}</figcaption></figure>")
+            else:
+                out.append(f"<p>{e(b)}</p>")
+    out.append("</body></html>")
+    return "\n".join(out)
+
+
+# ------------------------------------------------------------------------------- grouping
+def _method_rank(method: str) -> int:
+    return METHODS.index(method) if method in METHODS else len(METHODS)
+
+
+def _preset_rank(preset: str) -> tuple[int, str]:
+    names = list(PRESETS)
+    return (names.index(preset) if preset in names else len(names), preset)
+
+
+class Groups:
+    """Complete runs keyed by (group, preset, order); helpers for row/column tables."""
+
+    def __init__(self, runs: Sequence[Run]):
+        self.by: dict[tuple[str, str, tuple[str, ...]], list[Run]] = defaultdict(list)
+        for r in runs:
+            self.by[(r.group, r.preset, r.order)].append(r)
+        rank = {r.group: (_method_rank(r.method), r.alpha, r.group) for r in runs}
+        self.groups = sorted(rank, key=rank.__getitem__)
+        self.presets = sorted({k[1] for k in self.by}, key=_preset_rank)
+        self.orders = sorted({k[2] for k in self.by})
+
+    def row_name(self, group: str, order: tuple[str, ...]) -> str:
+        return group if len(self.orders) == 1 else f"{group} [{'→'.join(order)}]"
+
+    def keyed(self) -> Iterator[tuple[str, tuple[str, ...]]]:
+        for order in self.orders:
+            for g in self.groups:
+                if any((g, p, order) in self.by for p in self.presets):
+                    yield g, order
+
+    def metric_table(self, key: str, caption: str, signed: bool = False) -> Table:
+        rows = []
+        for g, order in self.keyed():
+            row = [self.row_name(g, order)]
+            for p in self.presets:
+                runs = self.by.get((g, p, order), [])
+                mean, half = mean_ci([r.summary.get(key) for r in runs])
+                row.append(_fmt(mean, half, signed) + (f" (n={len(runs)})" if runs else ""))
+            rows.append(row)
+        return Table(["method", *self.presets], rows, caption)
+
+
+# ------------------------------------------------------------------------------- sections
+def _overview(runs: list[Run], done: list[Run], dirs: Sequence[Path], notes: list[str]) -> Section:
+    sec = Section("Overview")
+    seeds = sorted({r.seed for r in done})
+    sec.blocks.append(
+        f"{len(runs)} runs from {', '.join(map(str, dirs))}: {len(done)} complete"
+        + (f", {len(runs) - len(done)} in progress (left out of the tables)"
+           if len(runs) > len(done) else "")
+        + f"; seeds {', '.join(map(str, seeds)) or '–'}. Losses are validation cross-entropy "
+        "(nats per token); ± is the half width of the 95% t-interval across seeds."
+    )
+    sec.blocks.append(
+        "Forgetting = final loss − best earlier loss of each task, averaged over all tasks but "
+        "the last (positive = forgot); retained = mean final loss over all tasks; learned = "
+        "mean loss on each task right after training it; union = loss on all tasks' "
+        "validation data together."
+    )
+    sec.blocks += notes
+    return sec
+
+
+def _metric_tables(g: Groups) -> Section:
+    sec = Section("Forgetting, retained and learned loss (paper Fig. 4, Tables 2 and 4)")
+    sec.blocks.append(g.metric_table("forgetting", "Forgetting by method and model size "
+                                     "(lower is better)", signed=True))
+    sec.blocks.append(g.metric_table("retained_loss", "Table 2 — retained loss (mean final loss "
+                                     "over all tasks; lower is better)"))
+    sec.blocks.append(g.metric_table("learned_loss", "Table 4 — learned loss (loss on each task "
+                                     "right after training it; lower is better)"))
+    sec.blocks.append(g.metric_table("union_loss", "Union loss after the last task"))
+    return sec
+
+
+def _forgetting_figure(g: Groups, fig_dir: Path) -> Figure | None:
+    names = [g.row_name(grp, o) for grp, o in g.keyed()]
+    series = {
+        p: [mean_ci([r.summary.get("forgetting") for r in g.by.get((grp, p, o), [])])
+            for grp, o in g.keyed()]
+        for p in g.presets
+    }
+    path = bars_figure(names, series, fig_dir / "forgetting.png",
+                       ylabel="forgetting (Δ loss, nats)",
+                       title="Forgetting per method, 95% CI across seeds")
+    return Figure(path, "Forgetting per method and size; error bars: 95% t-interval across "
+                        "seeds (paper Fig. 4).") if path else None
+
+
+def _curve_points(run: Run, key: str) -> dict[int, dict[str, float]]:
+    """step → {series: loss} from the eval and task_end records (and step 0 when logged)."""
+    out: dict[int, dict[str, float]] = {}
+    for rec in run.records:
+        if rec.get("type") not in ("eval", "task_end"):
+            continue
+        vals = rec.get("val_loss", {}) if key == "val_loss" else {"union": rec.get("union_loss")}
+        out.setdefault(int(rec["step"]), {}).update(
+            {k: float(v) for k, v in vals.items() if v is not None})
+    return out
+
+
+def _mean_curves(runs: list[Run], key: str) -> dict[str, tuple[list[float], list[float]]]:
+    """Mean over seeds at the steps every seed logged; series in training order."""
+    per_run = [_curve_points(r, key) for r in runs]
+    steps = sorted(set.intersection(*(set(p) for p in per_run))) if per_run else []
+    series: dict[str, tuple[list[float], list[float]]] = {}
+    order = {t: i for i, t in enumerate(runs[0].order)} if runs else {}
+    for step in steps:
+        names = set.intersection(*(set(p[step]) for p in per_run))
+        for n in sorted(names, key=lambda t: (order.get(t, len(order)), t)):
+            xs, ys = series.setdefault(n, ([], []))
+            xs.append(step)
+            ys.append(float(np.mean([p[step][n] for p in per_run])))
+    return series
+
+
+def _boundaries(run: Run) -> tuple[list[int], list[str]]:
+    steps = run.summary.get("task_steps") or []
+    return [int(x) for x in np.cumsum(steps)[:-1]], list(run.order)
+
+
+def _curve_sections(g: Groups, fig_dir: Path) -> Section:
+    sec = Section("Validation loss over training (paper Fig. 2) and union loss")
+    panels = []
+    for grp, order in g.keyed():
+        for p in g.presets:
+            runs = g.by.get((grp, p, order), [])
+            if runs:
+                b, labels = _boundaries(runs[0])
+                title = f"{g.row_name(grp, order)} · {p} (mean of {len(runs)} seed(s))"
+                panels.append(Curves(title, _mean_curves(runs, "val_loss"), b, labels))
+    path = curves_figure(panels, fig_dir / "val_curves.png", ylabel="validation loss",
+                         ncols=max(1, len(g.presets)), sharey=True)
+    if path:
+        sec.blocks.append(Figure(path, "Per-task validation loss during training; dashed lines "
+                                       "mark task boundaries (paper Fig. 2)."))
+    union_panels = []
+    for order in g.orders:
+        for p in g.presets:
+            panel = Curves(f"union loss · {p}" + ("" if len(g.orders) == 1 else
+                                                  f" [{'→'.join(order)}]"))
+            for grp in g.groups:
+                runs = g.by.get((grp, p, order), [])
+                if runs:
+                    curve = _mean_curves(runs, "union").get("union")
+                    if curve:
+                        panel.series[grp] = curve
+                    panel.boundaries, panel.boundary_labels = _boundaries(runs[0])
+            union_panels.append(panel)
+    path = curves_figure(union_panels, fig_dir / "union_curves.png", ylabel="union loss",
+                         ncols=max(1, len(g.presets)))
+    if path:
+        sec.blocks.append(Figure(path, "Loss on the union of all tasks' validation sets during "
+                                       "training, per method."))
+    if not sec.blocks:
+        sec.blocks.append("No eval records in metrics.jsonl: curves need `eval` / `task_end` "
+                          "records.")
+    return sec
+
+
+def _loss_matrices(g: Groups) -> Section:
+    sec = Section("Loss matrices (row: after task, column: task; mean over seeds)")
+    for grp, order in g.keyed():
+        row = Row([])
+        sec.blocks.append(row)
+        for p in g.presets:
+            runs = g.by.get((grp, p, order), [])
+            if not runs:
+                continue
+            m = np.mean([np.asarray(r.summary["loss_matrix"], dtype=float) for r in runs], axis=0)
+            rows = [[f"after {order[i]}", *(f"{v:.3f}" for v in row)] for i, row in enumerate(m)]
+            row.tables.append(Table(["", *order], rows, f"{g.row_name(grp, order)} · {p}"))
+    return sec
+
+
+def _compute_section(g: Groups) -> Section:
+    sec = Section("Compute")
+    rows = []
+    for grp, order in g.keyed():
+        for p in g.presets:
+            runs = g.by.get((grp, p, order), [])
+            fl = [r.flops for r in runs if r.flops]
+            if not runs:
+                continue
+            s = runs[0].summary
+            rows.append([
+                f"{g.row_name(grp, order)} · {p}", _count(s.get("params", 0)),
+                _sci(fl[0]["flops_per_token"]) if fl else "–",
+                _sci(fl[0]["flops_per_incoming_token"]) if fl else "–",
+                _sci(float(np.mean([f["total_flops"] for f in fl]))) if fl else "–",
+                _sci(float(np.mean([f["reptile_flops"] for f in fl]))) if fl else "–",
+                _count(float(np.mean([r.summary.get("fresh_tokens", 0) for r in runs]))),
+                _count(float(np.mean([r.summary.get("replay_tokens", 0) for r in runs]))),
+                f"{np.mean([r.summary.get('wall_s', 0.0) for r in runs]):.0f}",
+            ])
+    conv = next((r.flops["convention"] for rs in g.by.values() for r in rs if r.flops), "")
+    sec.blocks.append(Table(
+        ["run group", "params", "FLOPs/token", "FLOPs/incoming token", "total FLOPs",
+         "Reptile FLOPs", "fresh tokens", "replayed tokens", "wall s"],
+        rows, f"Training compute per run (mean over seeds); {conv}; evaluation not counted."))
+    return sec
+
+
+def _scaling_section(done: list[Run], fig_dir: Path) -> Section | None:
+    points = [r.point() for r in done]
+    presets = {p["preset"] for p in points}
+    xs = {p["flops_per_incoming_token"] for p in points if p["flops_per_incoming_token"]}
+    if len(xs) < 2:
+        return None
+    sec = Section("Scaling: loss against compute and size (paper Fig. 6, 7)")
+    order = Groups(done).groups
+    y_keys = [("retained_loss", "retained loss"), ("learned_loss", "learned loss")]
+    fits = {
+        (x, y): fit_groups(points, x, y, lambda p: p["group"])
+        for x in ("params", "flops_per_incoming_token")
+        for y, _ in y_keys
+    }
+    answer = _replay_vs_size_text(points)
+    if answer:
+        sec.blocks += answer
+    # Same size, same Reptile setting, growing α: compute spent on replay instead of on size.
+    chains: dict[tuple[Any, ...], list[dict[str, Any]]] = defaultdict(list)
+    for p in sorted(points, key=lambda p: p["alpha"]):
+        family = "reptile" if p["method"] in ("reptile", "mer") else p["method"]
+        if family in ("sequential", "replay", "reptile"):
+            chains[(family, p["preset"], p["seed"])].append(p)
+    path = scaling_figure(points, fits, "flops_per_incoming_token", y_keys,
+                          fig_dir / "scaling_flops.png", xlabel="training FLOPs per incoming token",
+                          links=list(chains.values()), order=order)
+    if path:
+        sec.blocks.append(Figure(path, "Loss against FLOPs per incoming token (paper Fig. 6); "
+                                       "lines: power-law fits per method across sizes; dotted: "
+                                       "one size and seed at growing replay fraction."))
+    if len(presets) > 1:
+        path = scaling_figure(points, fits, "params", y_keys, fig_dir / "scaling_params.png",
+                              xlabel="parameters", order=order)
+        if path:
+            sec.blocks.append(Figure(path, "Loss against parameter count with power-law fits "
+                                           "(paper Fig. 7)."))
+    rows = []
+    for grp in order:
+        for (x, y), by_group in fits.items():
+            fit = by_group.get(grp)
+            if fit is not None:
+                rows.append([grp, y.replace("_", " "), x.replace("_", " "), fit.formula("x"),
+                             str(fit.n), f"{fit.r2_log:.3f}"])
+    if rows:
+        sec.blocks.append(Table(["method", "loss", "x", "fit: loss = a·x^−b (± s.e.)", "points",
+                                 "R² (log)"], rows, "Power-law fits (scipy curve_fit in log "
+                                                    "space); s.e. from the covariance."))
+    else:
+        sec.blocks.append("No method has runs at two sizes, so no power law is fitted.")
+    return sec
+
+
+def _replay_vs_size_text(points: list[dict[str, Any]]) -> list[str]:
+    lines = []
+    for method, own_base in BASELINE_OF.items():
+        if not any(p["method"] == method and p["alpha"] for p in points):
+            continue
+        # MER's own α = 0 analogue is Reptile; without Reptile runs, plain sequential training.
+        for base in dict.fromkeys((own_base, "sequential")):
+            base_pts = [p for p in points if p["method"] == base and not p["alpha"]]
+            if base_pts:
+                break
+        else:
+            continue
+        sub = [p for p in points if p["method"] == method and p["alpha"]] + base_pts
+        base_label = base_pts[0]["label"]
+        for item in replay_vs_size(sub, "retained_loss", baseline=base_label):
+            lines.append(item.sentence("retained loss", base_label))
+    if lines:
+        lines.insert(0, "Replay or a bigger model? Each replay setting set against a power law "
+                        "of the α = 0 method's retained loss over model size (a 2× larger model "
+                        "costs ≈2× the FLOPs per token; replay at α costs 1/(1−α)×):")
+    return lines
+
+
+def _downstream_section(g: Groups) -> Section | None:
+    tasks = sorted({t for rs in g.by.values() for r in rs for t in r.downstream})
+    if not tasks:
+        return None
+    main = {t: ("bits_per_byte" if "bpb" in t else "acc_norm") for t in tasks}
+    rows = []
+    for grp, order in g.keyed():
+        for p in g.presets:
+            runs = [r for r in g.by.get((grp, p, order), []) if r.downstream]
+            if not runs:
+                continue
+            cells = []
+            for t in tasks:
+                vals = [r.downstream.get(t, {}).get(main[t]) for r in runs]
+                if main[t] not in next((r.downstream[t] for r in runs if t in r.downstream), {}):
+                    vals = [r.downstream.get(t, {}).get("acc") for r in runs]
+                cells.append(_fmt(*mean_ci([v for v in vals if v is not None])))
+            rows.append([f"{g.row_name(grp, order)} · {p} (n={len(runs)})", *cells])
+    header = ["model", *(f"{t} ({main[t]})" for t in tasks)]
+    return Section("Downstream evaluation (paper Table 3)", [Table(
+        header, rows, "lm-evaluation-harness, final model of each run; acc_norm: higher is "
+                      "better (chance 0.25 on 4-way choice); bits per byte: lower is better.")])
+
+
+def _alignment_section(g: Groups, fig_dir: Path) -> Section | None:
+    has = [r for rs in g.by.values() for r in rs
+           if r.summary.get("grad_cos_mean") is not None
+           or any("grad_cos" in rec for rec in r.records)]
+    if not has:
+        return None
+    sec = Section("Gradient alignment diagnostics")
+    sec.blocks.append(g.metric_table(
+        "grad_cos_mean", "Mean cos(∇ fresh rows, ∇ replay rows — or a probe of earlier tasks "
+        "when nothing is replayed) after the first task; positive = aligned", signed=True))
+    panels = []
+    for order in g.orders:
+        for p in g.presets:
+            panel = Curves(f"gradient cosine · {p}")
+            for grp in g.groups:
+                for r in g.by.get((grp, p, order), [])[:1]:
+                    pts = [(rec["step"], rec["grad_cos"]) for rec in r.records
+                           if rec.get("type") == "train" and rec.get("grad_cos") is not None
+                           and math.isfinite(rec["grad_cos"])]
+                    if pts:
+                        panel.series[grp] = ([x for x, _ in pts], [y for _, y in pts])
+                    panel.boundaries, panel.boundary_labels = _boundaries(r)
+            panels.append(panel)
+    path = curves_figure(panels, fig_dir / "grad_alignment.png", ylabel="cos(∇fresh, ∇ref)",
+                         ncols=max(1, len(g.presets)))
+    if path:
+        sec.blocks.append(Figure(path, "Gradient cosine between fresh and replayed (or probe) "
+                                       "rows over training (first seed of each method)."))
+    return sec
+
+
+def _runs_table(runs: list[Run]) -> Section:
+    rows = []
+    for r in sorted(runs, key=lambda r: r.name):
+        s = r.summary
+        rows.append([r.name, r.group, r.preset, str(r.seed), "→".join(r.order),
+                     _fmt(s.get("forgetting"), signed=True), _fmt(s.get("retained_loss")),
+                     _fmt(s.get("learned_loss")), _fmt(s.get("union_loss")),
+                     "yes" if r.complete else f"no ({len(s['loss_matrix'])} tasks)"])
+    return Section("All runs", [Table(["run", "method", "preset", "seed", "order", "forgetting",
+                                       "retained", "learned", "union", "complete"], rows)])
+
+
+# ------------------------------------------------------------------------------- entry point
+def build_sections(dirs: Sequence[Path], fig_dir: Path) -> list[Section]:
+    runs, notes = collect_runs(dirs)
+    done = [r for r in runs if r.complete]
+    sections = [_overview(runs, done, dirs, notes)]
+    if done:
+        g = Groups(done)
+        sections += [_metric_tables(g)]
+        fig = _forgetting_figure(g, fig_dir)
+        if fig:
+            sections[-1].blocks.insert(1, fig)
+        sections.append(_curve_sections(g, fig_dir))
+        optional = [_scaling_section(done, fig_dir), _downstream_section(g),
+                    _alignment_section(g, fig_dir)]
+        sections += [s for s in optional if s is not None]
+        sections += [_compute_section(g), _loss_matrices(g)]
+    sections.append(_runs_table(runs))
+    return sections
+
+
+def write_report(dirs: Sequence[Path], out_dir: Path) -> Path:
+    """Write ``out_dir/report.md``, ``out_dir/report.html`` and ``out_dir/figures/``; returns
+    the HTML path."""
+    out_dir = Path(out_dir)
+    fig_dir = out_dir / "figures"
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    sections = build_sections([Path(d) for d in dirs], fig_dir)
+    stamp = dt.datetime.now().strftime("%Y-%m-%d %H:%M")
+    title = f"cptrain report ({stamp})"
+    atomic_write_text(out_dir / "report.md", _to_markdown(title, sections, out_dir))
+    html_path = out_dir / "report.html"
+    atomic_write_text(html_path, _to_html(title, sections))
+    return html_path

@@ -1,0 +1,336 @@
+"""`cptrain sweep SWEEP.yaml`: a grid of runs (methods × α × presets × seeds × task orders).
+
+Every run of the grid is validated before the first one trains, gets a readable directory name
+under ``out_dir`` (``mer-a0.25_tiny_s1_en-fr-de``) and trains after the previous one finished.
+Re-running the same command continues the sweep: complete runs are skipped (after checking that
+their config still matches the sweep file), interrupted runs resume from their last checkpoint.
+``out_dir/sweep.json`` lists the runs with their grid coordinates; ``cptrain report`` reads it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import fcntl
+import json
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, field_validator
+
+from cptrain.checkpoint import atomic_write_json
+from cptrain.config import METHODS, RunConfig
+from cptrain.config_base import StrictModel, apply_overrides, build_config, read_yaml
+from cptrain.errors import ConfigError
+from cptrain.model import PRESETS
+
+REPLAY_METHODS = ("replay", "mer")
+REPTILE_METHODS = ("reptile", "mer")
+MANIFEST = "sweep.json"
+
+
+class MethodSpec(StrictModel):
+    """One method of the grid; ``alphas`` default to the grid's for replay and mer, else 0."""
+
+    method: str
+    name: str | None = Field(default=None, description="label in run names (default: method)")
+    alphas: list[float] | None = None
+    set: dict[str, Any] = Field(default_factory=dict, description="config keys for this method")
+
+    @field_validator("method")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v not in METHODS:
+            raise ValueError(f"unknown method {v!r}; choose one of {', '.join(METHODS)}")
+        return v
+
+    @field_validator("name")
+    @classmethod
+    def _safe(cls, v: str | None) -> str | None:
+        if v is not None and (not v or any(c in v for c in "/_ \\")):
+            raise ValueError("name must be non-empty, without '/', '_', '\\' or spaces")
+        return v
+
+
+class SweepGrid(StrictModel):
+    methods: list[str | MethodSpec] = Field(min_length=1)
+    alphas: list[float] = Field(default=[0.25], min_length=1, description="for replay and mer")
+    presets: list[str] | None = Field(default=None, description="default: the base's preset")
+    preset_settings: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="config keys per preset: {small: {train: {lr: 1e-3}}}"
+    )
+    seeds: list[int] = Field(default=[0], min_length=1)
+    task_orders: list[list[str]] | None = Field(default=None, description="default: base order")
+
+    @field_validator("methods", mode="after")
+    @classmethod
+    def _specs(cls, v: list[str | MethodSpec]) -> list[str | MethodSpec]:
+        return [MethodSpec(method=m) if isinstance(m, str) else m for m in v]
+
+    @field_validator("presets")
+    @classmethod
+    def _presets(cls, v: list[str] | None) -> list[str] | None:
+        for p in v or []:
+            if p not in PRESETS:
+                raise ValueError(f"unknown preset {p!r}; choose one of {', '.join(PRESETS)}")
+        return v
+
+
+class SweepConfig(StrictModel):
+    out_dir: str
+    base: dict[str, Any] | str = Field(description="run config: inline mapping or a YAML path")
+    grid: SweepGrid
+
+
+@dataclass
+class SweepRun:
+    name: str
+    config: RunConfig
+    coords: dict[str, Any]  # label, method, alpha, preset, seed, order
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.config.run_dir)
+
+    def status(self) -> str:
+        """done | resume | new (or started: a directory without any checkpoint yet)."""
+        summary = self.run_dir / "summary.json"
+        if summary.is_file():
+            with contextlib.suppress(ValueError, OSError):
+                if json.loads(summary.read_text(encoding="utf-8")).get("complete"):
+                    return "done"
+        if any((self.run_dir / "checkpoints").glob("step_*")):
+            return "resume"
+        return "started" if self.run_dir.exists() else "new"
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def load_sweep(path: Path, overrides: list[str] | None = None) -> SweepConfig:
+    data = apply_overrides(read_yaml(path), list(overrides or []))
+    return build_config(SweepConfig, data, source=str(path))
+
+
+def _base_dict(cfg: SweepConfig) -> dict[str, Any]:
+    if isinstance(cfg.base, str):
+        return read_yaml(Path(cfg.base))
+    return copy.deepcopy(cfg.base)
+
+
+def _task_specs(base: dict[str, Any], order: list[str]) -> list[Any]:
+    known = {(t if isinstance(t, str) else t.get("name")): t for t in base["data"]["tasks"]}
+    missing = [n for n in order if n not in known]
+    if missing:
+        raise ConfigError(
+            f"grid.task_orders: {', '.join(missing)} not in base data.tasks "
+            f"({', '.join(map(str, known))}); list each task in the base config"
+        )
+    return [copy.deepcopy(known[n]) for n in order]
+
+
+def _alphas(spec: MethodSpec, grid: SweepGrid) -> list[float]:
+    if spec.method not in REPLAY_METHODS:
+        if spec.alphas and any(a != 0 for a in spec.alphas):
+            raise ConfigError(
+                f"grid.methods: method {spec.method} does not replay; drop its alphas "
+                "(use method replay or mer for α > 0)"
+            )
+        return [0.0]
+    alphas = spec.alphas if spec.alphas is not None else grid.alphas
+    if any(not 0 < a < 1 for a in alphas):
+        raise ConfigError(f"grid: method {spec.method} needs alphas in (0, 1), got {alphas}")
+    return alphas
+
+
+def run_name(label: str, alpha: float, preset: str, seed: int, order: list[str]) -> str:
+    a = f"-a{alpha:g}" if alpha else ""
+    return f"{label}{a}_{preset}_s{seed}_{'-'.join(order)}"
+
+
+def _grid_points(cfg: SweepConfig, base: dict[str, Any]) -> Iterator[tuple[Any, ...]]:
+    g = cfg.grid
+    presets = g.presets or [base.get("model", {}).get("preset", "tiny")]
+    base_order = [t if isinstance(t, str) else t.get("name") for t in base["data"]["tasks"]]
+    orders = g.task_orders or [base_order]
+    # Seeds vary fastest so that an early stop leaves complete methods, not complete seeds.
+    for order in orders:
+        for preset in presets:
+            for spec in g.methods:
+                assert isinstance(spec, MethodSpec)
+                for alpha in _alphas(spec, g):
+                    for seed in g.seeds:
+                        yield spec, alpha, preset, seed, order
+
+
+def expand_sweep(cfg: SweepConfig) -> list[SweepRun]:
+    """Every run of the grid, validated; ConfigError on the first bad one or a repeated name."""
+    base = _base_dict(cfg)
+    if not isinstance(base.get("data"), dict) or "tasks" not in base["data"]:
+        raise ConfigError("sweep base: needs a data section with tasks (the training order)")
+    out_dir = Path(cfg.out_dir)
+    runs: list[SweepRun] = []
+    seen: set[str] = set()
+    for spec, alpha, preset, seed, order in _grid_points(cfg, base):
+        label = spec.name or spec.method
+        name = run_name(label, alpha, preset, seed, order)
+        if name in seen:
+            raise ConfigError(f"grid: run {name} appears twice; give repeated methods a name")
+        seen.add(name)
+        raw = _merge(base, spec.set)
+        raw = _merge(raw, cfg.grid.preset_settings.get(preset, {}))
+        raw = _merge(
+            raw,
+            {
+                "run_dir": str(out_dir / name),
+                "seed": seed,
+                "method": spec.method,
+                "model": {"preset": preset},
+                # Explicit, so that a base with replay or Reptile keys cannot relabel a method.
+                "replay": {"alpha": alpha},
+                "reptile": {"enabled": spec.method in REPTILE_METHODS},
+            },
+        )
+        raw["data"]["tasks"] = _task_specs(base, order)
+        run_cfg = build_config(RunConfig, raw, source=f"sweep run {name}")
+        coords = {"label": label, "method": spec.method, "alpha": alpha, "preset": preset,
+                  "seed": seed, "order": list(order)}
+        runs.append(SweepRun(name, run_cfg, coords))
+    return runs
+
+
+def _check_unchanged(run: SweepRun) -> None:
+    """A finished run trained with other settings would silently mix into the results."""
+    from cptrain.trainer import config_differences
+
+    summary = json.loads((run.run_dir / "summary.json").read_text(encoding="utf-8"))
+    diffs = config_differences(summary.get("config", {}), run.config.model_dump(mode="json"))
+    diffs = [d for d in diffs if not d.startswith("run_dir:")]  # a moved sweep is still valid
+    if diffs:
+        raise ConfigError(
+            f"run {run.name} finished with other settings ({diffs[0]}); delete {run.run_dir} "
+            "to retrain it or restore the sweep file"
+        )
+
+
+def _planned_cost(run: SweepRun) -> float:
+    """Relative cost (FLOPs) of a run, for the ETA; the vocabulary comes from the data."""
+    from cptrain.flops import planned_flops
+
+    cfg = run.config
+    vocab = 32000
+    with contextlib.suppress(Exception):
+        info = json.loads((Path(cfg.data.dir) / "prepare.json").read_text(encoding="utf-8"))
+        vocab = int(info["tokenizer"]["vocab_size"])
+    tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
+    steps = sum(max(1, math.ceil(cfg.data.budget(t) / tokens_per_step)) for t in cfg.data.tasks)
+    return planned_flops(cfg.model_dump(mode="json"), vocab, steps)
+
+
+def _fmt_s(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def _write_manifest(out_dir: Path, source: str, runs: list[SweepRun]) -> None:
+    atomic_write_json(
+        out_dir / MANIFEST,
+        {
+            "format": "cptrain-sweep-v1",
+            "source": source,
+            "runs": [{"name": r.name, "run_dir": r.name, **r.coords} for r in runs],
+        },
+    )
+
+
+@contextlib.contextmanager
+def _exclusive(out_dir: Path) -> Iterator[None]:
+    """Two sweeps on one directory would train the same runs at once."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / ".sweep.lock", "w") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(
+                f"another `cptrain sweep` is running on {out_dir}; wait for it or use another "
+                "out_dir"
+            ) from None
+        yield
+
+
+def print_plan(runs: list[SweepRun]) -> None:
+    width = max(len(r.name) for r in runs)
+    for r in runs:
+        print(f"  {r.name.ljust(width)}  {r.status()}")
+
+
+def run_sweep(
+    path_or_cfg: Path | str | SweepConfig,
+    *,
+    overrides: list[str] | None = None,
+    progress: bool = True,
+    dry_run: bool = False,
+) -> list[Path]:
+    """Train every run of the sweep not yet complete; returns all run directories in order."""
+    if isinstance(path_or_cfg, SweepConfig):
+        cfg, source = path_or_cfg, "<config>"
+        if overrides:
+            data = apply_overrides(cfg.model_dump(mode="json"), overrides)
+            cfg = build_config(SweepConfig, data, source="sweep")
+    else:
+        cfg, source = load_sweep(Path(path_or_cfg), overrides), str(path_or_cfg)
+    runs = expand_sweep(cfg)
+    out_dir = Path(cfg.out_dir)
+    counts = {s: sum(r.status() == s for r in runs) for s in ("done", "resume", "started", "new")}
+    print(
+        f"sweep {source}: {len(runs)} runs in {out_dir} ({counts['done']} done, "
+        f"{counts['resume']} to resume, {counts['new'] + counts['started']} to train)"
+    )
+    if dry_run:
+        print_plan(runs)
+        return [r.run_dir for r in runs]
+    with _exclusive(out_dir):
+        for r in runs:
+            if r.status() == "done":
+                _check_unchanged(r)
+        _write_manifest(out_dir, source, runs)
+        _train_all(runs, progress)
+    return [r.run_dir for r in runs]
+
+
+def _train_all(runs: list[SweepRun], progress: bool) -> None:
+    from cptrain.tables import metrics_line
+    from cptrain.trainer import train
+
+    todo = [r for r in runs if r.status() != "done"]
+    costs = {r.name: _planned_cost(r) for r in todo}
+    spent_cost, t_start = 0.0, time.perf_counter()
+    for r in todo:
+        i = runs.index(r) + 1
+        status = r.status()
+        remaining = sum(costs[x.name] for x in todo[todo.index(r) :])
+        elapsed = time.perf_counter() - t_start
+        eta = f", ETA {_fmt_s(elapsed / spent_cost * remaining)}" if spent_cost else ""
+        verb = "resuming" if status == "resume" else "training"
+        print(f"[{i}/{len(runs)}] {r.name}: {verb} (elapsed {_fmt_s(elapsed)}{eta})", flush=True)
+        t0 = time.perf_counter()
+        summary = train(r.config, resume=status == "resume", progress=progress)
+        spent_cost += costs[r.name]
+        print(
+            f"[{i}/{len(runs)}] {r.name}: done in {_fmt_s(time.perf_counter() - t0)}; "
+            f"{metrics_line(summary)}",
+            flush=True,
+        )
+    print(f"sweep finished: {len(runs)} runs in {Path(runs[0].config.run_dir).parent}")

@@ -1,0 +1,254 @@
+"""`cptrain doctor RUN`: what it finds intact or damaged, that it changes nothing, and that the
+command it prints really resumes the run (and the trainer agrees with its verdict)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shlex
+import shutil
+from pathlib import Path
+
+import pytest
+
+from cptrain import checkpoint as ckpt
+from cptrain import cli
+from cptrain.config import RunConfig
+from cptrain.config_base import build_config
+from cptrain.doctor import diagnose, main_doctor
+from cptrain.errors import ConfigError
+from cptrain.trainer import train
+
+LAST, PREVIOUS, OLDEST = "step_000000008", "step_000000006", "step_000000004"
+
+
+@pytest.fixture(scope="module")
+def pristine(prepared_dir, tmp_path_factory) -> Path:
+    """A finished two-task MER run (checkpoints 4, 6, 8) on its own copy of the data."""
+    root = tmp_path_factory.mktemp("doctor")
+    shutil.copytree(prepared_dir, root / "data")
+    cfg = build_config(
+        RunConfig,
+        {
+            "run_dir": str(root / "run"),
+            "method": "mer",
+            "data": {"dir": str(root / "data"), "tasks": ["email", "xml"],
+                     "tokens_per_task": 8 * 32 * 4},
+            "model": {"preset": "tiny"},
+            "train": {"seq_len": 32, "batch_size": 8, "lr": 3e-3, "log_every": 2},
+            "eval": {"windows": 4, "batch_size": 8},
+            "checkpoint": {"every": 2, "keep_last": 3},
+            "replay": {"alpha": 0.25, "visibility_lag": 1},
+            "reptile": {"k": 3, "epsilon": 0.5},
+        },
+    )
+    train(cfg, progress=False)
+    shutil.copytree(root, root.with_name(root.name + "-pristine"))
+    return root.with_name(root.name + "-pristine")
+
+
+@pytest.fixture
+def run(pristine, tmp_path) -> Path:
+    """A fresh copy of the run and its data at the paths its config names."""
+    live = pristine.with_name(pristine.name.removesuffix("-pristine"))
+    shutil.rmtree(live)
+    shutil.copytree(pristine, live)
+    return live / "run"
+
+
+def data_dir(run: Path) -> Path:
+    return run.parent / "data"
+
+
+def item(report, subject: str):
+    found = [i for i in report.items if i.subject == subject]
+    assert len(found) == 1, [i.subject for i in report.items]
+    return found[0]
+
+
+def flip(path: Path, offset: int | None = None, mask: int = 0xFF) -> None:
+    offset = path.stat().st_size // 2 if offset is None else offset
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)[0]
+        f.seek(offset)
+        f.write(bytes([b ^ mask]))
+
+
+def follow(command: str) -> int:
+    """Run the command the doctor printed, through the real CLI."""
+    argv = shlex.split(command)
+    assert argv[0] == "cptrain"
+    return cli.main([*argv[1:], "--no-progress"])
+
+
+def test_healthy_run_is_resumable_and_the_command_works(run, capsys):
+    assert main_doctor(run) == 0
+    out = capsys.readouterr().out
+    for subject in (f"checkpoint {LAST}", f"checkpoint {PREVIOUS}", f"checkpoint {OLDEST}",
+                    "replay buffer rank 0", "shards email/train", "shards xml/val",
+                    "config.yaml", "metrics.jsonl"):
+        assert f"  ok       {subject}: " in out, subject
+    report = diagnose(run)
+    assert report.resumable and not report.damaged
+    assert report.resume_from == run / "checkpoints" / LAST and report.resume_step == 8
+    assert report.command == f"cptrain train {run / 'config.yaml'} --resume"
+    assert follow(report.command) == 0
+    assert f"resuming from {run / 'checkpoints' / LAST}" in capsys.readouterr().out
+
+
+def test_damaged_newest_checkpoint_points_to_the_previous_one(run, capsys):
+    flip(run / "checkpoints" / LAST / ckpt.OPTIMIZER_FILE)
+    report = diagnose(run)
+    bad = item(report, f"checkpoint {LAST}")
+    assert bad.status == "damaged" and "optimizer.safetensors fails its sha256 check" in bad.detail
+    assert report.resumable and report.resume_from == run / "checkpoints" / PREVIOUS
+    assert "records after step 6 are dropped on resume" in item(report, "metrics.jsonl").detail
+    assert follow(report.command) == 0
+    assert f"resuming from {run / 'checkpoints' / PREVIOUS}" in capsys.readouterr().out
+
+
+def test_no_good_checkpoint_is_not_resumable(run, capsys):
+    for _, path in ckpt.list_checkpoints(run / "checkpoints"):
+        (path / "MANIFEST.json").unlink()
+    assert main_doctor(run) == 2
+    out = capsys.readouterr().out
+    assert f"DAMAGED  checkpoint {LAST}: no MANIFEST.json (incomplete write)" in out
+    assert "NOT resumable: no complete checkpoint" in out
+
+
+@pytest.mark.parametrize(
+    ("plant", "fragment"),
+    [
+        (lambda d: flip(d / "chunk_000000.rows", 40), "chunk_000000.rows fails its checksum"),
+        (lambda d: os.truncate(d / "chunk_000000.meta", 64), "chunk_000000.meta holds 64 bytes"),
+        (lambda d: (d / "manifest.json").unlink(), "manifest.json is missing"),
+    ],
+    ids=["chunk bit-flipped", "chunk truncated", "manifest missing"],
+)
+def test_damaged_buffer_blocks_and_the_trainer_agrees(run, capsys, plant, fragment):
+    plant(run / "replay" / "rank_0")
+    report = diagnose(run)
+    bad = item(report, "replay buffer rank 0")
+    assert bad.status == "damaged" and fragment in bad.detail
+    assert not report.resumable and report.blocking.startswith("replay buffer rank 0")
+    rc = cli.main(["train", str(run / "config.yaml"), "--resume", "--no-progress"])
+    assert rc == 2 and "replay" in capsys.readouterr().err
+
+
+def test_bit_flipped_shard_is_found(run):
+    shard = data_dir(run) / "xml" / "train" / "shard_00000.bin"
+    flip(shard, 1000, mask=0x01)  # a token id that stays inside the vocabulary
+    report = diagnose(run)
+    bad = item(report, "shards xml/train")
+    assert bad.status == "damaged"
+    assert f"shard file {shard} is corrupt (sha256 mismatch)" in bad.detail
+    assert not report.resumable
+
+
+def retokenize(data: Path) -> str:
+    """Swap two tokens of the prepared tokenizer and record it as prepare would: same vocab
+    size, different tokenizer. Returns the new sha256."""
+    from cptrain.data.tokenizer import load_tokenizer, tokenizer_sha256
+
+    path = data / "tokenizer" / "tokenizer.json"
+    tok = json.loads(path.read_text())
+    vocab = tok["model"]["vocab"]
+    a, b = sorted(vocab, key=vocab.get)[300:302]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    path.write_text(json.dumps(tok))
+    return tokenizer_sha256(load_tokenizer(data / "tokenizer"))
+
+
+def test_tokenizer_swapped_under_the_shards(run):
+    retokenize(data_dir(run))
+    report = diagnose(run)
+    bad = item(report, f"data {data_dir(run)}")
+    assert bad.status == "damaged" and "re-run `cptrain prepare`" in bad.detail
+    assert not report.resumable
+
+
+def test_data_re_prepared_with_another_tokenizer_of_the_same_size(run):
+    data = data_dir(run)
+    sha = retokenize(data)
+    for f in [data / "prepare.json", *data.glob("*/*/manifest.json")]:
+        text = f.read_text()
+        old = json.loads((data / "prepare.json").read_text())["tokenizer"]["sha256"]
+        f.write_text(text.replace(old, sha))
+    report = diagnose(run)
+    bad = item(report, f"checkpoint {LAST} vs data")
+    assert bad.status == "damaged" and "the data was re-prepared" in bad.detail
+    assert sha[:12] in bad.detail and not report.resumable
+
+
+def test_data_with_a_larger_vocabulary_than_the_checkpoint(run):
+    for f in data_dir(run).glob("*/*/manifest.json"):
+        m = json.loads(f.read_text())
+        m["vocab_size"] = 600
+        f.write_text(json.dumps(m))
+    report = diagnose(run)
+    bad = item(report, f"checkpoint {LAST} vs data")
+    assert "vocabulary of 600" in bad.detail and "512 rows" in bad.detail
+    assert not report.resumable
+
+
+def test_config_changed_since_the_checkpoint_blocks(run):
+    cfg = run / "config.yaml"
+    cfg.write_text(cfg.read_text().replace("seed: 0", "seed: 1"))
+    report = diagnose(run)
+    bad = item(report, "config.yaml vs checkpoint")
+    assert "seed: checkpoint has 0, config has 1" in bad.detail and not report.resumable
+
+
+def test_leftovers_and_an_interrupted_resave(run, capsys):
+    root = run / "checkpoints"
+    (root / ".tmp-step_000000010-4242").mkdir()
+    os.replace(root / LAST, root / ".old-step_000000008-4242")
+    report = diagnose(run)
+    assert "interrupted save" in item(report, "checkpoints/.tmp-step_000000010-4242").detail
+    moved = item(report, "checkpoint .old-step_000000008-4242")
+    assert moved.status == "note" and "puts it back as step_000000008" in moved.detail
+    assert report.resumable and report.resume_step == 8
+    assert follow(report.command) == 0
+    assert f"resuming from {root / LAST}" in capsys.readouterr().out
+
+
+def test_torn_metrics_line_is_noted(run):
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"type": "train", "st')
+    report = diagnose(run)
+    assert "1 torn line(s) are dropped on resume" in item(report, "metrics.jsonl").detail
+    assert report.resumable
+
+
+def tree_fingerprint(root: Path) -> dict[str, tuple[int, int, str]]:
+    out = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            st = p.stat()
+            out[str(p)] = (st.st_size, st.st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
+        else:
+            out[str(p)] = (0, 0, "dir")
+    return out
+
+
+def test_doctor_changes_nothing(run):
+    root = run / "checkpoints"
+    flip(root / LAST / "state.json", 3, mask=0x01)
+    (root / ".tmp-step_000000010-4242").mkdir()
+    os.replace(root / PREVIOUS, root / ".old-step_000000006-4242")
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write("{torn")
+    before = tree_fingerprint(run.parent)
+    diagnose(run)
+    assert tree_fingerprint(run.parent) == before
+
+
+def test_not_a_run_directory(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        diagnose(tmp_path / "nowhere")
+    assert "does not exist" in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        diagnose(tmp_path)
+    assert "not a cptrain run directory" in str(err.value) and "\n" not in str(err.value)

@@ -1,0 +1,228 @@
+"""Local lm-eval tasks from held-out documents, and lm-eval runs on exported models, offline.
+
+The lm-eval results are checked against log-likelihoods computed here with the model itself,
+so the YAML wiring (choice field, delimiter, document text, context length) is what is tested.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from cptrain.data.prepare import load_prepared_tokenizer, open_split
+from cptrain.downstream import (
+    build_local_tasks,
+    held_out_documents,
+    make_bpb_docs,
+    make_choice_items,
+    offline_mode,
+    resolve_target,
+    run_downstream,
+)
+from cptrain.errors import CheckpointError, ConfigError, DataError, EnvironmentProblem
+from cptrain.model import build_model
+
+pytest.importorskip("lm_eval")
+TASK = "email"
+
+
+def _docs(n=12, words=200):
+    # Every word names its document, so a span's source is visible in the text.
+    return [" ".join(f"d{i}w{j % 37}" + "x" * (j % 5) for j in range(words)) for i in range(n)]
+
+
+def test_choice_items_hold_the_true_continuation_and_foreign_distractors():
+    docs = _docs()
+    items, delim = make_choice_items(docs, n_items=40, seed=1)
+    assert delim == " " and len(items) == 40
+    for it in items:
+        src = docs[it["doc"]]
+        true = it["endings"][it["label"]]
+        assert f"{it['ctx']} {true}" in src
+        assert len(it["ctx"].split()) == 24 and len(true.split()) == 10
+        for k, e in enumerate(it["endings"]):
+            if k != it["label"]:
+                assert f"d{it['doc']}w" not in e  # from another document
+                assert len(e.split()) == 10
+                assert abs(len(e) - len(true)) <= 0.25 * len(true)  # length-matched
+        assert len(set(it["endings"])) == 4
+    labels = [it["label"] for it in items]
+    assert all(labels.count(k) >= 4 for k in range(4))  # the answer is not always in one place
+
+
+def test_choice_items_are_a_function_of_the_seed():
+    docs = _docs()
+    assert make_choice_items(docs, n_items=20, seed=3) == make_choice_items(docs, n_items=20,
+                                                                             seed=3)
+    assert make_choice_items(docs, n_items=20, seed=3) != make_choice_items(docs, n_items=20,
+                                                                             seed=4)
+
+
+def test_scripts_without_spaces_are_cut_in_characters():
+    docs = ["".join(chr(0x3041 + (i * 7 + j) % 80) for j in range(300)) for i in range(8)]
+    items, delim = make_choice_items(docs, n_items=10)
+    assert delim == ""
+    for it in items:
+        assert it["ctx"] + it["endings"][it["label"]] in docs[it["doc"]]
+        assert all(len(e) == 24 for e in it["endings"])
+
+
+def test_too_little_held_out_text_is_a_data_error():
+    with pytest.raises(DataError, match="long enough"):
+        make_choice_items(_docs(n=3), n_items=5)
+
+
+def test_bpb_documents_are_cut_at_whitespace():
+    docs = make_bpb_docs(["word " * 1000, "short text"], max_chars=103)
+    assert len(docs[0]["text"]) <= 103 and docs[0]["text"].endswith("word")
+    assert docs[1]["text"] == "short text"
+
+
+def test_held_out_documents_are_the_val_split(prepared_dir):
+    docs = held_out_documents(prepared_dir, TASK)
+    val = open_split(prepared_dir, TASK, "val")
+    assert len(docs) == val.num_documents
+    tok = load_prepared_tokenizer(prepared_dir)
+    n_tokens = sum(len(tok.encode(d, add_special_tokens=False)) + 1 for d in docs)
+    assert abs(n_tokens - val.num_tokens) <= 0.01 * val.num_tokens  # stripped whitespace only
+
+
+def test_local_tasks_are_lm_eval_yaml_over_local_json(prepared_dir, tmp_path):
+    names = build_local_tasks(prepared_dir, tmp_path, tasks=[TASK], items=30)
+    assert names == [f"cptrain_choice_{TASK}", f"cptrain_bpb_{TASK}"]
+    for n in names:
+        spec = yaml.safe_load((tmp_path / f"{n}.yaml").read_text())
+        assert spec["dataset_path"] == "json"
+        data = Path(spec["dataset_kwargs"]["data_files"]["test"])
+        assert data.is_absolute() and data.is_file()
+        assert "cptrain_local" in spec["tag"]
+    rows = [json.loads(x) for x in (tmp_path / f"{names[0]}.jsonl").read_text().splitlines()]
+    assert len(rows) == 30
+
+
+@pytest.fixture(scope="module")
+def fake_run(prepared_dir, tmp_path_factory):
+    """A run directory with an exported (untrained) model, as the trainer leaves it."""
+    run = tmp_path_factory.mktemp("ds") / "run"
+    tok = load_prepared_tokenizer(prepared_dir)
+    model = build_model("tiny", len(tok), seed=0)
+    out = run / "models" / f"after_0_{TASK}"
+    model.save_pretrained(out)
+    for f in (prepared_dir / "tokenizer").iterdir():
+        shutil.copy2(f, out / f.name)
+    cfg = {"data": {"dir": str(prepared_dir), "tasks": [{"name": TASK}]},
+           "train": {"seq_len": 32}}
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    return run
+
+
+def _log_probs(model, ids):
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits.float()
+    return torch.log_softmax(logits[0, :-1], -1).gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+
+
+def test_lm_eval_scores_match_the_models_own_likelihoods(fake_run, prepared_dir):
+    from transformers import AutoModelForCausalLM
+
+    rec = run_downstream(fake_run, limit=12, max_length=256, items=12, bpb_chars=300)
+    assert Path(rec["path"]) == fake_run / "downstream" / f"after_0_{TASK}.json"
+    saved = json.loads(Path(rec["path"]).read_text())
+    choice, bpb = saved["tasks"][f"cptrain_choice_{TASK}"], saved["tasks"][f"cptrain_bpb_{TASK}"]
+
+    model = AutoModelForCausalLM.from_pretrained(fake_run / "models" / f"after_0_{TASK}").eval()
+    tok = load_prepared_tokenizer(prepared_dir)
+    tasks = fake_run / "downstream" / "tasks"
+    rows = [json.loads(x) for x in (tasks / f"cptrain_choice_{TASK}.jsonl").read_text().split(
+        "\n")[:12]]
+    correct = 0
+    for r in rows:
+        ctx = tok.encode(r["ctx"], add_special_tokens=False)
+        scores = []
+        for e in r["endings"]:
+            whole = tok.encode(r["ctx"] + " " + e, add_special_tokens=False)
+            n_cont = len(whole) - len(ctx)
+            scores.append(float(_log_probs(model, whole)[-n_cont:].sum()))
+        correct += int(max(range(4), key=scores.__getitem__) == r["label"])
+    assert choice["acc"] == pytest.approx(correct / len(rows))
+
+    docs = [json.loads(x)["text"] for x in (tasks / f"cptrain_bpb_{TASK}.jsonl").read_text()
+            .splitlines()[:12]]
+    nll = n_bytes = 0.0
+    for d in docs:
+        ids = tok.encode(d, add_special_tokens=False)
+        assert len(ids) <= 256  # one lm-eval window: the document after the EOS prefix
+        nll -= float(_log_probs(model, [tok.eos_token_id, *ids]).sum())
+        n_bytes += len(d.encode("utf-8"))
+    assert bpb["bits_per_byte"] == pytest.approx(nll / n_bytes / math.log(2), rel=1e-3)
+
+
+def test_results_of_later_calls_are_merged(fake_run, tmp_path):
+    out = tmp_path / "res"
+    run_downstream(fake_run, tasks=[f"cptrain_bpb_{TASK}"], out_dir=out, limit=2)
+    rec = run_downstream(fake_run, tasks=[f"cptrain_choice_{TASK}"], out_dir=out, limit=2)
+    assert set(rec["tasks"]) == {f"cptrain_bpb_{TASK}", f"cptrain_choice_{TASK}"}
+    assert 0.0 <= rec["tasks"][f"cptrain_choice_{TASK}"]["acc_norm"] <= 1.0
+
+
+def test_hub_tasks_offline_are_one_line_errors(fake_run, tmp_path):
+    with pytest.raises(EnvironmentProblem, match="hellaswag needs its data from Rowan/hellaswag"
+                       ) as e:
+        run_downstream(fake_run, tasks=["hellaswag"], out_dir=tmp_path, limit=2)
+    assert "\n" not in str(e.value) and "--online" in str(e.value)
+    with pytest.raises(ConfigError, match="unknown task 'no_such_task'"):
+        run_downstream(fake_run, tasks=["no_such_task"], out_dir=tmp_path)
+    with pytest.raises(ConfigError, match="no local task 'cptrain_choice_xx'"):
+        run_downstream(fake_run, tasks=["cptrain_choice_xx"], out_dir=tmp_path)
+
+
+def test_targets_resolve_to_model_directories(fake_run, tmp_path):
+    model = fake_run / "models" / f"after_0_{TASK}"
+    assert resolve_target(fake_run).model_dir == model
+    t = resolve_target(model)
+    assert t.model_dir == model and t.run_dir == fake_run and t.config is not None
+    ckpt = tmp_path / "checkpoints" / "step_4"
+    shutil.copytree(model, ckpt / "model")
+    assert resolve_target(ckpt).model_dir == ckpt / "model"
+    empty = tmp_path / "empty_run"
+    (empty / "models").mkdir(parents=True)
+    with pytest.raises(CheckpointError, match="no exported model"):
+        resolve_target(empty)
+    with pytest.raises(ConfigError, match="does not exist"):
+        resolve_target(tmp_path / "missing")
+
+
+def test_offline_mode_is_restored():
+    before = os.environ.get("HF_DATASETS_OFFLINE")
+    with offline_mode():
+        assert os.environ["HF_DATASETS_OFFLINE"] == "1"
+    assert os.environ.get("HF_DATASETS_OFFLINE") == before
+
+
+@pytest.mark.slow  # a fresh lm_eval process indexes its ~200 built-in tasks: 15-40 s
+def test_lm_eval_command_line_runs_the_local_tasks_offline(fake_run, prepared_dir, tmp_path):
+    tasks = tmp_path / "tasks"
+    build_local_tasks(prepared_dir, tasks, tasks=[TASK], items=8)
+    model = fake_run / "models" / f"after_0_{TASK}"
+    exe = shutil.which("lm_eval") or shutil.which("lm_eval", path=str(Path(sys.executable).parent))
+    cmd = [exe] if exe else [sys.executable, "-m", "lm_eval"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "TRANSFORMERS_OFFLINE": "1"}
+    proc = subprocess.run(
+        [*cmd, "--model", "hf", "--model_args", f"pretrained={model},max_length=64",
+         "--tasks", "cptrain_local", "--include_path", str(tasks), "--limit", "4",
+         "--device", "cpu", "--batch_size", "4"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for name in (f"cptrain_choice_{TASK}", f"cptrain_bpb_{TASK}", "acc_norm", "bits_per_byte"):
+        assert name in proc.stdout
