@@ -41,7 +41,7 @@ BASE_RUN: dict[str, Any] = {
 # The paper's Reptile (k=500, ε=0.1) spans tens of thousands of steps; this demo has ~366.
 # k and ε are scaled down and were chosen by measurement (README, "Reptile at demo scale").
 REPTILE_K = 25
-REPTILE_EPSILON = 0.5
+REPTILE_EPSILON = 0.8
 
 # name → config overrides on top of BASE_RUN
 METHODS: dict[str, dict[str, Any]] = {
