@@ -32,7 +32,8 @@ BASE_RUN: dict[str, Any] = {
         "precision": "bf16",
         "log_every": 10,
     },
-    "eval": {"windows": 96, "batch_size": 48},
+    # every 41 steps = 3 points per task for the loss curves of the report
+    "eval": {"windows": 96, "batch_size": 48, "every": 41},
     # cos(∇ fresh, ∇ replay) every 20 steps; methods without replay use a probe batch from
     # earlier tasks, so every method gets the same interference measure.
     "reptile": {"diagnostics_every": 20},
