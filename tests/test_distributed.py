@@ -67,10 +67,11 @@ def test_two_ranks_match_one_process_without_replay(make_config, tmp_path, strat
         torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-4)
 
 
-def test_ddp_with_replay_and_reptile_tracks_one_process(make_config, tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_replay_and_reptile_track_one_process(make_config, tmp_path, strategy):
     extra = {**SETTINGS, "replay": {"alpha": 0.25, "visibility_lag": 1}}
     ref = train(make_config("single", **extra), progress=False)
-    multi = make_config("multi", **extra, distributed={"strategy": "ddp"})
+    multi = make_config("multi", **extra, distributed={"strategy": strategy})
     audit = tmp_path / "audit"
     audit.mkdir()
     proc = subprocess.run(
