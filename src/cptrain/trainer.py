@@ -432,6 +432,10 @@ class Trainer:
             for reason in skipped:
                 print(f"skipping damaged or incomplete checkpoint {reason}")
             found = str(path) if path is not None else None
+            if path is not None:
+                # Temporary directories of saves that a kill interrupted go now; a resume of a
+                # run that had already finished would otherwise never save (and prune) again.
+                ckpt.prune(root, self.cfg.checkpoint.keep_last, protect=path)
         found = self.env.broadcast_object(found)
         if found is None:
             raise CheckpointError(
@@ -784,6 +788,9 @@ class Trainer:
                     if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
                         self._sync_wall()
                         self.save()
+            # A kill between the last checkpoint and its summary leaves an older summary.json;
+            # a resume that finds the run finished rewrites it.
+            self.write_summary(complete=True)
         finally:
             self._bar.close()
             self.close()
