@@ -10,6 +10,7 @@ end every task's validation loss fills one row of the loss matrix.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import math
 import os
@@ -904,7 +905,12 @@ def train(
     trainer = Trainer(
         cfg, resume=resume, progress=progress, allow_config_change=allow_config_change
     )
+    env = trainer.env
     try:
         return trainer.run()
     finally:
-        shutdown(trainer.env)
+        # DDP's reducer holds the process group: free it while every rank is still up, or the
+        # gloo group's destructor can wait forever on a peer that has already exited.
+        del trainer
+        gc.collect()
+        shutdown(env)
