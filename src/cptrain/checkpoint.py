@@ -267,6 +267,12 @@ def _write_contents(
             contiguous = {k: v.detach().contiguous().cpu() for k, v in group.items()}
             _write_file(tmp / "tensors" / f"{name}.safetensors", safetensors_bytes(contiguous))
     atomic_write_json(tmp / "state.json", {"format": FORMAT, "step": step, **state})
+    seal(tmp, step)
+
+
+def seal(tmp: Path, step: int) -> None:
+    """fsync every file, write MANIFEST.json (sizes, sha256) last, fsync every directory:
+    after this, ``tmp`` is a complete checkpoint ready for ``publish``."""
     files = sorted(p for p in tmp.rglob("*") if p.is_file())
     for f in files:
         _fsync_path(f)

@@ -66,24 +66,6 @@ def export_hf(
     env.barrier()
 
 
-def _finalize(tmp: Path, final: Path, step: int) -> None:
-    """Manifest last, fsync everything, then rename: the single-process protocol."""
-    files = sorted(p for p in tmp.rglob("*") if p.is_file())
-    manifest = {
-        "format": ckpt.FORMAT,
-        "step": step,
-        "files": {
-            str(f.relative_to(tmp)): {"bytes": f.stat().st_size, "sha256": ckpt.sha256_file(f)}
-            for f in files
-        },
-    }
-    for f in files:
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    ckpt.atomic_write_json(tmp / "MANIFEST.json", manifest)
-    ckpt.publish(final.parent, tmp, final, step)
-
-
 def save(
     root: Path,
     step: int,
@@ -124,7 +106,8 @@ def save(
                 "ranks": ranks,
             },
         )
-        _finalize(tmp, final, step)
+        ckpt.seal(tmp, step)
+        ckpt.publish(root, tmp, final, step)
         ckpt.prune(root, keep_last, protect=final)
     env.barrier()
     return final
