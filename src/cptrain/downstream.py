@@ -33,8 +33,8 @@ from typing import Any
 import numpy as np
 import yaml
 
-from cptrain.checkpoint import atomic_write_json, atomic_write_text
 from cptrain.errors import CheckpointError, ConfigError, DataError, EnvironmentProblem
+from cptrain.fsutil import atomic_write_json, atomic_write_text
 
 LOCAL_TAG = "cptrain_local"
 # The paper's downstream tasks and the hub datasets lm-eval reads them from.

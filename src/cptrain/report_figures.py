@@ -20,6 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first
 import numpy as np  # noqa: E402
 from matplotlib.ticker import FuncFormatter  # noqa: E402
 
+from cptrain import fsutil  # noqa: E402
 from cptrain.scaling import PowerLawFit  # noqa: E402
 
 DPI = 110
@@ -41,7 +42,7 @@ def _save(fig: Any, path: Path) -> Path:
     tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
     fig.savefig(tmp, dpi=DPI, bbox_inches="tight")
     plt.close(fig)
-    os.replace(tmp, path)
+    fsutil.replace_file(tmp, path)
     return path
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import platform
 import re
 import shutil
@@ -27,10 +26,11 @@ from datetime import UTC, datetime
 from fnmatch import fnmatchcase
 from multiprocessing import get_context
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from tqdm import tqdm
 
+from cptrain import fsutil
 from cptrain.data.demo_sources import (
     CODE_SOURCE,
     MAN_TOOLS,
@@ -265,32 +265,9 @@ def split_documents(
 # --- atomic files and manifests ---------------------------------------------------------------
 
 
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-@contextmanager
-def atomic_writer(path: Path) -> Iterator[IO[bytes]]:
-    """Write ``path`` via a temp file in the same directory, fsync, rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would hide the corpus from others
-        with os.fdopen(fd, "wb") as fh:
-            yield fh
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+# Written through the umask (0o666 & ~umask), like any plain open(): a private 0600 temp file
+# would hide the corpus from others.
+_CORPUS_FILE_MODE = 0o666
 
 
 def file_sha256(path: Path) -> str:
@@ -300,7 +277,7 @@ def file_sha256(path: Path) -> str:
 
 def _write_split(path: Path, docs: Sequence[Document]) -> dict[str, Any]:
     digest = hashlib.sha256()
-    with atomic_writer(path) as fh:
+    with fsutil.atomic_writer(path, _CORPUS_FILE_MODE) as fh:
         for doc in docs:
             record = {"text": doc.text, "doc_id": doc.doc_id, "source": doc.source}
             line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
@@ -411,7 +388,7 @@ class DebCache:
                 errors = [ln for ln in lines if ln.startswith("E:")] or lines or ["no output"]
                 return errors[0]
             for deb in staging.glob("*.deb"):
-                os.replace(deb, self.dir / deb.name)
+                fsutil.replace_file(deb, self.dir / deb.name)
             return None
         finally:
             shutil.rmtree(staging, ignore_errors=True)
@@ -626,7 +603,7 @@ def _write_language(
         "sources": [asdict(s) for s in build.sources.values()],
         "splits": splits,
     }
-    with atomic_writer(lang_dir / "manifest.json") as fh:
+    with fsutil.atomic_writer(lang_dir / "manifest.json", _CORPUS_FILE_MODE) as fh:
         fh.write((json.dumps(manifest, ensure_ascii=False, indent=2) + "\n").encode("utf-8"))
     return manifest
 

@@ -13,7 +13,6 @@ Relative input paths are resolved against the current directory.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import logging
@@ -28,16 +27,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from pydantic import Field, field_validator, model_validator
 
+from cptrain import fsutil
 from cptrain.config_base import StrictModel
 from cptrain.data.readers import iter_documents_many, list_sources, source_files
-from cptrain.data.shards import (
-    ShardSet,
-    ShardWriter,
-    atomic_write_json,
-    fsync_dir,
-    replace_dir,
-    temp_sibling,
-)
+from cptrain.data.shards import ShardSet, ShardWriter
 from cptrain.data.tokenizer import (
     MIN_VOCAB_SIZE,
     load_tokenizer,
@@ -114,12 +107,12 @@ def prepare(cfg: PrepareConfig, *, progress: bool = True) -> Path:
     staging = _make_staging(out)
     try:
         info = _build(cfg, staging, settings, fingerprint, progress)
-        atomic_write_json(staging / PREPARE_JSON, info)
-        fsync_dir(staging)
-        replace_dir(staging, out)
+        fsutil.atomic_write_json(staging / PREPARE_JSON, info)
+        fsutil.fsync_path(staging)
+        fsutil.replace_dir(staging, out)
     except OSError as exc:
         shutil.rmtree(staging, ignore_errors=True)
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        if fsutil.disk_full_errno(exc) is not None:
             raise EnvironmentProblem(
                 f"no space left on the disk of {out} while preparing; free space or choose "
                 "another out_dir"
@@ -265,7 +258,7 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _make_staging(out: Path) -> Path:
-    staging = temp_sibling(out)
+    staging = fsutil.temp_sibling(out)
     try:
         staging.parent.mkdir(parents=True, exist_ok=True)
         staging.mkdir()

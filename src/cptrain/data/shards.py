@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import secrets
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from cptrain import fsutil
 from cptrain.errors import DataError
 
 FORMAT = "cptrain-shards-v1"
@@ -27,64 +26,6 @@ MANIFEST = "manifest.json"
 DEFAULT_MAX_TOKENS_PER_FILE = 250_000_000
 _FLUSH_TOKENS = 1 << 20
 _RERUN = "re-run `cptrain prepare`"
-
-
-# --- crash-safe file system helpers (also used by the tokenizer and prepare modules) ---
-
-def temp_sibling(path: Path, tag: str = "tmp") -> Path:
-    """A hidden, unique path next to ``path``: renames within one directory are atomic."""
-    path = Path(path)
-    return path.parent / f".{path.name}.{tag}-{os.getpid()}-{secrets.token_hex(4)}"
-
-
-def fsync_dir(path: Path) -> None:
-    """Persist a directory's entries (renames, new files) so a crash cannot undo them."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_tree(root: Path) -> None:
-    """fsync every file and directory below ``root`` (before it is renamed into place)."""
-    for dirpath, _dirnames, filenames in os.walk(root):
-        for name in filenames:
-            with open(Path(dirpath) / name, "rb") as f:
-                os.fsync(f.fileno())
-        fsync_dir(Path(dirpath))
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via temp file + fsync + os.replace: old or new, never half."""
-    path = Path(path)
-    tmp = temp_sibling(path)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode())
-
-
-def replace_dir(src: Path, dst: Path) -> None:
-    """Move the finished directory ``src`` to ``dst``, replacing any old ``dst`` as a whole."""
-    src, dst = Path(src), Path(dst)
-    old = temp_sibling(dst, "old") if dst.exists() else None
-    if old is not None:
-        os.rename(dst, old)
-    os.rename(src, dst)
-    fsync_dir(dst.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def shard_dtype(vocab_size: int) -> np.dtype:
@@ -125,7 +66,7 @@ class ShardWriter:
         self._hasher: Any = None
         self._closed = False
         self.out_dir.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp = temp_sibling(self.out_dir)
+        self._tmp = fsutil.temp_sibling(self.out_dir)
         self._tmp.mkdir()
 
     def append(self, ids: np.ndarray | Sequence[int]) -> None:
@@ -154,9 +95,9 @@ class ShardWriter:
             self._flush()
             self._end_file()
             manifest = self._manifest()
-            atomic_write_json(self._tmp / MANIFEST, manifest)
-            fsync_dir(self._tmp)
-            replace_dir(self._tmp, self.out_dir)
+            fsutil.atomic_write_json(self._tmp / MANIFEST, manifest)
+            fsutil.fsync_path(self._tmp)
+            fsutil.replace_dir(self._tmp, self.out_dir)
         except BaseException:
             self.abort()
             raise
@@ -220,7 +161,7 @@ class ShardWriter:
         if self._fh is None:
             return
         self._fh.flush()
-        os.fsync(self._fh.fileno())
+        fsutil.fsync_fd(self._fh.fileno())
         self._fh.close()
         self._fh = None
         self._files[-1]["sha256"] = self._hasher.hexdigest()

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cptrain.data.shards import fsync_tree, replace_dir, temp_sibling
+from cptrain import fsutil
 from cptrain.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
@@ -71,11 +71,11 @@ def save_tokenizer(tok: PreTrainedTokenizerFast, out_dir: Path) -> None:
     """``save_pretrained`` into a temporary sibling, then swap it in as a whole."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_sibling(out_dir)
+    tmp = fsutil.temp_sibling(out_dir)
     try:
         tok.save_pretrained(str(tmp))
-        fsync_tree(tmp)
-        replace_dir(tmp, out_dir)
+        fsutil.fsync_tree(tmp)
+        fsutil.replace_dir(tmp, out_dir)
     except BaseException:
         import shutil
 
