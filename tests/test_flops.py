@@ -1,5 +1,5 @@
 """Compute accounting: parameter counts against real models, FLOPs per token and per incoming
-token under both replay accountings, Reptile's share."""
+token under both replay accountings, Reptile's share, all from the facts a summary records."""
 
 from __future__ import annotations
 
@@ -8,7 +8,14 @@ import torch
 from transformers import LlamaForCausalLM
 
 from cptrain.errors import ConfigError
-from cptrain.flops import flops_per_token, preset_shape, run_flops, run_shape
+from cptrain.flops import (
+    flops_per_token,
+    preset_shape,
+    run_flops,
+    run_shape,
+    shape_from_hf_config,
+    summary_facts,
+)
 from cptrain.model import PRESETS, llama_config
 
 VOCAB = 4096
@@ -41,21 +48,25 @@ def test_flops_per_token_counts_every_matmul_weight_and_attention(preset):
 
 
 def _summary(alpha=0.0, mode="substitute", method="replay", reptile=False, k=10, steps=90,
-             batch=16, seq=128, preset="tiny"):
+             batch=16, seq=128, preset="tiny", updates=None):
     n_replay = 0 if alpha == 0 else (round(alpha * batch) if mode == "substitute" else batch)
     n_fresh = batch - n_replay if mode == "substitute" else batch
+    shape = preset_shape(preset, VOCAB)
+    updates = (steps // k if reptile else 0) if updates is None else updates
     return {
         "config": {
+            "run_dir": "runs/x",
             "method": method,
             "model": {"preset": preset},
             "train": {"batch_size": batch, "seq_len": seq},
             "replay": {"alpha": alpha, "mode": mode},
             "reptile": {"enabled": reptile, "k": k},
         },
-        "params": preset_shape(preset, VOCAB).total_params(),
+        "params": shape.total_params(),
         "steps": steps,
         "fresh_tokens": steps * n_fresh * seq,
         "replay_tokens": steps * n_replay * seq,
+        **summary_facts(shape, n_fresh, n_replay, updates),
     }
 
 
@@ -92,36 +103,57 @@ def test_joint_training_never_counts_replay():
 
 
 def test_reptile_is_counted_separately_every_k_steps():
-    s = _summary(method="reptile", reptile=True, k=10, steps=95)
+    # 95 steps at k=10 allow 9 meta-updates; re-anchoring at task boundaries dropped two
+    # partial periods, and the count the trainer recorded is what is charged.
+    s = _summary(method="reptile", reptile=True, k=10, steps=95, updates=7)
     f = run_flops(s)
     params = s["params"]
-    assert f["reptile_updates"] == 9
-    assert f["reptile_flops"] == 3 * params * 9
+    assert f["reptile_updates"] == 7
+    assert f["reptile_flops"] == 3 * params * 7
     assert f["total_flops"] == f["model_flops"] + f["reptile_flops"]
     per_incoming = 3 * params / (10 * 16 * 128)
     assert f["reptile_flops_per_incoming_token"] == pytest.approx(per_incoming)
     assert f["flops_per_incoming_token"] == pytest.approx(f["flops_per_token"] + per_incoming)
 
 
-def test_vocabulary_is_recovered_from_the_parameter_count():
+def test_the_recorded_shape_is_used_whatever_the_preset():
+    # init_from models need not have a preset's shape: the trainer records the real one.
     s = _summary(preset="small")
-    s["params"] = preset_shape("small", 12345).total_params()
-    assert run_shape(s).vocab == 12345
+    s["model_shape"]["vocab"] = 12345
+    assert run_shape(s) == preset_shape("small", 12345)
+    assert run_flops(s)["params"] == preset_shape("small", 12345).total_params()
 
 
-def test_params_that_fit_no_preset_are_a_one_line_error():
+def test_the_shape_the_trainer_records_comes_from_the_hf_config():
+    model = _meta_model("tiny", vocab=300)
+    assert shape_from_hf_config(model.config.to_dict()) == preset_shape("tiny", 300)
+
+
+def test_the_recorded_batch_mix_is_used():
+    s = _summary(alpha=0.25)
+    s["rows_per_step"] = {"fresh": 8, "replay": 8}  # not what the config's α would give
+    f = run_flops(s)
+    assert f["replay_fraction"] == 0.5
+    assert f["flops_per_incoming_token"] == pytest.approx(2 * f["flops_per_token"])
+
+
+@pytest.mark.parametrize("key", ["model_shape", "rows_per_step", "reptile_updates"])
+def test_a_summary_of_an_older_cptrain_is_a_one_line_error_naming_the_key(key):
     s = _summary()
-    s["params"] += 1
-    with pytest.raises(ConfigError, match="cannot recover the model shape") as e:
+    del s[key]
+    with pytest.raises(ConfigError) as e:
+        run_flops(s)
+    msg = str(e.value)
+    assert f"summary.json of runs/x has no {key}" in msg and "--resume" in msg
+    assert "\n" not in msg
+
+
+@pytest.mark.parametrize("key, value", [("model_shape", {"layers": 2}), ("model_shape", 3),
+                                        ("rows_per_step", {"fresh": 0, "replay": 0}),
+                                        ("rows_per_step", [16, 0])])
+def test_malformed_facts_are_one_line_errors(key, value):
+    s = _summary()
+    s[key] = value
+    with pytest.raises(ConfigError, match=f"summary.json: {key} is") as e:
         run_flops(s)
     assert "\n" not in str(e.value)
-
-
-def test_an_exported_hf_config_wins_over_the_preset(tmp_path):
-    # init_from models need not have a preset's shape; the exported config.json is the truth.
-    model = _meta_model("tiny", vocab=300)
-    out = tmp_path / "models" / "after_0_en"
-    out.mkdir(parents=True)
-    (out / "config.json").write_text(model.config.to_json_string())
-    s = _summary(preset="small")  # deliberately wrong preset
-    assert run_shape(s, tmp_path) == preset_shape("tiny", 300)

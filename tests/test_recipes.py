@@ -21,6 +21,6 @@ def test_demo_recipe_matches_the_demo():
 
 def test_demo_prepare_recipe_matches_the_demo():
     from_file = load_config(PrepareConfig, RECIPES / "demo-prepare.yaml")
-    built = demo._prepare_config(Path("data"))
+    built = demo.prepare_config(Path("data"))
     assert from_file.tokenizer == built.tokenizer
     assert [t.name for t in from_file.tasks] == [t.name for t in built.tasks]

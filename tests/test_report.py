@@ -4,6 +4,7 @@ real micro sweep."""
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import math
 import re
@@ -16,7 +17,7 @@ from scipy import stats
 
 from cptrain import metrics
 from cptrain.errors import ConfigError
-from cptrain.flops import preset_shape, run_flops
+from cptrain.flops import preset_shape, run_flops, summary_facts
 from cptrain.report import collect_runs, mean_ci, write_report
 
 TASKS = ["en", "fr", "de"]
@@ -47,17 +48,20 @@ def make_run(root: Path, method="sequential", alpha=0.0, preset="tiny", seed=0, 
     lm = _loss_matrix(preset, method, alpha, seed, rows)
     batch, seq, steps = 16, 128, 10 * rows
     n_replay = round(alpha * batch)
+    shape = preset_shape(preset, 4096)
+    reptile = method in ("reptile", "mer")
     summary = {
         "complete": rows == 3,
         "config": {"method": method, "seed": seed, "model": {"preset": preset},
                    "train": {"batch_size": batch, "seq_len": seq},
                    "replay": {"alpha": alpha, "mode": "substitute"},
-                   "reptile": {"enabled": method in ("reptile", "mer"), "k": 5},
+                   "reptile": {"enabled": reptile, "k": 5},
                    "data": {"tasks": [{"name": t} for t in TASKS]}},
         "tasks": TASKS, "loss_matrix": lm, "steps": steps, "task_steps": [10, 10, 10],
         "fresh_tokens": steps * (batch - n_replay) * seq, "replay_tokens": steps * n_replay * seq,
-        "params": preset_shape(preset, 4096).total_params(), "wall_s": 12.5,
+        "params": shape.total_params(), "wall_s": 12.5,
         **metrics.summarize(lm), "union_loss": metrics.union_loss(lm[-1]),
+        **summary_facts(shape, batch - n_replay, n_replay, steps // 5 if reptile else 0),
     }
     if flops is not None:
         summary["flops"] = flops
@@ -161,13 +165,36 @@ def test_flops_are_taken_from_the_summary_or_computed(tmp_path):
     write_report([tmp_path / "a"], tmp_path / "oa")
     assert "1.23e+08" in (tmp_path / "oa" / "report.md").read_text()
 
-    old = make_run(tmp_path / "b", "replay", 0.25)  # a run from before compute accounting
+    run = make_run(tmp_path / "b", "replay", 0.25)  # no "flops": computed from its facts
     write_report([tmp_path / "b"], tmp_path / "ob")
-    expected = run_flops(json.loads((old / "summary.json").read_text()))
+    expected = run_flops(json.loads((run / "summary.json").read_text()))
     row = _md_row((tmp_path / "ob" / "report.md").read_text(), "Training compute",
                   "replay α=0.25 · tiny")
     assert row[2] == f"{expected['flops_per_token']:.3g}"
     assert row[3] == f"{expected['flops_per_incoming_token']:.3g}"
+
+
+def test_a_summary_of_an_older_cptrain_shows_no_compute_and_says_why(tmp_path):
+    run = make_run(tmp_path / "s", "mer", 0.25)
+    s = json.loads((run / "summary.json").read_text())
+    del s["model_shape"], s["rows_per_step"], s["reptile_updates"]
+    (run / "summary.json").write_text(json.dumps(s))
+    write_report([tmp_path / "s"], tmp_path / "out")
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert _md_row(md, "Training compute", "MER α=0.25 · tiny")[2] == "–"
+    assert "1 run(s) without compute figures" in md and "--resume" in md
+
+
+def test_groups_are_named_by_the_method_table(tmp_path):
+    make_run(tmp_path / "s", "mer", 0.25)
+    make_run(tmp_path / "s", "reptile")
+    cfg_only = make_run(tmp_path / "s", "replay", 0.25, name="custom")
+    s = json.loads((cfg_only / "summary.json").read_text())
+    del s["config"]["method"]  # replay keys only: still recognised as replay
+    (cfg_only / "summary.json").write_text(json.dumps(s))
+    runs, _ = collect_runs([tmp_path / "s"])
+    assert {(r.method, r.group) for r in runs} == {
+        ("mer", "MER α=0.25"), ("reptile", "Reptile"), ("replay", "replay α=0.25")}
 
 
 def test_incomplete_runs_are_listed_but_left_out_of_the_tables(tmp_path):
@@ -241,7 +268,8 @@ def test_report_of_a_real_micro_sweep(tmp_path, prepared_dir):
                      "tokens_per_task": 8 * 32 * 4},
             "train": {"seq_len": 32, "batch_size": 8, "lr": 3e-3, "log_every": 2},
             "eval": {"windows": 8, "batch_size": 8, "every": 2},
-            "reptile": {"k": 2, "epsilon": 0.5, "diagnostics_every": 2},
+            "reptile": {"k": 2, "epsilon": 0.5},
+            "diagnostics": {"every": 2},
         },
         "grid": {"methods": ["sequential", "mer"], "alphas": [0.5], "presets": ["tiny"]},
     })
@@ -249,13 +277,16 @@ def test_report_of_a_real_micro_sweep(tmp_path, prepared_dir):
     html = write_report([tmp_path / "sweep"], tmp_path / "out")
     md = (tmp_path / "out" / "report.md").read_text()
     assert html.is_file()
-    for row in ("sequential", "mer α=0.5"):
+    for row in ("sequential", "MER α=0.5"):
         assert _md_row(md, "Table 2", row)[1].endswith("(n=1)")
     figs = {p.name for p in (tmp_path / "out" / "figures").glob("*.png")}
     assert {"forgetting.png", "val_curves.png", "union_curves.png", "grad_alignment.png",
             "scaling_flops.png"} <= figs
     s = json.loads((tmp_path / "sweep" / "mer-a0.5_tiny_s0_email-xml-asyncio" /
                     "summary.json").read_text())
-    f = run_flops(s, tmp_path / "sweep" / "mer-a0.5_tiny_s0_email-xml-asyncio")
+    f = run_flops(s)
     assert f["tokens_processed"] == s["fresh_tokens"] + s["replay_tokens"]
-    assert f["reptile_updates"] == s["steps"] // 2
+    assert f["reptile_updates"] == s["reptile_updates"] == s["steps"] // 2
+    assert s["rows_per_step"] == {"fresh": 4, "replay": 4}
+    assert s["model_shape"] == {**dataclasses.asdict(preset_shape("tiny", 1)),
+                                "vocab": s["model_shape"]["vocab"]}

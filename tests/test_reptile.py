@@ -68,8 +68,8 @@ def cfg(**kw) -> ReptileConfig:
     return ReptileConfig(enabled=True, **kw)
 
 
-def with_reptile(model, opt, **kw) -> Reptile:
-    r = Reptile(model.named_parameters(), cfg(**kw))
+def with_reptile(model, opt, *, track_displacement: bool = False, **kw) -> Reptile:
+    r = Reptile(model.named_parameters(), cfg(**kw), track_displacement=track_displacement)
     r.attach(opt)
     return r
 
@@ -125,7 +125,7 @@ def test_epsilon_one_is_bit_identical_to_no_reptile():
     a, b = tiny(), tiny()
     opt_a = torch.optim.AdamW(a.parameters(), lr=3e-3)
     opt_b = torch.optim.AdamW(b.parameters(), lr=3e-3)
-    reptile = with_reptile(a, opt_a, k=2, epsilon=1.0, diagnostics_every=1)
+    reptile = with_reptile(a, opt_a, k=2, epsilon=1.0, track_displacement=True)
     for step in range(7):
         train_step(a, opt_a, step)
         train_step(b, opt_b, step)
@@ -156,16 +156,16 @@ def _roundtrip(obj):
 
 
 def test_resume_mid_period_is_bit_identical():
-    kw = dict(k=3, epsilon=0.3, diagnostics_every=1)
+    kw = dict(k=3, epsilon=0.3)
     full = tiny()
     opt_full = torch.optim.AdamW(full.parameters(), lr=3e-3)
-    r_full = with_reptile(full, opt_full, **kw)
+    r_full = with_reptile(full, opt_full, track_displacement=True, **kw)
     for step in range(8):
         train_step(full, opt_full, step)
 
     first = tiny()
     opt_first = torch.optim.AdamW(first.parameters(), lr=3e-3)
-    r_first = with_reptile(first, opt_first, **kw)
+    r_first = with_reptile(first, opt_first, track_displacement=True, **kw)
     for step in range(4):  # one meta-update done, one step into the next period
         train_step(first, opt_first, step)
     state = {"model": first.state_dict(), "opt": opt_first.state_dict()}
@@ -176,7 +176,7 @@ def test_resume_mid_period_is_bit_identical():
         model.load_state_dict(saved["model"])
         opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
         opt.load_state_dict(saved["opt"])
-        reptile = Reptile(model.named_parameters(), cfg(**kw))
+        reptile = Reptile(model.named_parameters(), cfg(**kw), track_displacement=True)
         if load_reptile:
             reptile.load_state_dict(saved["reptile"])
         reptile.attach(opt)
@@ -257,7 +257,7 @@ def _fsdp_worker(rank: int, world: int, init_file: str, out: str) -> None:
             fully_shard(layer, mesh=mesh)
         fully_shard(model, mesh=mesh)
         opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-        reptile = with_reptile(model, opt, k=2, epsilon=0.3, diagnostics_every=1)
+        reptile = with_reptile(model, opt, k=2, epsilon=0.3, track_displacement=True)
         for step in range(5):
             rows = batch(step)
             half = rows.shape[0] // world
@@ -266,7 +266,9 @@ def _fsdp_worker(rank: int, world: int, init_file: str, out: str) -> None:
             opt.zero_grad(set_to_none=True)
         state = reptile.state_dict()
         dcp_save({"reptile": state}, checkpoint_id=os.path.join(os.path.dirname(out), "dcp"))
-        fresh = Reptile(model.named_parameters(), cfg(k=2, epsilon=0.3, diagnostics_every=1))
+        fresh = Reptile(
+            model.named_parameters(), cfg(k=2, epsilon=0.3), track_displacement=True
+        )
         fresh_state = fresh.state_dict()
         dcp_load({"reptile": fresh_state}, checkpoint_id=os.path.join(os.path.dirname(out), "dcp"))
         fresh.load_state_dict(fresh_state)
@@ -296,7 +298,7 @@ def test_fsdp2_two_processes_match_single_process():
         res = torch.load(out, weights_only=True)
     model = tiny()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    reptile = with_reptile(model, opt, k=2, epsilon=0.3, diagnostics_every=1)
+    reptile = with_reptile(model, opt, k=2, epsilon=0.3, track_displacement=True)
     for step in range(5):
         train_step(model, opt, step)
     assert res["updates"] == reptile.updates == 2
@@ -344,7 +346,7 @@ def test_only_trainable_parameters_are_anchored():
 
 def test_displacement_cosine_matches_hand_computation():
     params = [torch.nn.Parameter(torch.zeros(3, 4)), torch.nn.Parameter(torch.zeros(5))]
-    reptile = Reptile([("a", params[0]), ("b", params[1])], cfg(k=1, diagnostics_every=10))
+    reptile = Reptile([("a", params[0]), ("b", params[1])], cfg(k=1), track_displacement=True)
     g = torch.Generator().manual_seed(0)
     deltas = [[torch.randn(p.shape, generator=g) for p in params] for _ in range(3)]
     cosines = []
@@ -360,6 +362,21 @@ def test_displacement_cosine_matches_hand_computation():
         expected = F.cosine_similarity(flat[i], flat[i - 1], dim=0).item()
         assert cosines[i] == pytest.approx(expected, abs=1e-6)  # fp32 weights
     assert reptile.memory_bytes() == 2 * reptile.anchor_bytes()
+
+
+def test_displacement_is_tracked_only_when_asked():
+    p = torch.nn.Parameter(torch.zeros(3))
+    reptile = Reptile([("a", p)], cfg(k=1))
+    for _ in range(3):
+        with torch.no_grad():
+            p.add_(1.0)
+        reptile.meta_update()
+    assert reptile.last_displacement_cosine is None
+    assert reptile.memory_bytes() == reptile.anchor_bytes()
+    assert reptile.state_dict()["prev_displacement"] is None
+    # The switch is diagnostics.every in the run config, no longer a reptile key.
+    with pytest.raises(ConfigError, match="diagnostics_every: unknown key"):
+        build_config(ReptileConfig, {"diagnostics_every": 5}, "reptile")
 
 
 def test_reset_optimizer_moments_option():

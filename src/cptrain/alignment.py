@@ -75,7 +75,7 @@ def _trainable(model: torch.nn.Module) -> list[torch.Tensor]:
         # FSDP2 reduces gradients in hooks tied to .grad accumulation, which autograd.grad skips.
         raise ConfigError(
             "gradient-alignment diagnostics do not support FSDP2-sharded models; "
-            "set reptile.diagnostics_every=0"
+            "set diagnostics.every=0"
         )
     return params
 

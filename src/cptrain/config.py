@@ -1,25 +1,54 @@
-"""The run configuration: one YAML file validated by pydantic, plus ``--set a.b=c`` overrides."""
+"""The run configuration: one YAML file validated by pydantic, plus ``--set a.b=c`` overrides.
+
+Every section lives here (replay's in ``cptrain.replay.config``) and nothing here imports torch,
+so a config is checked in a fraction of a second before any training code loads. ``METHODS``
+is the one table of what each ``method:`` means.
+"""
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from cptrain.config_base import StrictModel, apply_overrides, build_config, read_yaml
-from cptrain.distributed import DistributedConfig
-from cptrain.model import PRESETS
+from cptrain.presets import DEFAULT_LR, PRESETS
 from cptrain.replay.config import ReplayConfig
-from cptrain.reptile import ReptileConfig
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
-# Peak learning rates: the paper's per size (DESIGN.md §3); CPU presets measured on the demo.
-DEFAULT_LR = {"tiny": 2e-3, "small": 1e-3, "99m": 4e-4, "560m": 2.8e-4, "1b": 2.2e-4, "4b": 1.5e-4}
+Sampler = Literal["sequential", "joint"]
 
-METHODS = ("sequential", "replay", "reptile", "mer", "joint")
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """What ``method: NAME`` sets. ``alpha`` and ``reptile`` are defaults that explicit
+    ``replay.alpha`` / ``reptile.enabled`` keys override; the sampler is fixed by the method."""
+
+    alpha: float  # default replay fraction
+    reptile: bool  # default reptile.enabled
+    # sequential: the tasks one after another; joint: every step an i.i.d. mixture of all tasks
+    # (weights data.joint_weights, default by tokens) for the same total steps.
+    sampler: Sampler
+    label: str  # how reports name the method
+
+    @property
+    def replays(self) -> bool:
+        return self.alpha > 0
+
+
+# The one table of methods: configs, sweeps and reports read it instead of comparing names.
+METHODS: dict[str, MethodSpec] = {
+    "sequential": MethodSpec(alpha=0.0, reptile=False, sampler="sequential", label="sequential"),
+    "replay": MethodSpec(alpha=0.25, reptile=False, sampler="sequential", label="replay"),
+    "reptile": MethodSpec(alpha=0.0, reptile=True, sampler="sequential", label="Reptile"),
+    "mer": MethodSpec(alpha=0.25, reptile=True, sampler="sequential", label="MER"),
+    "joint": MethodSpec(alpha=0.0, reptile=False, sampler="joint", label="joint"),
+}
 
 
 class TaskSpec(StrictModel):
@@ -118,10 +147,38 @@ class CheckpointConfig(StrictModel):
     keep_last: int = Field(default=2, ge=1)
 
 
+class DiagnosticsConfig(StrictModel):
+    """Measurements that change nothing in training (a resume may change them)."""
+
+    every: int = Field(
+        default=0, ge=0, description="log cos(∇fresh, ∇reference) every N steps; 0 = off"
+    )
+
+
+class ReptileConfig(StrictModel):
+    """The ``reptile:`` config section; defaults are the paper's (k=500, ε=0.1)."""
+
+    enabled: bool = False
+    k: int = Field(500, ge=1, description="meta-update period, in optimizer steps")
+    epsilon: float = Field(0.1, gt=0.0, le=1.0, description="meta step size; 1 disables it")
+    anchor_dtype: Literal["float32", "bfloat16", "float64"] = "float32"
+    anchor_device: Literal["same", "cpu"] = "same"
+    reset_at_task_boundary: bool = False
+    reset_optimizer_moments: bool = False
+
+
+class DistributedConfig(StrictModel):
+    strategy: Literal["none", "ddp", "fsdp2"] = "none"
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    activation_checkpointing: bool = False
+    # FSDP2 on GPU: parameters cast to bf16 for compute, gradients reduced in fp32.
+    mixed_precision: bool = Field(default=True, description="fsdp2 on GPU only")
+
+
 class RunConfig(StrictModel):
     run_dir: str
     seed: int = Field(default=0, ge=0, le=2**63 - 1)
-    method: Literal["sequential", "replay", "reptile", "mer", "joint"] | None = None
+    method: str | None = Field(default=None, description=" | ".join(METHODS))
     data: DataConfig
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
@@ -129,24 +186,19 @@ class RunConfig(StrictModel):
     checkpoint: CheckpointConfig = CheckpointConfig()
     replay: ReplayConfig = ReplayConfig()
     reptile: ReptileConfig = ReptileConfig()
+    diagnostics: DiagnosticsConfig = DiagnosticsConfig()
     distributed: DistributedConfig = DistributedConfig()
 
     @model_validator(mode="before")
     @classmethod
     def _apply_method(cls, data: Any) -> Any:
         """A method preset fills replay/reptile defaults; explicit keys still win."""
-        if not isinstance(data, dict) or data.get("method") is None:
+        if not isinstance(data, dict):
             return data
-        method = data["method"]
-        if method not in METHODS:
-            return data  # the Literal check reports it
-        preset: dict[str, dict[str, Any]] = {
-            "sequential": {"replay": {"alpha": 0.0}, "reptile": {"enabled": False}},
-            "replay": {"replay": {"alpha": 0.25}, "reptile": {"enabled": False}},
-            "reptile": {"replay": {"alpha": 0.0}, "reptile": {"enabled": True}},
-            "mer": {"replay": {"alpha": 0.25}, "reptile": {"enabled": True}},
-            "joint": {"replay": {"alpha": 0.0}, "reptile": {"enabled": False}},
-        }[method]
+        spec = METHODS.get(data["method"]) if isinstance(data.get("method"), str) else None
+        if spec is None:
+            return data  # no method, or an unknown one that the method check reports
+        preset = {"replay": {"alpha": spec.alpha}, "reptile": {"enabled": spec.reptile}}
         out = dict(data)
         for section, values in preset.items():
             given = out.get(section)
@@ -155,6 +207,47 @@ class RunConfig(StrictModel):
             out[section] = {**values, **(given or {})}
         return out
 
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, v: str | None) -> str | None:
+        if v is not None and v not in METHODS:
+            raise PydanticCustomError(
+                "unknown_method",
+                "unknown method {method}; choose one of {choices}",
+                {"method": repr(v), "choices": ", ".join(METHODS)},
+            )
+        return v
+
+    @field_validator("reptile", mode="before")
+    @classmethod
+    def _moved_keys(cls, v: Any) -> Any:
+        if isinstance(v, dict) and "diagnostics_every" in v:
+            raise PydanticCustomError(
+                "moved_key", "reptile.diagnostics_every moved to diagnostics.every; rename the key"
+            )
+        return v
+
+    @model_validator(mode="after")
+    def _joint_alone(self) -> RunConfig:
+        if self.sampler == "joint" and (self.replay.alpha > 0 or self.reptile.enabled):
+            raise PydanticCustomError(
+                "joint_exclusive",
+                "method joint trains on an i.i.d. mixture and uses no replay or Reptile; drop "
+                "replay.alpha / reptile.enabled or choose another method",
+            )
+        return self
+
+    @property
+    def method_spec(self) -> MethodSpec | None:
+        """The table row of ``method`` (None: replay and Reptile set by their own keys)."""
+        return METHODS[self.method] if self.method is not None else None
+
+    @property
+    def sampler(self) -> Sampler:
+        """How fresh rows are drawn: ``sequential`` (task by task) or ``joint`` (all at once)."""
+        spec = self.method_spec
+        return spec.sampler if spec is not None else "sequential"
+
     @property
     def peak_lr(self) -> float:
         return self.train.lr if self.train.lr is not None else DEFAULT_LR[self.model.preset]
@@ -162,6 +255,45 @@ class RunConfig(StrictModel):
     @property
     def micro_batch_size(self) -> int:
         return self.train.micro_batch_size or self.train.batch_size
+
+
+# Config keys that change nothing about the numbers a run produces; a resume may change them.
+_RUN_CONTROL_KEYS = {
+    "checkpoint",
+    "eval.every",
+    "train.log_every",
+    "train.threads",
+    "train.compile",
+    "replay.prefetch_mb",
+    "diagnostics",  # measurements only
+    "reptile.diagnostics_every",  # the old name of diagnostics.every, in older checkpoints
+    "distributed",  # strategy/backend; the world size is checked on its own
+    "run_dir",  # a moved run is the same run
+    "replay.dir",
+}
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Result-changing keys whose values differ between two resolved configs (JSON dumps)."""
+    a, b = _flatten(old), _flatten(new)
+    diffs = []
+    for key in sorted(set(a) | set(b)):
+        if any(key == c or key.startswith(c + ".") for c in _RUN_CONTROL_KEYS):
+            continue
+        if a.get(key) != b.get(key):
+            diffs.append(f"{key}: checkpoint has {a.get(key)!r}, config has {b.get(key)!r}")
+    return diffs
 
 
 def load_run_config(path: Path | None, overrides: list[str] | None = None) -> RunConfig:

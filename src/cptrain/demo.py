@@ -14,7 +14,7 @@ from cptrain.data.demo_corpus import demo_corpus_ready, fetch_demo
 from cptrain.data.prepare import PrepareConfig, prepare
 from cptrain.report import write_report
 from cptrain.tables import comparison_table, run_report
-from cptrain.trainer import train
+from cptrain.train import train
 
 TASKS = ("en", "fr", "de")
 
@@ -36,7 +36,7 @@ BASE_RUN: dict[str, Any] = {
     "eval": {"windows": 96, "batch_size": 48, "every": 41},
     # cos(∇ fresh, ∇ replay) every 20 steps; methods without replay use a probe batch from
     # earlier tasks, so every method gets the same interference measure.
-    "reptile": {"diagnostics_every": 20},
+    "diagnostics": {"every": 20},
 }
 
 # The paper's Reptile (k=500, ε=0.1) spans tens of thousands of steps; this demo has ~366.
@@ -58,7 +58,7 @@ METHODS: dict[str, dict[str, Any]] = {
 }
 
 
-def _prepare_config(data_dir: Path) -> PrepareConfig:
+def prepare_config(data_dir: Path) -> PrepareConfig:
     demo = data_dir / "demo"
     return build_config(
         PrepareConfig,
@@ -97,7 +97,7 @@ def run_demo(
     t0 = time.perf_counter()
     if not demo_corpus_ready(data_dir / "demo", TASKS):
         fetch_demo(data_dir / "demo", TASKS)
-    prepare(_prepare_config(data_dir), progress=progress)
+    prepare(prepare_config(data_dir), progress=progress)
     results: dict[str, dict[str, Any]] = {}
     for name in METHODS:
         cfg = demo_run_config(name, runs_dir, data_dir, overrides)

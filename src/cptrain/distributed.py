@@ -9,22 +9,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.distributed as dist
-from pydantic import Field
 
-from cptrain.config_base import StrictModel
+from cptrain.config import DistributedConfig
 from cptrain.errors import ConfigError
-
-
-class DistributedConfig(StrictModel):
-    strategy: Literal["none", "ddp", "fsdp2"] = "none"
-    backend: Literal["auto", "gloo", "nccl"] = "auto"
-    activation_checkpointing: bool = False
-    # FSDP2 on GPU: parameters cast to bf16 for compute, gradients reduced in fp32.
-    mixed_precision: bool = Field(default=True, description="fsdp2 on GPU only")
 
 
 @dataclass

@@ -19,25 +19,27 @@ enough for it to matter):
 
 Per run: C × (fresh + replayed tokens processed). Reptile's meta-update
 θ ← θ₀ + ε(θ − θ₀) costs 3·|θ| FLOPs every k optimizer steps; it is counted separately (it is
-tiny) and added to the total. Evaluation FLOPs are not counted: they are the same for every
-method.
+tiny), once per meta-update the run did, and added to the total. Evaluation FLOPs are not
+counted: they are the same for every method.
 
 FLOPs per *incoming* token (the x-axis of the paper's Fig. 6): the compute spent per token of
 the incoming task stream. With a replay fraction α of each batch, every fresh token costs
 C·(rows per step)/(fresh rows per step): C/(1−α) in *substitute* mode (batch fixed, α of it
 replayed) and likewise in *additive* mode (B fresh rows plus α/(1−α)·B replayed), plus
 Reptile's 3·|θ|/k per step spread over the step's fresh tokens.
+
+A run's accounting uses only facts its trainer recorded in ``summary.json`` (see
+``summary_facts``): the model's shape, the fresh/replayed rows of a step and the number of
+meta-updates; nothing is re-derived from the config.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from cptrain.errors import ConfigError
-from cptrain.model import PRESETS
+from cptrain.presets import PRESETS
 
 CONVENTION = "C = 6N + 6LTd (Kaplan et al. 2020; N = block matmul weights + output head)"
 REPTILE_FLOPS_PER_PARAM = 3  # one subtract, one multiply, one add per weight
@@ -101,56 +103,71 @@ def flops_per_token(shape: ModelShape, seq_len: int) -> int:
     return 6 * shape.matmul_params() + 6 * shape.layers * seq_len * shape.hidden
 
 
-def _vocab_from_params(preset: str, params: int) -> int | None:
-    """Invert total_params for an untied preset: the summary records params, not the vocab."""
-    base = preset_shape(preset, 0)
-    rest = params - base.total_params()
-    vocab, remainder = divmod(rest, 2 * base.hidden)
-    return vocab if remainder == 0 and vocab > 0 else None
+def summary_facts(
+    shape: ModelShape, n_fresh: int, n_replay: int, reptile_updates: int
+) -> dict[str, Any]:
+    """What the trainer writes into ``summary.json`` for ``run_flops`` to read: the model's
+    shape, the global batch mix of a step at full buffer and the meta-updates done."""
+    return {
+        "model_shape": asdict(shape),
+        "rows_per_step": {"fresh": int(n_fresh), "replay": int(n_replay)},
+        "reptile_updates": int(reptile_updates),
+    }
 
 
-def _exported_hf_config(run_dir: Path | None) -> dict[str, Any] | None:
-    if run_dir is None:
-        return None
-    for cfg_file in sorted(Path(run_dir).glob("models/after_*/config.json")):
-        try:
-            return json.loads(cfg_file.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
-    return None
-
-
-def run_shape(summary: dict[str, Any], run_dir: Path | None = None) -> ModelShape:
-    """The trained model's shape: from an exported HF config when one exists (needed for
-    ``init_from`` models), else the preset with the vocabulary recovered from ``params``."""
-    hf = _exported_hf_config(run_dir)
-    if hf is not None:
-        return shape_from_hf_config(hf)
-    preset = summary["config"]["model"]["preset"]
-    vocab = _vocab_from_params(preset, int(summary.get("params", 0)))
-    if vocab is None:
+def _recorded(summary: dict[str, Any], key: str) -> Any:
+    if key not in summary:
+        run = summary.get("config", {}).get("run_dir") or "this run"
         raise ConfigError(
-            f"cannot recover the model shape of this run (params {summary.get('params')} do not "
-            f"match preset {preset!r}); pass the run directory so its exported config is read"
+            f"summary.json of {run} has no {key}; it was written by an older cptrain: re-run "
+            "`cptrain train --resume` to rewrite it"
         )
-    return preset_shape(preset, vocab)
+    return summary[key]
+
+
+def _malformed(key: str, value: Any) -> ConfigError:
+    return ConfigError(
+        f"summary.json: {key} is {value!r}, not what cptrain writes; re-run `cptrain train "
+        "--resume` to rewrite it"
+    )
+
+
+def run_shape(summary: dict[str, Any]) -> ModelShape:
+    """The trained model's shape as the trainer recorded it (``model_shape``)."""
+    raw = _recorded(summary, "model_shape")
+    try:
+        return ModelShape(**raw)
+    except TypeError:  # not a mapping, or other keys than ModelShape's
+        raise _malformed("model_shape", raw) from None
+
+
+def recorded_rows_per_step(summary: dict[str, Any]) -> tuple[int, int]:
+    """(fresh rows, replayed rows) of one optimizer step at full buffer, as the run mixed."""
+    raw = _recorded(summary, "rows_per_step")
+    try:
+        n_fresh, n_replay = int(raw["fresh"]), int(raw["replay"])
+    except (TypeError, KeyError, ValueError):
+        raise _malformed("rows_per_step", raw) from None
+    if n_fresh < 1 or n_replay < 0:
+        raise _malformed("rows_per_step", raw)
+    return n_fresh, n_replay
 
 
 def rows_per_step(config: dict[str, Any]) -> tuple[int, int]:
-    """(fresh rows, replayed rows) of one optimizer step at full buffer, as the trainer mixes."""
+    """(fresh rows, replayed rows) a config will mix per step at full buffer (for plans; a
+    finished run's own record is ``recorded_rows_per_step``)."""
     from cptrain.replay.mixer import mix_counts
 
     batch = int(config["train"]["batch_size"])
-    if config.get("method") == "joint":
-        return batch, 0
     replay = config.get("replay", {})
     return mix_counts(float(replay.get("alpha", 0.0)), batch, replay.get("mode", "substitute"))
 
 
-def run_flops(summary: dict[str, Any], run_dir: Path | None = None) -> dict[str, Any]:
-    """Compute accounting of one run from its ``summary.json`` (see the module docstring)."""
+def run_flops(summary: dict[str, Any]) -> dict[str, Any]:
+    """Compute accounting of one run from its ``summary.json`` (see the module docstring);
+    a ConfigError names what a summary of an older cptrain lacks."""
     cfg = summary["config"]
-    shape = run_shape(summary, run_dir)
+    shape = run_shape(summary)
     seq_len = int(cfg["train"]["seq_len"])
     per_token = flops_per_token(shape, seq_len)
     fresh = int(summary.get("fresh_tokens", 0))
@@ -160,13 +177,12 @@ def run_flops(summary: dict[str, Any], run_dir: Path | None = None) -> dict[str,
 
     reptile = cfg.get("reptile", {})
     k = int(reptile.get("k", 0)) if reptile.get("enabled") else 0
-    # Upper bound when re-anchoring at task boundaries drops a partial period.
-    reptile_updates = steps // k if k else 0
+    reptile_updates = int(_recorded(summary, "reptile_updates"))
     reptile_total = REPTILE_FLOPS_PER_PARAM * params * reptile_updates
     model_total = per_token * processed
     total = model_total + reptile_total
 
-    n_fresh, n_replay = rows_per_step(cfg)
+    n_fresh, n_replay = recorded_rows_per_step(summary)
     fresh_per_step = n_fresh * seq_len
     reptile_per_incoming = REPTILE_FLOPS_PER_PARAM * params / (k * fresh_per_step) if k else 0.0
     return {

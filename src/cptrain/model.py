@@ -1,33 +1,15 @@
-"""Llama model presets and loading of pretrained Hugging Face checkpoints."""
+"""Llama models built from a preset (shapes in ``cptrain.presets``) and loading of pretrained
+Hugging Face checkpoints."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from cptrain.errors import CheckpointError, ConfigError
-
-
-@dataclass(frozen=True)
-class Shape:
-    layers: int
-    hidden: int
-    heads: int
-    ffn: int
-
-
-# The paper's shapes (DESIGN.md §3) plus two CPU-sized ones whose MLP follows Llama's 8/3·d rule.
-PRESETS: dict[str, Shape] = {
-    "tiny": Shape(layers=2, hidden=128, heads=4, ffn=344),
-    "small": Shape(layers=4, hidden=256, heads=4, ffn=688),
-    "99m": Shape(layers=16, hidden=512, heads=8, ffn=1280),
-    "560m": Shape(layers=24, hidden=1024, heads=16, ffn=2560),
-    "1b": Shape(layers=24, hidden=1792, heads=28, ffn=5120),
-    "4b": Shape(layers=30, hidden=3072, heads=24, ffn=9216),
-}
+from cptrain.presets import PRESETS
 
 
 def llama_config(preset: str, vocab_size: int, max_positions: int = 2048) -> LlamaConfig:
@@ -89,3 +71,21 @@ def load_pretrained(path: str | Path) -> LlamaForCausalLM:
 
 def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def model_for_run(
+    preset: str, init_from: str | None, vocab_size: int, *, seed: int, seq_len: int
+) -> LlamaForCausalLM:
+    """A run's starting model: ``init_from`` weights, else a fresh preset sized to the data."""
+    if init_from:
+        model = load_pretrained(init_from)
+    else:
+        model = build_model(preset, vocab_size, seed=seed, max_positions=max(2048, seq_len))
+    if model.config.vocab_size < vocab_size:
+        from cptrain.errors import DataError
+
+        raise DataError(
+            f"the shards use a vocabulary of {vocab_size} but the model's embedding has "
+            f"{model.config.vocab_size} rows; prepare the data with the model's tokenizer"
+        )
+    return model

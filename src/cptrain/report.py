@@ -29,16 +29,24 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-from cptrain.checkpoint import atomic_write_text
 from cptrain.config import METHODS
 from cptrain.errors import ConfigError
 from cptrain.flops import run_flops
-from cptrain.model import PRESETS
+from cptrain.fsutil import atomic_write_text
+from cptrain.presets import PRESETS
 from cptrain.report_figures import Curves, bars_figure, curves_figure, scaling_figure
 from cptrain.scaling import fit_groups, replay_vs_size
 
-# The α = 0 method each replay method is compared with when asking "replay or a bigger model?"
-BASELINE_OF = {"replay": "sequential", "mer": "reptile"}
+# The α = 0 method each replay method is compared with when asking "replay or a bigger model?":
+# the one that differs only in not replaying (replay → sequential, mer → reptile).
+BASELINE_OF = {
+    name: next(
+        base for base, b in METHODS.items()
+        if not b.replays and (b.reptile, b.sampler) == (spec.reptile, spec.sampler)
+    )
+    for name, spec in METHODS.items()
+    if spec.replays
+}
 
 
 # ------------------------------------------------------------------------------- runs
@@ -69,8 +77,8 @@ class Run:
     def flops(self) -> dict[str, Any] | None:
         if isinstance(self.summary.get("flops"), dict):
             return self.summary["flops"]
-        try:  # runs from before compute accounting: derive it now
-            return run_flops(self.summary, self.dir)
+        try:  # summaries written before the trainer stored its accounting
+            return run_flops(self.summary)
         except (ConfigError, KeyError, ValueError, TypeError):
             return None
 
@@ -117,13 +125,20 @@ def _task_index(stem: str) -> int:
 
 
 def _infer_method(cfg: dict[str, Any]) -> str:
+    """The config's method, or for a config without one the method its keys amount to."""
     if cfg.get("method"):
         return str(cfg["method"])
     replays = float(cfg.get("replay", {}).get("alpha", 0.0)) > 0
     reptile = bool(cfg.get("reptile", {}).get("enabled"))
-    return {(True, True): "mer", (True, False): "replay", (False, True): "reptile"}.get(
-        (replays, reptile), "sequential"
+    return next(
+        name for name, spec in METHODS.items()
+        if spec.sampler == "sequential" and (spec.replays, spec.reptile) == (replays, reptile)
     )
+
+
+def _method_label(method: str) -> str:
+    spec = METHODS.get(method)
+    return spec.label if spec is not None else method
 
 
 def _summary_files(root: Path) -> Iterator[Path]:
@@ -164,7 +179,8 @@ def collect_runs(dirs: Sequence[Path]) -> tuple[list[Run], list[str]]:
             name = f.parent.name
             runs.append(Run(
                 name=name, dir=f.parent, summary=s,
-                label=str(labels.get(name, {}).get("label") or method), method=method,
+                label=str(labels.get(name, {}).get("label") or _method_label(method)),
+                method=method,
                 alpha=float(cfg.get("replay", {}).get("alpha", 0.0)),
                 preset=str(cfg.get("model", {}).get("preset", "?")), seed=int(cfg.get("seed", 0)),
                 order=tuple(s["tasks"]),
@@ -309,7 +325,8 @@ def _to_html(title: str, sections: list[Section]) -> str:
 
 # ------------------------------------------------------------------------------- grouping
 def _method_rank(method: str) -> int:
-    return METHODS.index(method) if method in METHODS else len(METHODS)
+    names = list(METHODS)
+    return names.index(method) if method in names else len(names)
 
 
 def _preset_rank(preset: str) -> tuple[int, str]:
@@ -508,6 +525,10 @@ def _compute_section(g: Groups) -> Section:
         ["run group", "params", "FLOPs/token", "FLOPs/incoming token", "total FLOPs",
          "Reptile FLOPs", "fresh tokens", "replayed tokens", "wall s"],
         rows, f"Training compute per run (mean over seeds); {conv}; evaluation not counted."))
+    missing = sum(r.flops is None for rs in g.by.values() for r in rs)
+    if missing:
+        sec.blocks.append(f"{missing} run(s) without compute figures: their summary.json was "
+                          "written by an older cptrain; `cptrain train --resume` rewrites it.")
     return sec
 
 
@@ -531,9 +552,9 @@ def _scaling_section(done: list[Run], fig_dir: Path) -> Section | None:
     # Same size, same Reptile setting, growing α: compute spent on replay instead of on size.
     chains: dict[tuple[Any, ...], list[dict[str, Any]]] = defaultdict(list)
     for p in sorted(points, key=lambda p: p["alpha"]):
-        family = "reptile" if p["method"] in ("reptile", "mer") else p["method"]
-        if family in ("sequential", "replay", "reptile"):
-            chains[(family, p["preset"], p["seed"])].append(p)
+        spec = METHODS.get(p["method"])
+        if spec is not None and spec.sampler == "sequential":
+            chains[(spec.reptile, p["preset"], p["seed"])].append(p)
     path = scaling_figure(points, fits, "flops_per_incoming_token", y_keys,
                           fig_dir / "scaling_flops.png", xlabel="training FLOPs per incoming token",
                           links=list(chains.values()), order=order)

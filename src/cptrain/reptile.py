@@ -13,30 +13,17 @@ loaded) and after the optimizer, from the same parameter objects; ``attach`` che
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import Field
 
 from cptrain.alignment import cosine_from_sums, is_dtensor
-from cptrain.config_base import StrictModel, build_config
+from cptrain.config import ReptileConfig
+from cptrain.config_base import build_config
 from cptrain.errors import CheckpointError, ConfigError
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 STATE_VERSION = 1
-
-
-class ReptileConfig(StrictModel):
-    """The ``reptile:`` config section; defaults are the paper's (k=500, ε=0.1)."""
-
-    enabled: bool = False
-    k: int = Field(500, ge=1, description="meta-update period, in optimizer steps")
-    epsilon: float = Field(0.1, gt=0.0, le=1.0, description="meta step size; 1 disables it")
-    anchor_dtype: Literal["float32", "bfloat16", "float64"] = "float32"
-    anchor_device: Literal["same", "cpu"] = "same"
-    reset_at_task_boundary: bool = False
-    reset_optimizer_moments: bool = False
-    diagnostics_every: int = Field(0, ge=0, description="0 = off")
 
 
 def _validated(cfg: ReptileConfig | dict[str, Any]) -> ReptileConfig:
@@ -74,7 +61,16 @@ def _replicas(p: torch.Tensor) -> int:
 class Reptile:
     """One anchor copy of the trainable parameters and the every-k-steps meta-update."""
 
-    def __init__(self, named_params: Iterable[tuple[str, torch.Tensor]], cfg: ReptileConfig):
+    def __init__(
+        self,
+        named_params: Iterable[tuple[str, torch.Tensor]],
+        cfg: ReptileConfig,
+        *,
+        track_displacement: bool = False,
+    ):
+        """``track_displacement`` keeps the last period's θ − θ₀ (one more copy of the weights)
+        to log the cosine between consecutive meta-steps; the trainer turns it on with
+        ``diagnostics.every``."""
         self.cfg = _validated(cfg)
         pairs = [(n, p) for n, p in named_params if p.requires_grad]
         if not pairs:
@@ -89,7 +85,7 @@ class Reptile:
         # Allocated up front so that the state_dict has a fixed structure (DCP loads into a
         # template built from a fresh object); it only holds data once _has_prev is set.
         self._prev_disp: list[torch.Tensor] | None = None
-        if self.cfg.diagnostics_every > 0:
+        if track_displacement:
             self._prev_disp = [torch.zeros_like(a) for a in self._anchors]
         self._has_prev = False
         self.steps_since_anchor = 0
@@ -122,7 +118,7 @@ class Reptile:
         return sum(a.numel() * a.element_size() for a in self._anchors)
 
     def memory_bytes(self) -> int:
-        """All bytes Reptile holds: the anchor plus, with diagnostics, the last displacement."""
+        """All bytes Reptile holds: the anchor plus, when tracked, the last displacement."""
         extra = sum(d.numel() * d.element_size() for d in self._prev_disp or [])
         return self.anchor_bytes() + extra
 
@@ -161,8 +157,7 @@ class Reptile:
     def meta_update(self, optimizer: torch.optim.Optimizer | None = None) -> None:
         """θ ← θ₀ + ε(θ − θ₀), then θ₀ ← θ; called by the hook, public for tests and benches."""
         locals_ = self._locals()
-        if self.cfg.diagnostics_every > 0:
-            self._record_displacement(locals_)
+        self._record_displacement(locals_)
         if self.cfg.epsilon < 1.0:
             self._interpolate(locals_)
         self._reanchor(locals_)
@@ -198,7 +193,7 @@ class Reptile:
 
     def _record_displacement(self, locals_: list[torch.Tensor]) -> None:
         """Cosine between this period's θ − θ₀ and the previous period's (diagnostics only)."""
-        if self._prev_disp is None:  # diagnostics off: nothing was allocated to compare with
+        if self._prev_disp is None:  # not tracked: nothing was allocated to compare with
             return
         device = locals_[0].device
         sums = torch.zeros(3, dtype=torch.float64, device=device)
@@ -255,7 +250,8 @@ class Reptile:
         )
 
     def state_dict(self) -> dict[str, Any]:
-        """Counters, the anchor (and diagnostics state); tensors are references, not copies."""
+        """Counters, the anchor (and the tracked displacement); tensors are references, not
+        copies."""
 
         def by_name(buffers: list[torch.Tensor]) -> dict[str, torch.Tensor]:
             return {
@@ -306,7 +302,7 @@ class Reptile:
             if prev is not None:
                 for buf, t in zip(self._prev_disp, prev, strict=True):
                     buf.copy_(t)
-        # Diagnostics turned on at resume: the first period has nothing to compare with.
+        # Tracking turned on at resume: the first period has nothing to compare with.
         self._has_prev = prev is not None
         self.steps_since_anchor = counters["steps_since_anchor"]
         self.updates = counters["updates"]

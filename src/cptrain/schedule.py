@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,19 @@ class Schedule:
     task_steps: Sequence[int]
     rewarm_each_task: bool = False
     decay_fraction: float = 0.2
+
+    @classmethod
+    def for_run(cls, train: Any, peak_lr: float, task_steps: Sequence[int]) -> Schedule:
+        """The schedule of a run's ``train:`` config section."""
+        return cls(
+            kind=train.schedule,
+            peak_lr=peak_lr,
+            min_lr=train.min_lr,
+            warmup=train.warmup,
+            task_steps=list(task_steps),
+            rewarm_each_task=train.rewarm_each_task,
+            decay_fraction=train.decay_fraction,
+        )
 
     def _segment(self, step: int) -> tuple[int, int]:
         """(position inside the segment, segment length)."""

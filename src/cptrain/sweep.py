@@ -22,22 +22,23 @@ from typing import Any
 
 from pydantic import Field, field_validator
 
-from cptrain.checkpoint import atomic_write_json
-from cptrain.config import METHODS, RunConfig
+from cptrain.config import METHODS, RunConfig, config_differences
 from cptrain.config_base import StrictModel, apply_overrides, build_config, read_yaml
 from cptrain.errors import ConfigError
-from cptrain.model import PRESETS
+from cptrain.fsutil import atomic_write_json
+from cptrain.presets import PRESETS
 
-REPLAY_METHODS = ("replay", "mer")
-REPTILE_METHODS = ("reptile", "mer")
 MANIFEST = "sweep.json"
 
 
 class MethodSpec(StrictModel):
-    """One method of the grid; ``alphas`` default to the grid's for replay and mer, else 0."""
+    """One method of the grid; ``alphas`` default to the grid's for methods that replay
+    (replay, mer), else 0."""
 
     method: str
-    name: str | None = Field(default=None, description="label in run names (default: method)")
+    name: str | None = Field(
+        default=None, description="label in run names and reports (default: the method's)"
+    )
     alphas: list[float] | None = None
     set: dict[str, Any] = Field(default_factory=dict, description="config keys for this method")
 
@@ -141,11 +142,12 @@ def _task_specs(base: dict[str, Any], order: list[str]) -> list[Any]:
 
 
 def _alphas(spec: MethodSpec, grid: SweepGrid) -> list[float]:
-    if spec.method not in REPLAY_METHODS:
+    if not METHODS[spec.method].replays:
         if spec.alphas and any(a != 0 for a in spec.alphas):
+            replaying = " or ".join(m for m, s in METHODS.items() if s.replays)
             raise ConfigError(
                 f"grid.methods: method {spec.method} does not replay; drop its alphas "
-                "(use method replay or mer for α > 0)"
+                f"(use method {replaying} for α > 0)"
             )
         return [0.0]
     alphas = spec.alphas if spec.alphas is not None else grid.alphas
@@ -183,8 +185,8 @@ def expand_sweep(cfg: SweepConfig) -> list[SweepRun]:
     runs: list[SweepRun] = []
     seen: set[str] = set()
     for spec, alpha, preset, seed, order in _grid_points(cfg, base):
-        label = spec.name or spec.method
-        name = run_name(label, alpha, preset, seed, order)
+        method = METHODS[spec.method]
+        name = run_name(spec.name or spec.method, alpha, preset, seed, order)
         if name in seen:
             raise ConfigError(f"grid: run {name} appears twice; give repeated methods a name")
         seen.add(name)
@@ -199,21 +201,19 @@ def expand_sweep(cfg: SweepConfig) -> list[SweepRun]:
                 "model": {"preset": preset},
                 # Explicit, so that a base with replay or Reptile keys cannot relabel a method.
                 "replay": {"alpha": alpha},
-                "reptile": {"enabled": spec.method in REPTILE_METHODS},
+                "reptile": {"enabled": method.reptile},
             },
         )
         raw["data"]["tasks"] = _task_specs(base, order)
         run_cfg = build_config(RunConfig, raw, source=f"sweep run {name}")
-        coords = {"label": label, "method": spec.method, "alpha": alpha, "preset": preset,
-                  "seed": seed, "order": list(order)}
+        coords = {"label": spec.name or method.label, "method": spec.method, "alpha": alpha,
+                  "preset": preset, "seed": seed, "order": list(order)}
         runs.append(SweepRun(name, run_cfg, coords))
     return runs
 
 
 def _check_unchanged(run: SweepRun) -> None:
     """A finished run trained with other settings would silently mix into the results."""
-    from cptrain.trainer import config_differences
-
     summary = json.loads((run.run_dir / "summary.json").read_text(encoding="utf-8"))
     diffs = config_differences(summary.get("config", {}), run.config.model_dump(mode="json"))
     diffs = [d for d in diffs if not d.startswith("run_dir:")]  # a moved sweep is still valid
@@ -312,7 +312,7 @@ def run_sweep(
 
 def _train_all(runs: list[SweepRun], progress: bool) -> None:
     from cptrain.tables import metrics_line
-    from cptrain.trainer import train
+    from cptrain.train import train
 
     todo = [r for r in runs if r.status() != "done"]
     costs = {r.name: _planned_cost(r) for r in todo}
