@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import flip
 
 from cptrain import checkpoint as ckpt
 from cptrain import cli
@@ -18,7 +19,7 @@ from cptrain.config import RunConfig
 from cptrain.config_base import build_config
 from cptrain.doctor import diagnose, main_doctor
 from cptrain.errors import ConfigError
-from cptrain.trainer import train
+from cptrain.train import train
 
 LAST, PREVIOUS, OLDEST = "step_000000008", "step_000000006", "step_000000004"
 
@@ -67,13 +68,6 @@ def item(report, subject: str):
     return found[0]
 
 
-def flip(path: Path, offset: int | None = None, mask: int = 0xFF) -> None:
-    offset = path.stat().st_size // 2 if offset is None else offset
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        b = f.read(1)[0]
-        f.seek(offset)
-        f.write(bytes([b ^ mask]))
 
 
 def follow(command: str) -> int:
@@ -122,7 +116,7 @@ def test_no_good_checkpoint_is_not_resumable(run, capsys):
     ("plant", "fragment"),
     [
         (lambda d: flip(d / "chunk_000000.rows", 40), "chunk_000000.rows fails its checksum"),
-        (lambda d: os.truncate(d / "chunk_000000.meta", 64), "chunk_000000.meta holds 64 bytes"),
+        (lambda d: os.truncate(d / "chunk_000000.meta", 64), "chunk_000000.meta is truncated"),
         (lambda d: (d / "manifest.json").unlink(), "manifest.json is missing"),
     ],
     ids=["chunk bit-flipped", "chunk truncated", "manifest missing"],

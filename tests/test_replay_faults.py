@@ -9,10 +9,12 @@ import signal
 
 import numpy as np
 import pytest
+from conftest import flip
 
+from cptrain import fsutil
 from cptrain.errors import CheckpointError, DataError, EnvironmentProblem
 from cptrain.replay import ReplayBuffer, ReplayConfig
-from cptrain.replay import storage as replay_storage
+from cptrain.replay.storage import Layout, check_store
 
 ROW_LEN, VOCAB, N_FRESH, ROWS_PER_CHUNK = 9, 30_000, 5, 40
 RUN = "run-f"
@@ -56,12 +58,6 @@ def chunk(tmp_path, i, kind="rows"):
     return rank_dir(tmp_path) / f"chunk_{i:06d}.{kind}"
 
 
-def flip(path, offset):
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        b = f.read(1)
-        f.seek(offset)
-        f.write(bytes([b[0] ^ 0xFF]))
 
 
 def one_line(exc_info) -> str:
@@ -203,7 +199,7 @@ def test_disk_full_while_appending_keeps_the_last_checkpoint_good(tmp_path, monk
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return os.write(fd, bytes(data[:n]))
 
-    monkeypatch.setattr(replay_storage, "_write", filling_write)
+    monkeypatch.setattr(fsutil, "_write", filling_write)
     with pytest.raises(EnvironmentProblem) as err:
         train(buf, range(20, 30))
     assert "disk full" in one_line(err) and str(chunk(tmp_path, 2)) in str(err.value)
@@ -249,13 +245,13 @@ def test_disk_full_while_writing_the_manifest(tmp_path, monkeypatch):
     def full(fd, data):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(replay_storage, "_write", full)
+    monkeypatch.setattr(fsutil, "_write", full)
     with pytest.raises(EnvironmentProblem) as err:
         buf.commit()
     assert str(manifest) in one_line(err)
     monkeypatch.undo()
     assert manifest.read_bytes() == before
-    assert not [p for p in rank_dir(tmp_path).iterdir() if p.name.endswith(".tmp")]
+    assert not [p for p in rank_dir(tmp_path).iterdir() if ".tmp" in p.name]
     resumed = make(tmp_path)
     resumed.load_state_dict(state)
     assert len(resumed) == 50
@@ -310,3 +306,45 @@ def test_reference_rows_whose_shard_changed(tmp_path):
     with pytest.raises(DataError) as err:
         buf.draw(10, 50, current_task=0)
     assert "shards" in one_line(err) and str(chunk(tmp_path, 0)) in str(err.value)
+
+
+def _lengthen_sealed_1(tmp_path):
+    with open(chunk(tmp_path, 1), "ab") as f:
+        f.write(b"\0" * 4)
+
+
+def _drop_sealed_1(tmp_path):
+    manifest = rank_dir(tmp_path) / "manifest.json"
+    m = json.loads(manifest.read_text())
+    del m["sealed"]["1"]
+    manifest.write_text(json.dumps(m))
+
+
+@pytest.mark.parametrize(
+    "plant",
+    [
+        lambda t: os.truncate(chunk(t, 0), 7),
+        lambda t: os.truncate(chunk(t, 2, "meta"), 16),
+        lambda t: chunk(t, 1, "meta").unlink(),
+        lambda t: flip(chunk(t, 0), 11),
+        lambda t: flip(chunk(t, 2), 11),
+        _lengthen_sealed_1,
+        _drop_sealed_1,
+        lambda t: (rank_dir(t) / "manifest.json").unlink(),
+        lambda t: (rank_dir(t) / "manifest.json").write_text("{not json"),
+    ],
+    ids=["sealed truncated", "open meta truncated", "meta missing", "sealed flipped",
+         "open flipped", "sealed too long", "no checksum", "manifest missing", "manifest garbled"],
+)
+def test_read_only_check_finds_what_a_resume_refuses(tmp_path, plant):
+    state = checkpointed(tmp_path)
+    layout = Layout("copy", "uint16", ROW_LEN)
+    check_store(rank_dir(tmp_path), layout, state["store"], run_id=RUN, rank=0)  # intact
+    plant(tmp_path)
+    files = {p.name: p.read_bytes() for p in rank_dir(tmp_path).iterdir()}
+    with pytest.raises(DataError) as found:
+        check_store(rank_dir(tmp_path), layout, state["store"], run_id=RUN, rank=0)
+    assert {p.name: p.read_bytes() for p in rank_dir(tmp_path).iterdir()} == files
+    with pytest.raises(DataError) as refused:
+        make(tmp_path).load_state_dict(state)
+    assert one_line(found) == one_line(refused)

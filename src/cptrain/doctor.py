@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from cptrain import checkpoint as ckpt
+from cptrain.checkpoint import compat
 from cptrain.config import RunConfig, load_run_config
 from cptrain.errors import ConfigError, CptrainError
 
@@ -113,12 +114,10 @@ def _check_config(report: Report, path: Path) -> RunConfig | None:
 
 
 def _check_config_matches(report: Report, cfg: RunConfig, state: dict[str, Any]) -> None:
-    from cptrain.trainer import config_differences
-
     saved = state.get("config")
     if not isinstance(saved, dict):
         return
-    diffs = config_differences(saved, cfg.model_dump(mode="json"))
+    diffs = compat.config_problem(saved, cfg.model_dump(mode="json"))
     if diffs:
         more = f" ({len(diffs) - 1} more)" if len(diffs) > 1 else ""
         report.add(
@@ -210,60 +209,22 @@ def _check_buffers(
 
 
 def check_buffer(directory: Path, buf: dict[str, Any]) -> str | None:
-    """Read-only check of one rank's replay files against a checkpoint's buffer state: the
-    rows it counts exist, sealed chunks match the manifest's CRCs, the open chunk's prefix
-    matches the checkpoint's running CRCs. None when intact, else a one-line reason."""
+    """Read-only check of one rank's replay files against a checkpoint's buffer state, the one
+    a resume makes before it changes anything (replay.storage.check_store): the manifest
+    belongs to the run, the rows the checkpoint counts exist, sealed chunks match the
+    manifest's CRCs, the open chunk's prefix the checkpoint's running CRCs. None when intact,
+    else a one-line reason."""
     from cptrain.replay import storage
 
-    manifest_path = directory / storage.MANIFEST
-    try:
-        m = json.loads(manifest_path.read_text(encoding="utf-8"))
-        rpc = int(m["rows_per_chunk"])
-        sealed = {int(c): (int(d), int(e)) for c, (d, e) in m["sealed"].items()}
-        reclaimed = {int(c) for c in m["reclaimed"]}
-    except FileNotFoundError:
-        return f"{manifest_path} is missing"
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return f"{manifest_path} is unreadable or not a replay manifest"
-    if m.get("run_id") != buf.get("run_id"):
-        return f"{manifest_path} belongs to run {m.get('run_id')!r}, not {buf.get('run_id')!r}"
     try:
         layout = storage.Layout(buf["storage"], buf["token_dtype"], int(buf["row_len"]))
-        store = buf["store"]
-        rows, crcs = int(store["rows"]), (int(store["data_crc"]), int(store["meta_crc"]))
+        store, run_id, rank = buf["store"], buf["run_id"], buf.get("rank", 0)
     except (KeyError, TypeError, ValueError):
         return "the checkpoint's replay state is incomplete"
-    full, rest = divmod(rows, rpc)
-    for chunk in range(full):
-        if chunk in reclaimed:
-            continue
-        if chunk not in sealed:
-            return f"{manifest_path} has no checksum for full chunk {chunk}"
-        problem = _check_chunk(directory, chunk, rpc, layout, sealed[chunk], exact=True)
-        if problem:
-            return problem
-    if rest:
-        return _check_chunk(directory, full, rest, layout, crcs, exact=False)
-    return None
-
-
-def _check_chunk(
-    directory: Path, chunk: int, rows: int, layout: Any, crcs: tuple[int, int], exact: bool
-) -> str | None:
-    from cptrain.replay import storage
-
-    files = (
-        (directory / f"chunk_{chunk:06d}.rows", rows * layout.record_bytes, crcs[0]),
-        (directory / f"chunk_{chunk:06d}.meta", rows * storage.META_DTYPE.itemsize, crcs[1]),
-    )
-    for path, nbytes, crc in files:
-        if not path.is_file():
-            return f"{path} is missing"
-        size = path.stat().st_size
-        if size < nbytes or (exact and size != nbytes):
-            return f"{path} holds {size} bytes, the checkpoint needs {nbytes}"
-        if storage.file_crc(path, nbytes) != crc:
-            return f"{path} fails its checksum (corrupt bytes)"
+    try:
+        storage.check_store(directory, layout, store, run_id=run_id, rank=rank)
+    except CptrainError as exc:
+        return str(exc)
     return None
 
 
@@ -295,39 +256,32 @@ def _check_data(report: Report, cfg: RunConfig, good: Path | None) -> None:
                 "sha256 match"
             )
     if good is not None:
-        _check_model_matches_data(report, good, info, vocab)
+        _check_model_matches_data(report, cfg, good, info, vocab)
 
 
 def _check_model_matches_data(
-    report: Report, good: Path, info: dict[str, Any], vocab: int
+    report: Report, cfg: RunConfig, good: Path, info: dict[str, Any], vocab: int
 ) -> None:
-    from cptrain.data.tokenizer import load_tokenizer, tokenizer_sha256
+    from cptrain.checkpoint.manager import CheckpointManager
 
-    model_dir = good / "model"
+    subject = f"checkpoint {good.name} vs data"
     try:
-        rows = int(json.loads((model_dir / "config.json").read_text())["vocab_size"])
-    except (OSError, ValueError, KeyError, TypeError):
-        rows = None
-    if rows is not None and vocab > rows:
-        report.add(
-            "damaged", f"checkpoint {good.name} vs data",
-            f"the shards use a vocabulary of {vocab} but the checkpoint's embedding has {rows} "
-            "rows: the data was re-prepared with another tokenizer",
-        )
-        return
-    if not (model_dir / "tokenizer.json").is_file():
-        return
-    try:
-        found = tokenizer_sha256(load_tokenizer(model_dir))
+        rows = CheckpointManager.model_vocab(good)
     except CptrainError:
+        rows = None
+    # A pretrained model (init_from) may have more embedding rows than the data uses.
+    if rows is not None and vocab > rows:
+        problem = compat.vocab_problem(rows, vocab, cfg.data.dir)
+        report.add("damaged", subject, f"{problem} (the data was re-prepared with another "
+                   "tokenizer)")
         return
-    expected = info["tokenizer"]["sha256"]
-    if found != expected:
-        report.add(
-            "damaged", f"checkpoint {good.name} vs data",
-            f"the checkpoint was trained with tokenizer {found[:12]} but the data now uses "
-            f"{expected[:12]}: the data was re-prepared; point data.dir at the original data",
-        )
+    try:
+        trained = json.loads((good / "state.json").read_text()).get("tokenizer_sha256")
+    except (OSError, ValueError):
+        return
+    problem = compat.tokenizer_problem(trained, info["tokenizer"]["sha256"], cfg.data.dir)
+    if problem:
+        report.add("damaged", subject, problem)
 
 
 # --------------------------------------------------------------------------- metrics

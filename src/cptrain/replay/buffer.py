@@ -11,6 +11,9 @@ history up to t), so prefetching ahead and resuming from a checkpoint never chan
 Crash safety: rows are only appended (see storage.py); a bounded policy's "slot → row" map and
 recent evictions are written at commit() to policy_<commit>.npz next to the chunks. A resume
 truncates rows written after the checkpoint, and checks what the checkpoint refers to.
+
+State versions: 2 adds "counters" (the draw counters of stats(), so they count per run, not per
+process); a version-1 state loads with them at zero.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import numpy as np
 from cptrain.errors import CheckpointError, ConfigError, DataError, EnvironmentProblem
 from cptrain.replay.config import ReplayConfig
 from cptrain.replay.policies import TAG_DRAW, Policy, make_policy
-from cptrain.replay.prefetch import Prefetcher
+from cptrain.replay.prefetch import DrawCounters, Prefetcher
 from cptrain.replay.storage import (
     META_DTYPE,
     ChunkStore,
@@ -40,7 +43,7 @@ from cptrain.replay.storage import (
 )
 
 STATE_FORMAT = "cptrain-replay"
-STATE_VERSION = 1
+STATE_VERSION = 2
 _SNAPSHOT_RE = re.compile(r"^policy_(\d{8,})\.npz$")
 _MAX_TASK = np.iinfo(np.int32).max
 _SEED_MASK = (1 << 64) - 1
@@ -107,15 +110,7 @@ class ReplayBuffer:
         self._closed = False
         self._prefetcher: Prefetcher | None = None
         self._fresh = True  # no checkpoint state loaded: what an earlier attempt left is void
-        self._counters = {
-            "draws": 0,
-            "rows_requested": 0,
-            "rows_drawn": 0,
-            "prefetch_waits": 0,
-            "prefetch_wait_s": 0.0,
-            "prefetch_hits": 0,
-            "prefetch_misses": 0,
-        }
+        self._counters = DrawCounters()  # shared with the prefetcher, saved in the state
         self._last_draw = {"step": None, "requested": 0, "returned": 0}
 
     # ---- helpers --------------------------------------------------------------------------
@@ -236,9 +231,9 @@ class ReplayBuffer:
         if rows is None:
             rows = self._compute_draw(step, n, current_task)
         c = self._counters
-        c["draws"] += 1
-        c["rows_requested"] += n
-        c["rows_drawn"] += len(rows)
+        c.draws += 1
+        c.rows_requested += n
+        c.rows_drawn += len(rows)
         self._last_draw = {"step": step, "requested": n, "returned": len(rows)}
         return rows
 
@@ -304,6 +299,7 @@ class ReplayBuffer:
             steps_and_counts,
             self._compute_draw,
             self._is_ready,
+            counters=self._counters,
             budget_bytes=int(self.cfg.prefetch_mb * (1 << 20)),
             bytes_per_row=self.row_len * 8,
             name=f"replay-prefetch-rank{self.rank}",
@@ -311,14 +307,8 @@ class ReplayBuffer:
 
     def _stop_prefetch(self) -> None:
         pf, self._prefetcher = self._prefetcher, None
-        if pf is None:
-            return
-        pf.close()
-        c = self._counters
-        c["prefetch_waits"] += pf.waits
-        c["prefetch_wait_s"] += pf.wait_s
-        c["prefetch_hits"] += pf.hits
-        c["prefetch_misses"] += pf.misses
+        if pf is not None:
+            pf.close()
 
     # ---- checkpoints ----------------------------------------------------------------------
     def commit(self) -> None:
@@ -342,12 +332,7 @@ class ReplayBuffer:
                 "run_id": self.run_id,
                 "rank": self.rank,
                 "world_size": self.world_size,
-                "policy": self.cfg.policy,
-                "capacity": self.cfg.capacity,
-                "storage": self.cfg.storage,
-                "visibility_lag": self.cfg.visibility_lag,
-                "row_len": self.row_len,
-                "token_dtype": self._dtype.name,
+                **self._settings(),
                 "commit": self._commit_no,
                 "last_step": self._last_step,
                 "rows": len(self._policy),
@@ -359,6 +344,17 @@ class ReplayBuffer:
             self._dirty = False
             if len(self._horizons) > keep:
                 self._reclaim(self._horizons[0])
+
+    def _settings(self) -> dict[str, Any]:
+        """What the state records so that a resume cannot change it."""
+        return {
+            "policy": self.cfg.policy,
+            "capacity": self.cfg.capacity,
+            "storage": self.cfg.storage,
+            "visibility_lag": self.cfg.visibility_lag,
+            "row_len": self.row_len,
+            "token_dtype": self._dtype.name,
+        }
 
     def _snapshot_path(self, commit: int) -> Path:
         return self._store.dir / f"policy_{commit:08d}.npz"
@@ -398,7 +394,10 @@ class ReplayBuffer:
             if self._dirty or self._committed is None:
                 self.commit()
             assert self._committed is not None
-            return copy.deepcopy(self._committed)
+            state = copy.deepcopy(self._committed)
+            state["version"] = STATE_VERSION  # also when the commit came from an older state
+            state["counters"] = self._counters.as_dict()
+            return state
 
     def _check_state(self, state: dict[str, Any]) -> None:
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
@@ -415,20 +414,24 @@ class ReplayBuffer:
                 f"the checkpoint's replay state belongs to run {state['run_id']!r} rank "
                 f"{state['rank']}, not run {self.run_id!r} rank {self.rank}"
             )
-        settings = {
-            "policy": self.cfg.policy,
-            "capacity": self.cfg.capacity,
-            "storage": self.cfg.storage,
-            "visibility_lag": self.cfg.visibility_lag,
-            "row_len": self.row_len,
-            "token_dtype": self._dtype.name,
-        }
-        for key, value in settings.items():
+        for key, value in self._settings().items():
             if state.get(key) != value:
                 raise ConfigError(
                     f"replay {key} is {value!r} but the checkpoint was written with "
                     f"{state.get(key)!r}; resume with the settings the run was started with"
                 )
+
+    @staticmethod
+    def _saved_counters(state: dict[str, Any]) -> DrawCounters:
+        version = state.get("version", 1)
+        if version == 1:  # written before the counters were saved
+            return DrawCounters()
+        if version != STATE_VERSION:
+            raise CheckpointError(
+                f"the checkpoint's replay state has version {version!r} but this cptrain reads "
+                f"versions 1 to {STATE_VERSION}; resume with the cptrain that wrote it"
+            )
+        return DrawCounters.from_state(state.get("counters"))
 
     def _read_snapshot(self, snapshot: dict[str, Any] | None) -> dict[str, np.ndarray]:
         if not self.cfg.bounded:
@@ -458,6 +461,7 @@ class ReplayBuffer:
             raise RuntimeError("the replay buffer is closed")
         self._stop_prefetch()
         self._check_state(state)
+        counters = self._saved_counters(state)
         with self._lock:
             arrays = self._read_snapshot(state["snapshot"])
             try:
@@ -478,6 +482,7 @@ class ReplayBuffer:
             self._commit_no = int(state["commit"])
             self._horizons = [int(h) for h in state.get("horizons", [])]
             self._committed = copy.deepcopy(state)
+            self._counters = counters
             self._dirty = False
             self._failed = None
             self._fresh = False
@@ -500,14 +505,9 @@ class ReplayBuffer:
             self._store.verify()
 
     def stats(self) -> dict[str, Any]:
-        """Counters for metrics.jsonl (prefetch counters include the running thread)."""
-        c = dict(self._counters)
-        pf = self._prefetcher
-        if pf is not None:
-            c["prefetch_waits"] += pf.waits
-            c["prefetch_wait_s"] += pf.wait_s
-            c["prefetch_hits"] += pf.hits
-            c["prefetch_misses"] += pf.misses
+        """Counters for metrics.jsonl; the draw counters count per run (since the start of the
+        run, across resumes), the others describe the buffer now."""
+        c: dict[str, Any] = self._counters.as_dict()
         with self._lock:
             c["rows"] = len(self._policy)
         c["stored_rows"] = self._store.rows

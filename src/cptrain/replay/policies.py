@@ -25,11 +25,14 @@ GONE = np.iinfo(np.int64).min  # a row nobody can see again (or whose chunk was 
 TAG_ADMISSION = 0xAD31
 TAG_DRAW = 0xD7A3
 
+State = dict[str, Any]  # a policy's small, JSON-safe state
+Arrays = dict[str, np.ndarray]  # its large state, saved as an .npz snapshot
+Meta = Iterable[np.ndarray]  # per-row metadata (META_DTYPE), chunk by chunk
+
 
 @dataclass(frozen=True)
 class Admission:
     keep: np.ndarray  # bool [k]: rows to write, in order; they take consecutive physical ids
-    evicted: np.ndarray  # int64 physical ids that left the buffer at this step
 
 
 class _Grow:
@@ -81,6 +84,11 @@ def _choose(rng: np.random.Generator, population: int, n: int) -> np.ndarray:
     return rng.choice(population, size=m, replace=False).astype(np.int64)
 
 
+def _cat(parts: list[np.ndarray]) -> np.ndarray:
+    """Concatenation of int64 id arrays (empty for no parts)."""
+    return np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
+
+
 def _place(slots: np.ndarray, idx: np.ndarray, handles: np.ndarray) -> np.ndarray:
     """Write handles into slots in order (last write wins); return the prior occupants."""
     if len(idx) == 0:
@@ -130,22 +138,16 @@ class Policy(ABC):
     def __len__(self) -> int:
         """Rows in the buffer now (as admitted, without the visibility lag)."""
 
-    @abstractmethod
-    def state(self) -> dict[str, Any]:
+    def state(self) -> State:
         """Small JSON-serialisable part of the state."""
+        return {}
 
-    @abstractmethod
-    def arrays(self, horizon: int) -> dict[str, np.ndarray]:
+    def arrays(self, horizon: int) -> Arrays:
         """Large part of the state: what draws at t > horizon still need."""
+        return {}
 
     @abstractmethod
-    def load(
-        self,
-        state: dict[str, Any],
-        arrays: dict[str, np.ndarray],
-        meta: Iterable[np.ndarray],
-        first_row: int = 0,
-    ) -> None:
+    def load(self, state: State, arrays: Arrays, meta: Meta, first_row: int) -> None:
         """Restore from state()/arrays() and the per-row metadata of rows first_row, …
         (chunk by chunk, as the store yields it)."""
 
@@ -204,7 +206,7 @@ class AllPolicy(Policy):
             raise RuntimeError(f"store has {first_phys} rows but the index has {self._rows}")
         tasks = np.asarray(tasks, dtype=np.int64)
         self._index(np.full(len(tasks), step, dtype=np.int64), tasks, first_phys)
-        return Admission(np.ones(len(tasks), dtype=bool), np.empty(0, dtype=np.int64))
+        return Admission(np.ones(len(tasks), dtype=bool))
 
     def _prefix(self, t: int) -> int:
         i = int(np.searchsorted(self._add_steps.view, t, side="right"))
@@ -239,19 +241,7 @@ class AllPolicy(Policy):
     def __len__(self) -> int:
         return self._rows
 
-    def state(self) -> dict[str, Any]:
-        return {}
-
-    def arrays(self, horizon: int) -> dict[str, np.ndarray]:
-        return {}
-
-    def load(
-        self,
-        state: dict[str, Any],
-        arrays: dict[str, np.ndarray],
-        meta: Iterable[np.ndarray],
-        first_row: int = 0,
-    ) -> None:
+    def load(self, state: State, arrays: Arrays, meta: Meta, first_row: int) -> None:
         if first_row:
             raise CheckpointError("policy 'all' never reclaims rows, yet chunks were deleted")
         self._reset()
@@ -267,7 +257,16 @@ class BoundedPolicy(Policy):
     Per-row birth/task/death arrays cover physical rows [base, base + n); rows below base lived
     in reclaimed chunks. Draws scan a candidate list (rows that may still be visible, refreshed
     by compact()) plus rows added since, so their cost follows the capacity, not the history.
+
+    Everything but the slot bookkeeping lives here, state() / arrays() / load() included: a
+    subclass says how it picks slots (_admit_handles), how its slots are laid out
+    (_slot_arrays, _slot_sizes, _set_slot_arrays) and what it counts (_admission_state,
+    _load_admission_state). state() is that count, then the admission generator's state when
+    admission draws from it (uses_rng); arrays() is all slots concatenated, and the rows that
+    died after the horizon.
     """
+
+    uses_rng = True  # admission draws from self._rng, so its state is part of state()
 
     def __init__(self, capacity: int | None, seed: int, rank: int) -> None:
         if capacity is None or capacity < 1:
@@ -281,13 +280,31 @@ class BoundedPolicy(Policy):
         self._cand = np.empty(0, dtype=np.int64)
         self._cand_upto = 0
 
+    # ---- what a subclass says -------------------------------------------------------------
     @abstractmethod
     def _admit_handles(self, tasks: np.ndarray, first_phys: int) -> np.ndarray:
         """Update slot arrays with provisional handles; return the displaced occupants."""
 
     @abstractmethod
-    def _slot_arrays(self) -> list[np.ndarray]: ...
+    def _slot_arrays(self) -> list[np.ndarray]:
+        """The slot arrays, in the order arrays() concatenates them."""
 
+    @abstractmethod
+    def _slot_sizes(self) -> list[int]:
+        """Lengths of the slot arrays once _load_admission_state() has run."""
+
+    @abstractmethod
+    def _set_slot_arrays(self, slots: list[np.ndarray]) -> None:
+        """Install loaded slot arrays (as many, and as long, as _slot_sizes() says)."""
+
+    @abstractmethod
+    def _admission_state(self) -> State:
+        """JSON-safe counts of the rows offered (the state, less the generator's)."""
+
+    @abstractmethod
+    def _load_admission_state(self, state: State) -> None: ...
+
+    # ---- shared ---------------------------------------------------------------------------
     @property
     def rows(self) -> int:
         return self._base + self._birth.n
@@ -311,7 +328,7 @@ class BoundedPolicy(Policy):
         self._birth.extend(np.full(n_keep, step, dtype=np.int64))
         self._task.extend(tasks[keep])
         self._death.extend(np.full(n_keep, NEVER, dtype=np.int64))
-        return Admission(keep, evicted.astype(np.int64))
+        return Admission(keep)
 
     def compact(self, horizon: int, force: bool = False) -> None:
         """Drop candidates no draw at t > horizon can see; cheap enough to call every step
@@ -339,20 +356,43 @@ class BoundedPolicy(Policy):
         return ids[_choose(rng, len(ids), n)]
 
     def live_ids(self) -> np.ndarray:
-        parts = [s[s >= 0] for s in self._slot_arrays()]
-        return np.sort(np.concatenate(parts)) if parts else np.empty(0, dtype=np.int64)
+        return np.sort(_cat([s[s >= 0] for s in self._slot_arrays()]))
 
     def __len__(self) -> int:
         return int(sum(int((s >= 0).sum()) for s in self._slot_arrays()))
 
-    def _dead_arrays(self, horizon: int) -> dict[str, np.ndarray]:
+    def state(self) -> State:
+        state = self._admission_state()
+        if self.uses_rng:
+            state["rng"] = rng_state(self._rng)
+        return state
+
+    def arrays(self, horizon: int) -> Arrays:
         death = self._death.view
         recent = np.flatnonzero((death > horizon) & (death != NEVER))
-        return {"dead_ids": recent + self._base, "dead_steps": death[recent].copy()}
+        return {
+            "slots": _cat(self._slot_arrays()),  # a copy, even of one array
+            "dead_ids": recent + self._base,
+            "dead_steps": death[recent].copy(),
+        }
 
-    def _load_rows(
-        self, arrays: dict[str, np.ndarray], meta: Iterable[np.ndarray], first_row: int
-    ) -> None:
+    def load(self, state: State, arrays: Arrays, meta: Meta, first_row: int) -> None:
+        self._load_admission_state(state)
+        if self.uses_rng:
+            set_rng_state(self._rng, state["rng"])
+        flat = np.asarray(arrays["slots"], dtype=np.int64)
+        sizes = self._slot_sizes()
+        if flat.shape != (sum(sizes),):
+            raise CheckpointError(
+                f"replay state holds {flat.size} {self.name} slots but replay.capacity is "
+                f"{self.capacity}; resume with the capacity the run was started with"
+            )
+        bounds = np.cumsum([0, *sizes])
+        pairs = zip(bounds[:-1], bounds[1:], strict=True)
+        self._set_slot_arrays([flat[a:b].copy() for a, b in pairs])
+        self._load_rows(arrays, meta, first_row)
+
+    def _load_rows(self, arrays: Arrays, meta: Meta, first_row: int) -> None:
         self._base = first_row
         for chunk in meta:
             self._birth.extend(chunk["step"].astype(np.int64))
@@ -397,90 +437,58 @@ class BoundedPolicy(Policy):
         return np.flatnonzero(self._death.view != GONE) + self._base
 
 
-def _load_slots(saved: np.ndarray, capacity: int, what: str) -> np.ndarray:
-    saved = np.asarray(saved, dtype=np.int64)
-    if saved.shape != (capacity,):
-        raise CheckpointError(
-            f"replay state holds {saved.size} {what} slots but replay.capacity is {capacity}; "
-            "resume with the capacity the run was started with"
-        )
-    return saved.copy()
-
-
-class ReservoirPolicy(BoundedPolicy):
-    """True reservoir sampling (Algorithm R): after n rows seen, each is in with prob. N/n."""
-
-    name = "reservoir"
+class _OneSlotArrayPolicy(BoundedPolicy):
+    """One array of `capacity` slots and a count of the rows seen; a subclass only says which
+    slot each offered row takes (_pick_slots)."""
 
     def __init__(self, capacity: int | None, seed: int, rank: int) -> None:
         super().__init__(capacity, seed, rank)
         self._slots = np.full(self.capacity, -1, dtype=np.int64)
         self.seen = 0
 
+    @abstractmethod
+    def _pick_slots(self, k: int) -> np.ndarray:
+        """The slot of each of the next k rows (≥ capacity: rejected), self.seen rows on."""
+
     def _admit_handles(self, tasks: np.ndarray, first_phys: int) -> np.ndarray:
-        k = len(tasks)
-        slot = _reservoir_slots(self._rng, self.seen, k, self.capacity)
-        self.seen += k
+        slot = self._pick_slots(len(tasks))
+        self.seen += len(tasks)
         accepted = np.flatnonzero(slot < self.capacity)
         return _place(self._slots, slot[accepted], first_phys + accepted)
 
     def _slot_arrays(self) -> list[np.ndarray]:
         return [self._slots]
 
-    def state(self) -> dict[str, Any]:
-        return {"seen": self.seen, "rng": rng_state(self._rng)}
+    def _slot_sizes(self) -> list[int]:
+        return [self.capacity]
 
-    def arrays(self, horizon: int) -> dict[str, np.ndarray]:
-        return {"slots": self._slots.copy(), **self._dead_arrays(horizon)}
+    def _set_slot_arrays(self, slots: list[np.ndarray]) -> None:
+        (self._slots,) = slots
 
-    def load(
-        self,
-        state: dict[str, Any],
-        arrays: dict[str, np.ndarray],
-        meta: Iterable[np.ndarray],
-        first_row: int = 0,
-    ) -> None:
+    def _admission_state(self) -> State:
+        return {"seen": self.seen}
+
+    def _load_admission_state(self, state: State) -> None:
         self.seen = int(state["seen"])
-        set_rng_state(self._rng, state["rng"])
-        self._slots = _load_slots(arrays["slots"], self.capacity, "reservoir")
-        self._load_rows(arrays, meta, first_row)
 
 
-class FifoPolicy(BoundedPolicy):
+class ReservoirPolicy(_OneSlotArrayPolicy):
+    """True reservoir sampling (Algorithm R): after n rows seen, each is in with prob. N/n."""
+
+    name = "reservoir"
+
+    def _pick_slots(self, k: int) -> np.ndarray:
+        return _reservoir_slots(self._rng, self.seen, k, self.capacity)
+
+
+class FifoPolicy(_OneSlotArrayPolicy):
     """The newest `capacity` rows (a ring over slots)."""
 
     name = "fifo"
+    uses_rng = False
 
-    def __init__(self, capacity: int | None, seed: int, rank: int) -> None:
-        super().__init__(capacity, seed, rank)
-        self._slots = np.full(self.capacity, -1, dtype=np.int64)
-        self.seen = 0
-
-    def _admit_handles(self, tasks: np.ndarray, first_phys: int) -> np.ndarray:
-        k = len(tasks)
-        slot = (self.seen + np.arange(k, dtype=np.int64)) % self.capacity
-        self.seen += k
-        return _place(self._slots, slot, first_phys + np.arange(k, dtype=np.int64))
-
-    def _slot_arrays(self) -> list[np.ndarray]:
-        return [self._slots]
-
-    def state(self) -> dict[str, Any]:
-        return {"seen": self.seen}
-
-    def arrays(self, horizon: int) -> dict[str, np.ndarray]:
-        return {"slots": self._slots.copy(), **self._dead_arrays(horizon)}
-
-    def load(
-        self,
-        state: dict[str, Any],
-        arrays: dict[str, np.ndarray],
-        meta: Iterable[np.ndarray],
-        first_row: int = 0,
-    ) -> None:
-        self.seen = int(state["seen"])
-        self._slots = _load_slots(arrays["slots"], self.capacity, "fifo")
-        self._load_rows(arrays, meta, first_row)
+    def _pick_slots(self, k: int) -> np.ndarray:
+        return (self.seen + np.arange(k, dtype=np.int64)) % self.capacity
 
 
 class TaskBalancedPolicy(BoundedPolicy):
@@ -517,7 +525,7 @@ class TaskBalancedPolicy(BoundedPolicy):
                 live = live[keep]
             # Filling is sequential (no holes), so the live rows stay a prefix of the slots.
             self._slots[old] = np.concatenate([live, np.full(q - len(live), -1, np.int64)])
-        return np.concatenate(dropped) if dropped else np.empty(0, dtype=np.int64)
+        return _cat(dropped)
 
     def _admit_run(self, task: int, handles: np.ndarray) -> np.ndarray:
         q = self.quota(task)
@@ -535,46 +543,23 @@ class TaskBalancedPolicy(BoundedPolicy):
                 displaced.append(self._new_task(task))
             handles = first_phys + np.arange(a, b, dtype=np.int64)
             displaced.append(self._admit_run(task, handles))
-        return np.concatenate(displaced) if displaced else np.empty(0, dtype=np.int64)
+        return _cat(displaced)
 
     def _slot_arrays(self) -> list[np.ndarray]:
         return [self._slots[t] for t in self._order]
 
-    def state(self) -> dict[str, Any]:
-        return {
-            "order": list(self._order),
-            "seen": [self._seen[t] for t in self._order],
-            "rng": rng_state(self._rng),
-        }
+    def _slot_sizes(self) -> list[int]:
+        return [self.quota(t) for t in self._order]
 
-    def arrays(self, horizon: int) -> dict[str, np.ndarray]:
-        slots = self._slot_arrays()
-        flat = np.concatenate(slots) if slots else np.empty(0, dtype=np.int64)
-        return {"slots": flat, **self._dead_arrays(horizon)}
+    def _set_slot_arrays(self, slots: list[np.ndarray]) -> None:
+        self._slots = dict(zip(self._order, slots, strict=True))
 
-    def load(
-        self,
-        state: dict[str, Any],
-        arrays: dict[str, np.ndarray],
-        meta: Iterable[np.ndarray],
-        first_row: int = 0,
-    ) -> None:
+    def _admission_state(self) -> State:
+        return {"order": list(self._order), "seen": [self._seen[t] for t in self._order]}
+
+    def _load_admission_state(self, state: State) -> None:
         self._order = [int(t) for t in state["order"]]
         self._seen = {t: int(n) for t, n in zip(self._order, state["seen"], strict=True)}
-        set_rng_state(self._rng, state["rng"])
-        flat = np.asarray(arrays["slots"], dtype=np.int64)
-        quotas = [self.quota(t) for t in self._order]
-        if len(flat) != sum(quotas):
-            raise CheckpointError(
-                f"replay state holds {len(flat)} task_balanced slots but replay.capacity is "
-                f"{self.capacity}; resume with the capacity the run was started with"
-            )
-        bounds = np.cumsum([0, *quotas])
-        self._slots = {
-            t: flat[a:b].copy()
-            for t, a, b in zip(self._order, bounds[:-1], bounds[1:], strict=True)
-        }
-        self._load_rows(arrays, meta, first_row)
 
 
 POLICIES: dict[str, type[Policy]] = {

@@ -4,6 +4,9 @@ The thread walks a plan of (step, n, task) requests in order, waits until a requ
 decided (is_ready) and there is room in the queue (a byte budget), computes it, and queues it.
 Because each draw is a pure function of its request, taking a queued result or computing it on
 the spot gives the same rows; the thread only moves the work off the critical path.
+
+DrawCounters is the one record of what the draws did, prefetched or not: the buffer and its
+Prefetcher write into the same object, so nothing is ever merged.
 """
 
 from __future__ import annotations
@@ -12,11 +15,53 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
+from typing import Any
 
 import numpy as np
 
+from cptrain.errors import CheckpointError
+
 Request = tuple[int, int, int]  # (step, n, current_task)
+_JOIN_TIMEOUT_S = 60.0
+
+
+@dataclass
+class DrawCounters:
+    """Per-run counters of a buffer's draws (ReplayBuffer.stats(), and its state_dict, so they
+    continue across a resume). Updated only by the thread that calls draw()."""
+
+    draws: int = 0
+    rows_requested: int = 0
+    rows_drawn: int = 0
+    prefetch_waits: int = 0  # draws that waited for the thread to deliver
+    prefetch_wait_s: float = 0.0
+    prefetch_hits: int = 0  # draws served from the queue
+    prefetch_misses: int = 0  # draws the running thread had not prepared
+
+    def as_dict(self) -> dict[str, int | float]:
+        return asdict(self)
+
+    @classmethod
+    def from_state(cls, saved: Any) -> DrawCounters:
+        """Counters saved by as_dict() (in a checkpoint); CheckpointError when malformed."""
+        names = [f.name for f in fields(cls)]
+        if not isinstance(saved, dict) or set(saved) != set(names):
+            raise CheckpointError(
+                f"the checkpoint's replay counters are malformed (expected {', '.join(names)}); "
+                "resume from another checkpoint"
+            )
+        values = {}
+        for f in fields(cls):
+            value, timed = saved[f.name], isinstance(f.default, float)
+            kinds = (int, float) if timed else (int,)
+            if isinstance(value, bool) or not isinstance(value, kinds) or not value >= 0:
+                raise CheckpointError(
+                    f"the checkpoint's replay counter {f.name} is {value!r}, not a count; "
+                    "resume from another checkpoint"
+                )
+            values[f.name] = float(value) if timed else value
+        return cls(**values)
 
 
 @dataclass
@@ -32,9 +77,10 @@ class Prefetcher:
         compute: Callable[[int, int, int], np.ndarray],
         is_ready: Callable[[int], bool],
         *,
+        counters: DrawCounters,
         budget_bytes: int,
         bytes_per_row: int,
-        name: str = "replay-prefetch",
+        name: str,
     ) -> None:
         self._plan = iter(plan)
         self._compute = compute
@@ -48,10 +94,7 @@ class Prefetcher:
         self._current: int | None = None  # step the thread works on; None once finished
         self._stop = False
         self._error: BaseException | None = None
-        self.waits = 0
-        self.wait_s = 0.0
-        self.hits = 0
-        self.misses = 0
+        self._counters = counters  # the buffer's: hits, misses and waits count there
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._current = self._floor
         self._thread.start()
@@ -111,45 +154,36 @@ class Prefetcher:
                     if self._queue:
                         item = self._queue[0]
                         if item.request[0] != step:
-                            self.misses += 1
+                            self._counters.prefetch_misses += 1
                             return None  # the plan skipped this step
                         self._queue.popleft()
                         self._queued_bytes -= item.rows.nbytes
                         self._cond.notify_all()
                         if item.request == (step, n, task):
-                            self.hits += 1
+                            self._counters.prefetch_hits += 1
                             return item.rows
-                        self.misses += 1
+                        self._counters.prefetch_misses += 1
                         return None
                     current = self._current
                     if current is None or current > step or self._stop:
-                        self.misses += 1
+                        self._counters.prefetch_misses += 1
                         return None
                     if current == step and not self._is_ready(step):
-                        self.misses += 1
+                        self._counters.prefetch_misses += 1
                         return None  # it would wait for rows the caller is not going to add
                     if waited_since is None:
                         waited_since = time.perf_counter()
                     self._cond.wait(timeout=1.0)
             finally:
                 if waited_since is not None:
-                    self.waits += 1
-                    self.wait_s += time.perf_counter() - waited_since
+                    self._counters.prefetch_waits += 1
+                    self._counters.prefetch_wait_s += time.perf_counter() - waited_since
 
     def _drop_before(self, step: int) -> None:
         while self._queue and self._queue[0].request[0] < step:
             self._queued_bytes -= self._queue.popleft().rows.nbytes
 
-    def raise_pending(self) -> None:
-        with self._cond:
-            if self._error is not None:
-                raise self._error
-
-    @property
-    def alive(self) -> bool:
-        return self._thread.is_alive()
-
-    def close(self, timeout: float = 60.0) -> None:
+    def close(self) -> None:
         """Stop the thread and wait for it; idempotent. A draw in progress finishes first."""
         with self._cond:
             self._stop = True
@@ -157,4 +191,4 @@ class Prefetcher:
             self._queued_bytes = 0
             self._cond.notify_all()
         if self._thread is not threading.current_thread():
-            self._thread.join(timeout)
+            self._thread.join(_JOIN_TIMEOUT_S)

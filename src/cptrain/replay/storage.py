@@ -14,7 +14,6 @@ each row's own CRC is checked whenever it is read, so a damaged row is never rep
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
 import re
@@ -27,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from cptrain import fsutil
 from cptrain.errors import CheckpointError, ConfigError, DataError, EnvironmentProblem
 
 META_DTYPE = np.dtype([("step", "<i8"), ("task", "<i4"), ("crc", "<u4")])
@@ -34,12 +34,8 @@ MANIFEST = "manifest.json"
 FORMAT = "cptrain-replay-store"
 VERSION = 1
 _CHUNK_RE = re.compile(r"^chunk_(\d{6,})\.(rows|meta)$")
-_DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 _AFTER_DAMAGE = "resume from an earlier checkpoint or start again with an empty replay.dir"
 _VERIFY_BLOCK = 64 << 20
-
-# Indirection so that tests can make the disk "fill up" at an exact byte.
-_write = os.write
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -54,7 +50,7 @@ def row_crcs(tokens: np.ndarray) -> np.ndarray:
 
 
 def os_problem(err: OSError, path: Path) -> EnvironmentProblem:
-    if err.errno in _DISK_FULL:
+    if err.errno in fsutil.DISK_FULL_ERRNOS:
         return EnvironmentProblem(
             f"disk full while writing {path} ({err.strerror}); free space or move replay.dir, "
             "then resume from the last checkpoint"
@@ -65,41 +61,18 @@ def os_problem(err: OSError, path: Path) -> EnvironmentProblem:
 
 
 def _write_all(fd: int, data: memoryview | bytes, path: Path) -> None:
-    view = memoryview(data).cast("B")
-    while len(view):
-        try:
-            done = _write(fd, view)
-        except OSError as err:
-            raise os_problem(err, path) from None
-        view = view[done:]
-
-
-def fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fsutil.write_all(fd, data)
+    except OSError as err:
+        raise os_problem(err, path) from None
 
 
 def atomic_write(path: Path, data: bytes) -> None:
-    """Write via a temp file in the same directory + fsync + rename: never half-written."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    """``path`` holds the old or the new bytes, never half of them (see fsutil)."""
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            _write_all(fd, data, path)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
+        fsutil.atomic_write_bytes(path, data)
     except OSError as err:
-        tmp.unlink(missing_ok=True)
         raise os_problem(err, path) from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def file_crc(path: Path, nbytes: int) -> int:
@@ -134,6 +107,174 @@ class Layout:
         return self.width * self.record_dtype.itemsize
 
 
+# ---- read-only checks (shared by ChunkStore and `cptrain doctor`) ---------------------------
+def chunk_path(directory: Path, chunk: int, kind: str) -> Path:
+    """A chunk's file: kind "rows" (records) or "meta" (per-row metadata)."""
+    return Path(directory) / f"chunk_{chunk:06d}.{kind}"
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What a rank's manifest says about its chunks."""
+
+    rows_per_chunk: int
+    sealed: dict[int, tuple[int, int]]  # chunk → (data CRC, meta CRC) of a full chunk
+    reclaimed: set[int]  # chunks deleted because no kept checkpoint needs them
+
+
+def _manifest_missing(directory: Path) -> DataError:
+    return DataError(f"replay manifest {Path(directory) / MANIFEST} is missing; {_AFTER_DAMAGE}")
+
+
+def read_manifest(directory: Path, layout: Layout, *, run_id: str, rank: int) -> Manifest:
+    """Read a rank's manifest and check that it belongs to this run, rank and layout."""
+    where = Path(directory) / MANIFEST
+    try:
+        m = json.loads(where.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        raise DataError(
+            f"replay manifest {where} is unreadable or not JSON; {_AFTER_DAMAGE}"
+        ) from None
+    keys = {"format", "run_id", "rank", "storage", "token_dtype", "row_len", "rows_per_chunk"}
+    if not isinstance(m, dict) or m.get("format") != FORMAT or keys - set(m):
+        raise DataError(
+            f"{where} is not a cptrain replay manifest; point replay.dir at an empty or "
+            "cptrain-made directory"
+        )
+    if m["run_id"] != run_id:
+        raise ConfigError(
+            f"replay.dir {Path(directory).parent} belongs to run {m['run_id']!r}, not to this "
+            f"run ({run_id!r}); choose another replay.dir or delete that directory"
+        )
+    if m["rank"] != rank:
+        raise DataError(f"{where} belongs to rank {m['rank']}, not {rank}; {_AFTER_DAMAGE}")
+    if m["storage"] != layout.storage:
+        raise ConfigError(
+            f"{where}: the buffer was written with replay.storage={m['storage']} but this "
+            f"run uses {layout.storage}; keep the setting the run was started with"
+        )
+    if m["row_len"] != layout.row_len:
+        raise DataError(
+            f"{where}: buffer rows hold {m['row_len']} tokens but this run's rows hold "
+            f"{layout.row_len} (seq_len + 1); use a fresh replay.dir for another seq_len"
+        )
+    if m["token_dtype"] != layout.token_dtype:
+        raise DataError(
+            f"{where}: buffer tokens are {m['token_dtype']} but this run's vocabulary needs "
+            f"{layout.token_dtype}; use a fresh replay.dir for another tokenizer"
+        )
+    rpc = m["rows_per_chunk"]
+    if not isinstance(rpc, int) or rpc < 1:
+        raise DataError(f"{where}: rows_per_chunk is {rpc!r}; {_AFTER_DAMAGE}")
+    try:
+        sealed = {int(c): (int(d), int(e)) for c, (d, e) in m["sealed"].items()}
+        reclaimed = {int(c) for c in m["reclaimed"]}
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise DataError(f"{where}: sealed/reclaimed lists are malformed; {_AFTER_DAMAGE}") from None
+    return Manifest(rpc, sealed, reclaimed)
+
+
+def _store_position(state: dict[str, Any]) -> tuple[int, tuple[int, int]]:
+    """(rows, (data CRC, meta CRC) of the open chunk) of a checkpoint's store state."""
+    try:
+        return int(state["rows"]), (int(state["data_crc"]), int(state["meta_crc"]))
+    except (KeyError, TypeError, ValueError):
+        raise CheckpointError(
+            "the checkpoint's replay state is incomplete (its store position is malformed); "
+            "resume from another checkpoint"
+        ) from None
+
+
+def _require_size(path: Path, expected: int, exact_per: Path | None) -> None:
+    """At least `expected` bytes; exactly, when exact_per (the manifest) fixes the size."""
+    try:
+        found = path.stat().st_size
+    except FileNotFoundError:
+        raise DataError(
+            f"replay chunk file {path} is missing (expected {expected} bytes); {_AFTER_DAMAGE}"
+        ) from None
+    if found < expected:
+        raise DataError(
+            f"replay chunk file {path} is truncated (expected {expected} bytes, found "
+            f"{found}); {_AFTER_DAMAGE}"
+        )
+    if exact_per is not None and found != expected:
+        raise DataError(
+            f"replay chunk file {path} holds {found} bytes but {exact_per} says {expected} "
+            f"(manifest and chunk files disagree); {_AFTER_DAMAGE}"
+        )
+
+
+def _require_crc(path: Path, nbytes: int, expected: int) -> None:
+    if file_crc(path, nbytes) != expected:
+        raise DataError(
+            f"replay chunk file {path} fails its checksum (corrupt bytes); {_AFTER_DAMAGE}"
+        )
+
+
+def _chunks_to_check(
+    directory: Path, manifest: Manifest, rows: int, crcs: tuple[int, int]
+) -> Iterator[tuple[int, int, tuple[int, int], bool]]:
+    """(chunk, rows, CRCs, sealed) of each chunk holding some of the first `rows` rows and
+    still on disk, in order; raises (when reached) on one the manifest cannot vouch for."""
+    full, rest = divmod(rows, manifest.rows_per_chunk)
+    for c in range(full):
+        if c in manifest.reclaimed:
+            continue  # the policy checks that nothing it needs lived there
+        if c not in manifest.sealed:
+            raise DataError(
+                f"{directory / MANIFEST} has no checksum for chunk "
+                f"{chunk_path(directory, c, 'rows').name}, which the checkpoint counts as full "
+                f"(manifest and chunks disagree); {_AFTER_DAMAGE}"
+            )
+        yield c, manifest.rows_per_chunk, manifest.sealed[c], True
+    if rest:
+        if full in manifest.reclaimed:
+            raise CheckpointError(
+                f"the checkpoint's open replay chunk {chunk_path(directory, full, 'rows')} was "
+                "deleted; resume from a more recent checkpoint"
+            )
+        yield full, rest, crcs, False
+
+
+def check_chunks(
+    directory: Path,
+    layout: Layout,
+    manifest: Manifest,
+    rows: int,
+    crcs: tuple[int, int],
+    *,
+    verify_data: bool,
+) -> None:
+    """Read-only: the first `rows` rows are on disk and intact. Sealed chunks must match the
+    manifest's size and CRCs (of the data file only when verify_data), the open chunk's prefix
+    the running CRCs `crcs` (always both). Raises DataError / CheckpointError naming the first
+    bad file; the order of the checks is that of the files."""
+    directory = Path(directory)
+    for chunk, n, (data_crc, meta_crc), sealed in _chunks_to_check(directory, manifest, rows, crcs):
+        data, meta = chunk_path(directory, chunk, "rows"), chunk_path(directory, chunk, "meta")
+        data_bytes, meta_bytes = n * layout.record_bytes, n * META_DTYPE.itemsize
+        exact_per = directory / MANIFEST if sealed else None
+        _require_size(data, data_bytes, exact_per)
+        _require_size(meta, meta_bytes, exact_per)
+        _require_crc(meta, meta_bytes, meta_crc)
+        if verify_data or not sealed:
+            _require_crc(data, data_bytes, data_crc)
+
+
+def check_store(
+    directory: Path, layout: Layout, state: dict[str, Any], *, run_id: str, rank: int
+) -> None:
+    """Read-only check of one rank's directory against a checkpoint's store state (what
+    ChunkStore.commit() returned): the checks a resume makes before it changes anything, with
+    every data checksum. Raises the error the resume would raise."""
+    if not (Path(directory) / MANIFEST).is_file():
+        raise _manifest_missing(directory)
+    manifest = read_manifest(directory, layout, run_id=run_id, rank=rank)
+    rows, crcs = _store_position(state)
+    check_chunks(directory, layout, manifest, rows, crcs, verify_data=True)
+
+
 class ChunkStore:
     """One rank's append-only row store. Not thread-safe for writers (one trainer thread);
     reads of rows already appended may come from any thread."""
@@ -158,75 +299,23 @@ class ChunkStore:
             self.dir.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise os_problem(err, self.dir) from None
-        for tmp in self.dir.glob(".*.tmp"):  # left by a crash inside atomic_write
-            tmp.unlink(missing_ok=True)
+        for pattern in (".*.tmp-*", ".*.tmp"):  # left by a crash inside atomic_write
+            for tmp in self.dir.glob(pattern):
+                tmp.unlink(missing_ok=True)
         # Rows already in an existing directory count only once a checkpoint's state is
         # restored; a writer that starts without one starts from an empty buffer.
         self._pending_reset = self.manifest_path.exists()
         if self._pending_reset:
-            self.rows_per_chunk = self._check_manifest(self._read_manifest())
+            m = read_manifest(self.dir, layout, run_id=run_id, rank=rank)
+            self.rows_per_chunk = m.rows_per_chunk
+            self._sealed, self._reclaimed = m.sealed, m.reclaimed
         else:
             if self._chunk_files():
-                raise DataError(
-                    f"{self.dir} holds replay chunk files but no {MANIFEST}; {_AFTER_DAMAGE}"
-                )
+                raise _manifest_missing(self.dir)
             self.rows_per_chunk = max(1, chunk_bytes // layout.record_bytes)
             self._write_manifest()
 
     # ---- manifest -------------------------------------------------------------------------
-    def _read_manifest(self) -> dict[str, Any]:
-        try:
-            data = json.loads(self.manifest_path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-            raise DataError(
-                f"replay manifest {self.manifest_path} is unreadable or not JSON; {_AFTER_DAMAGE}"
-            ) from None
-        keys = {"format", "run_id", "rank", "storage", "token_dtype", "row_len", "rows_per_chunk"}
-        if not isinstance(data, dict) or data.get("format") != FORMAT or keys - set(data):
-            raise DataError(
-                f"{self.manifest_path} is not a cptrain replay manifest; point replay.dir at "
-                "an empty or cptrain-made directory"
-            )
-        return data
-
-    def _check_manifest(self, m: dict[str, Any]) -> int:
-        where = self.manifest_path
-        if m["run_id"] != self.run_id:
-            raise ConfigError(
-                f"replay.dir {self.dir.parent} belongs to run {m['run_id']!r}, not to this run "
-                f"({self.run_id!r}); choose another replay.dir or delete that directory"
-            )
-        if m["rank"] != self.rank:
-            raise DataError(
-                f"{where} belongs to rank {m['rank']}, not {self.rank}; {_AFTER_DAMAGE}"
-            )
-        if m["storage"] != self.layout.storage:
-            raise ConfigError(
-                f"{where}: the buffer was written with replay.storage={m['storage']} but this "
-                f"run uses {self.layout.storage}; keep the setting the run was started with"
-            )
-        if m["row_len"] != self.layout.row_len:
-            raise DataError(
-                f"{where}: buffer rows hold {m['row_len']} tokens but this run's rows hold "
-                f"{self.layout.row_len} (seq_len + 1); use a fresh replay.dir for another seq_len"
-            )
-        if m["token_dtype"] != self.layout.token_dtype:
-            raise DataError(
-                f"{where}: buffer tokens are {m['token_dtype']} but this run's vocabulary needs "
-                f"{self.layout.token_dtype}; use a fresh replay.dir for another tokenizer"
-            )
-        rpc = m["rows_per_chunk"]
-        if not isinstance(rpc, int) or rpc < 1:
-            raise DataError(f"{where}: rows_per_chunk is {rpc!r}; {_AFTER_DAMAGE}")
-        try:
-            self._sealed = {int(c): (int(d), int(e)) for c, (d, e) in m["sealed"].items()}
-            self._reclaimed = {int(c) for c in m["reclaimed"]}
-        except (KeyError, TypeError, ValueError):
-            raise DataError(
-                f"{where}: sealed/reclaimed lists are malformed; {_AFTER_DAMAGE}"
-            ) from None
-        return rpc
-
     def _write_manifest(self) -> None:
         m = {
             "format": FORMAT,
@@ -245,10 +334,10 @@ class ChunkStore:
 
     # ---- paths ----------------------------------------------------------------------------
     def data_path(self, chunk: int) -> Path:
-        return self.dir / f"chunk_{chunk:06d}.rows"
+        return chunk_path(self.dir, chunk, "rows")
 
     def meta_path(self, chunk: int) -> Path:
-        return self.dir / f"chunk_{chunk:06d}.meta"
+        return chunk_path(self.dir, chunk, "meta")
 
     def _chunk_files(self) -> list[tuple[int, Path]]:
         found = []
@@ -305,7 +394,7 @@ class ChunkStore:
         try:
             if sync:
                 for fd in fds:
-                    os.fsync(fd)
+                    fsutil.fsync_fd(fd)
         finally:
             for fd in fds:
                 os.close(fd)
@@ -352,7 +441,7 @@ class ChunkStore:
         try:
             if self._fds is not None:
                 for fd in self._fds:
-                    os.fsync(fd)
+                    fsutil.fsync_fd(fd)
             self._write_manifest()
         except OSError as err:
             raise os_problem(err, self.dir) from None
@@ -377,61 +466,15 @@ class ChunkStore:
             self.meta_path(c).unlink(missing_ok=True)
 
     # ---- restoring ------------------------------------------------------------------------
-    def _require_size(self, path: Path, expected: int, exact: bool) -> None:
-        try:
-            found = path.stat().st_size
-        except FileNotFoundError:
-            raise DataError(
-                f"replay chunk file {path} is missing (expected {expected} bytes); {_AFTER_DAMAGE}"
-            ) from None
-        if found < expected:
-            raise DataError(
-                f"replay chunk file {path} is truncated (expected {expected} bytes, found "
-                f"{found}); {_AFTER_DAMAGE}"
-            )
-        if exact and found != expected:
-            raise DataError(
-                f"replay chunk file {path} holds {found} bytes but {self.manifest_path} says "
-                f"{expected} (manifest and chunk files disagree); {_AFTER_DAMAGE}"
-            )
-
-    def _require_crc(self, path: Path, nbytes: int, expected: int) -> None:
-        if file_crc(path, nbytes) != expected:
-            raise DataError(
-                f"replay chunk file {path} fails its checksum (corrupt bytes); {_AFTER_DAMAGE}"
-            )
-
-    def _check_chunk(self, chunk: int, rows: int, crcs: tuple[int, int], verify: bool) -> None:
-        data_bytes, meta_bytes = rows * self.layout.record_bytes, rows * META_DTYPE.itemsize
-        sealed = rows == self.rows_per_chunk
-        self._require_size(self.data_path(chunk), data_bytes, exact=sealed)
-        self._require_size(self.meta_path(chunk), meta_bytes, exact=sealed)
-        self._require_crc(self.meta_path(chunk), meta_bytes, crcs[1])
-        if verify:
-            self._require_crc(self.data_path(chunk), data_bytes, crcs[0])
+    def _check_rows(self, rows: int, crcs: tuple[int, int], verify_data: bool) -> None:
+        manifest = Manifest(self.rows_per_chunk, self._sealed, self._reclaimed)
+        check_chunks(self.dir, self.layout, manifest, rows, crcs, verify_data=verify_data)
 
     def restore(self, state: dict[str, Any], *, verify_data: bool) -> None:
-        """Return to the committed state of a checkpoint: check what it refers to, then drop
-        every row written after it."""
-        rows, crcs = int(state["rows"]), (int(state["data_crc"]), int(state["meta_crc"]))
-        full, rest = divmod(rows, self.rows_per_chunk)
-        for c in range(full):
-            if c in self._reclaimed:
-                continue  # the policy checks that nothing it needs lived there
-            if c not in self._sealed:
-                raise DataError(
-                    f"{self.manifest_path} has no checksum for chunk {self.data_path(c).name}, "
-                    f"which the checkpoint counts as full (manifest and chunks disagree); "
-                    f"{_AFTER_DAMAGE}"
-                )
-            self._check_chunk(c, self.rows_per_chunk, self._sealed[c], verify_data)
-        if rest:
-            if full in self._reclaimed:
-                raise CheckpointError(
-                    f"the checkpoint's open replay chunk {self.data_path(full)} was deleted; "
-                    "resume from a more recent checkpoint"
-                )
-            self._check_chunk(full, rest, crcs, verify=True)
+        """Return to the committed state of a checkpoint: check what it refers to (read-only,
+        see check_chunks), then drop every row written after it."""
+        rows, crcs = _store_position(state)
+        self._check_rows(rows, crcs, verify_data)
         self._truncate_to(rows, crcs)
 
     def _truncate_to(self, rows: int, crcs: tuple[int, int]) -> None:
@@ -480,15 +523,10 @@ class ChunkStore:
 
     def verify(self) -> None:
         """Checksum every chunk file against the manifest / running checksums."""
-        full, rest = divmod(self.rows, self.rows_per_chunk)
-        for c in range(full):
-            if c not in self._reclaimed:
-                self._check_chunk(c, self.rows_per_chunk, self._sealed[c], verify=True)
-        if rest:
-            if self._fds is not None:
-                for fd in self._fds:
-                    os.fsync(fd)
-            self._check_chunk(full, rest, self._crcs, verify=True)
+        if self._fds is not None:
+            for fd in self._fds:
+                fsutil.fsync_fd(fd)
+        self._check_rows(self.rows, self._crcs, verify_data=True)
 
     # ---- reading --------------------------------------------------------------------------
     def _maps_for(self, chunk: int, need: int) -> tuple[np.ndarray, np.ndarray]:
