@@ -29,8 +29,8 @@ from cptrain.config import RunConfig  # noqa: E402
 from cptrain.config_base import build_config  # noqa: E402
 from cptrain.data.demo_corpus import demo_corpus_ready, fetch_demo  # noqa: E402
 from cptrain.data.prepare import prepare  # noqa: E402
-from cptrain.demo import _prepare_config  # noqa: E402
-from cptrain.trainer import Trainer  # noqa: E402
+from cptrain.demo import prepare_config  # noqa: E402
+from cptrain.train import Trainer  # noqa: E402
 
 
 def make_trainer(run_dir: Path, prepared: Path, alpha: float, args) -> Trainer:
@@ -56,13 +56,14 @@ def prefill(trainer: Trainer, gigabytes: float) -> int:
     """Fill the buffer with random rows as if many earlier steps had been trained."""
     buf = trainer.buffer
     assert buf is not None
-    row_bytes = trainer.window_len * 2
+    row_bytes = trainer.data.window_len * 2
     target = int(gigabytes * 1e9 / row_bytes)
     rng = np.random.default_rng(0)
-    block = rng.integers(0, trainer.vocab_size, (8192, trainer.window_len), dtype=np.int64)
+    data = trainer.data
+    block = rng.integers(0, data.vocab_size, (8192, data.window_len), dtype=np.int64)
     step = 0
     while len(buf) < target:
-        block[:, 0] = step % trainer.vocab_size
+        block[:, 0] = step % trainer.data.vocab_size
         buf.add(block[: target - len(buf)], task_id=0, step=step)
         step += 1
     buf.commit()
@@ -89,7 +90,7 @@ def main() -> None:
     data_dir = Path(args.data_dir)
     if not demo_corpus_ready(data_dir / "demo", ["en", "fr", "de"]):
         fetch_demo(data_dir / "demo", ["en", "fr", "de"])
-    prepared = prepare(_prepare_config(data_dir), progress=False)
+    prepared = prepare(prepare_config(data_dir), progress=False)
 
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         base = make_trainer(Path(tmp) / "alpha0", prepared, 0.0, args)
@@ -100,13 +101,11 @@ def main() -> None:
         assert rep.buffer is not None
         disk = sum(f.stat().st_size for f in Path(rep.buffer.directory).rglob("*") if f.is_file())
         base.state.task_idx, base.state.step = 1, rep.state.step
-        rep.buffer.start_prefetch(rep._upcoming())
-        now = time.perf_counter()
         for t in (base, rep):
-            t._last_log_t = now
+            t.start()
         for _ in range(3):  # warm-up
-            base.step_once(1)
-            rep.step_once(1)
+            base.step(1)
+            rep.step(1)
         waits0 = rep.buffer.stats()["prefetch_waits"]
         tokens = args.steps * args.batch_size * args.seq_len
         r0, r50 = [], []
@@ -115,18 +114,18 @@ def main() -> None:
             for t in order:
                 start = time.perf_counter()
                 for _ in range(args.steps):
-                    t.step_once(1)
+                    t.step(1)
                 (r0 if t is base else r50).append(tokens / (time.perf_counter() - start))
         stats = rep.buffer.stats()
         read_rate = single_row_rate(rep.buffer, 20_000, seed=1, cold=False)
         n_rows = len(rep.buffer)
-        base.close()
-        rep.close()
+        base.stop()
+        rep.stop()
 
     m0, m50 = statistics.median(r0), statistics.median(r50)
     print(
         f"tiny, seq {args.seq_len}, global batch {args.batch_size} (α=0.5: "
-        f"{rep.n_fresh} fresh + {rep.n_replay} replayed), {args.precision}, "
+        f"{rep.plan.n_fresh} fresh + {rep.plan.n_replay} replayed), {args.precision}, "
         f"{args.rounds} rounds x {args.steps} steps"
     )
     print(f"buffer: {n_rows:,} rows, {disk / 1e9:.2f} GB on disk, filled in {fill_s:.1f} s")

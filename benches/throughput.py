@@ -10,7 +10,6 @@ that machine noise hits both alike. Prints medians and the ratio trainer / bare.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import tempfile
@@ -19,15 +18,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from cptrain.data.demo_corpus import demo_corpus_ready, fetch_demo
-from cptrain.data.prepare import open_split, prepare
-from tqdm import tqdm
 
 from cptrain.config import RunConfig
 from cptrain.config_base import build_config
-from cptrain.demo import _prepare_config
+from cptrain.data.demo_corpus import demo_corpus_ready, fetch_demo
+from cptrain.data.prepare import open_split, prepare
+from cptrain.demo import prepare_config
 from cptrain.model import build_model
-from cptrain.trainer import Trainer
+from cptrain.train import Trainer
 
 
 def bare_loop(model, optimizer, shard, window_len, batch, steps, start, autocast):
@@ -64,7 +62,7 @@ def main() -> None:
     data_dir = Path(args.data_dir)
     if not demo_corpus_ready(data_dir / "demo", ["en", "fr", "de"]):
         fetch_demo(data_dir / "demo", ["en", "fr", "de"])
-    prepared = prepare(_prepare_config(data_dir), progress=False)
+    prepared = prepare(prepare_config(data_dir), progress=False)
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = build_config(
@@ -82,11 +80,10 @@ def main() -> None:
             },
         )
         trainer = Trainer(cfg, progress=False)
-        trainer._bar = tqdm(total=trainer.total_steps, file=open(os.devnull, "w"), mininterval=1.0)  # noqa: SIM115
-        trainer._last_log_t = time.perf_counter()
+        trainer.start()
 
         shard = open_split(prepared, "en", "train")
-        model = build_model(args.preset, trainer.vocab_size, seed=0)
+        model = build_model(args.preset, trainer.data.vocab_size, seed=0)
         model.train()
         opt = torch.optim.AdamW(
             model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1, foreach=True
@@ -97,7 +94,7 @@ def main() -> None:
 
         # warm-up both (allocator, autocast caches)
         for _ in range(3):
-            trainer.step_once(0)
+            trainer.step(0)
         bare_loop(model, opt, shard, window_len, args.batch_size, 3, 0, autocast)
 
         t_rates, b_rates = [], []
@@ -108,7 +105,7 @@ def main() -> None:
                 t0 = time.perf_counter()
                 if who == "trainer":
                     for _ in range(args.steps):
-                        trainer.step_once(0)
+                        trainer.step(0)
                     t_rates.append(tokens / (time.perf_counter() - t0))
                 else:
                     bare_loop(
@@ -123,7 +120,7 @@ def main() -> None:
                     )
                     bare_pos += args.steps
                     b_rates.append(tokens / (time.perf_counter() - t0))
-        trainer.close()
+        trainer.stop()
 
     tm, bm = statistics.median(t_rates), statistics.median(b_rates)
     per_round = [t / b for t, b in zip(t_rates, b_rates, strict=True)]

@@ -70,23 +70,46 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def tiny_run_config(run_dir: Path, data_dir: Path, **sections: Any) -> RunConfig:
+    """The tests' run: the tiny preset on the three small tasks, 6 steps of 8×32 tokens per
+    task; keyword sections are merged over these defaults."""
+    raw = {
+        "run_dir": str(run_dir),
+        "seed": 0,
+        "data": {
+            "dir": str(data_dir),
+            "tasks": list(TASK_SOURCES),
+            "tokens_per_task": 8 * 32 * 6,
+        },
+        "model": {"preset": "tiny"},
+        "train": {"seq_len": 32, "batch_size": 8, "lr": 3e-3, "log_every": 2},
+        "eval": {"windows": 8, "batch_size": 8},
+    }
+    return build_config(RunConfig, _merge(raw, sections))
+
+
+def read_metrics(run_dir: Path | str, kind: str | None = None) -> list[dict[str, Any]]:
+    """The records of a run's metrics.jsonl (only those of ``type == kind`` when given)."""
+    lines = (Path(run_dir) / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    records = [json.loads(line) for line in lines]
+    return [r for r in records if kind is None or r.get("type") == kind]
+
+
+def flip(path: Path, offset: int | None = None, mask: int = 0xFF) -> None:
+    """XOR one byte of a file (by default in its middle)."""
+    offset = path.stat().st_size // 2 if offset is None else offset
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)[0]
+        f.seek(offset)
+        f.write(bytes([b ^ mask]))
+
+
 @pytest.fixture
 def make_config(prepared_dir, tmp_path):
     """A fast run config on the small dataset; keyword sections override the defaults."""
 
     def factory(run_name: str = "run", **sections: Any) -> RunConfig:
-        raw = {
-            "run_dir": str(tmp_path / run_name),
-            "seed": 0,
-            "data": {
-                "dir": str(prepared_dir),
-                "tasks": list(TASK_SOURCES),
-                "tokens_per_task": 8 * 32 * 6,
-            },
-            "model": {"preset": "tiny"},
-            "train": {"seq_len": 32, "batch_size": 8, "lr": 3e-3, "log_every": 2},
-            "eval": {"windows": 8, "batch_size": 8},
-        }
-        return build_config(RunConfig, _merge(raw, sections))
+        return tiny_run_config(tmp_path / run_name, prepared_dir, **sections)
 
     return factory

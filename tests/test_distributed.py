@@ -15,7 +15,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from cptrain.trainer import train
+from cptrain.train import train
 
 pytestmark = pytest.mark.slow
 

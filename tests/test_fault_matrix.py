@@ -26,17 +26,18 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import flip, read_metrics
 from safetensors.torch import load_file
 
 from cptrain import checkpoint as ckpt
-from cptrain import cli
+from cptrain import cli, fsutil
+from cptrain.checkpoint import local
 from cptrain.config import RunConfig
 from cptrain.config_base import build_config
 from cptrain.data.prepare import PrepareConfig, prepare
 from cptrain.errors import CheckpointError, EnvironmentProblem
 from cptrain.model import build_model
-from cptrain.replay import storage as replay_storage
-from cptrain.trainer import train
+from cptrain.train import train
 
 TASKS = ["email", "xml", "asyncio"]
 LAST, PREVIOUS = "step_000000018", "step_000000016"
@@ -86,8 +87,7 @@ def run_config(run: Path, data: Path, **extra: Any) -> RunConfig:
 
 
 def train_steps(run: Path) -> list[int]:
-    lines = (run / "metrics.jsonl").read_text().splitlines()
-    return [r["step"] for r in map(json.loads, lines) if r["type"] == "train"]
+    return [r["step"] for r in read_metrics(run, "train")]
 
 
 @pytest.fixture(scope="module")
@@ -133,14 +133,6 @@ def other_prepared(prepared_dir, tmp_path_factory) -> Path:
 
 
 # ------------------------------------------------------------------------------ helpers
-def flip(path: Path, offset: int | None = None, mask: int = 0xFF) -> None:
-    """XOR one byte (by default in the middle of the file)."""
-    offset = path.stat().st_size // 2 if offset is None else offset
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        b = f.read(1)[0]
-        f.seek(offset)
-        f.write(bytes([b ^ mask]))
 
 
 def chop(path: Path, nbytes: int = 100) -> None:
@@ -235,6 +227,13 @@ def enospc(*_: Any) -> int:
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
+def enospc_in_checkpoints(fd: int, data: Any) -> int:
+    """A disk that is full for checkpoint files only (the replay buffer still appends)."""
+    if "checkpoint" in os.readlink(f"/proc/self/fd/{fd}"):
+        enospc()
+    return os.write(fd, data)
+
+
 def keep_only_step_14(world: World) -> None:
     for name in (LAST, PREVIOUS):
         shutil.rmtree(world.run / "checkpoints" / name)
@@ -242,7 +241,7 @@ def keep_only_step_14(world: World) -> None:
 
 def test_disk_full_while_checkpointing(world, capsys, monkeypatch):
     keep_only_step_14(world)
-    monkeypatch.setattr(ckpt, "_write", enospc)
+    monkeypatch.setattr(fsutil, "_write", enospc_in_checkpoints)
     line = one_line_error(capsys, cptrain(str(world.config), "--resume"))
     assert f"disk full while writing checkpoint {world.run / 'checkpoints' / PREVIOUS}" in line
     assert "No space left on device" in line and "step_000000014, is intact" in line
@@ -282,7 +281,7 @@ def test_disk_full_while_exporting_the_task_model(world, capsys):
 
 
 def test_disk_full_while_appending_to_the_buffer(world, capsys, monkeypatch):
-    real_write = replay_storage._write
+    real_write = fsutil._write
 
     def full_for_chunks(fd: int, data: Any) -> int:
         if os.readlink(f"/proc/self/fd/{fd}").endswith(".rows"):
@@ -290,7 +289,7 @@ def test_disk_full_while_appending_to_the_buffer(world, capsys, monkeypatch):
         return real_write(fd, data)
 
     shutil.rmtree(world.run / "checkpoints" / LAST)  # so that steps 17 and 18 append rows
-    monkeypatch.setattr(replay_storage, "_write", full_for_chunks)
+    monkeypatch.setattr(fsutil, "_write", full_for_chunks)
     line = one_line_error(capsys, cptrain(str(world.config), "--resume"))
     chunk = world.run / "replay" / "rank_0" / "chunk_000000.rows"
     assert f"disk full while writing {chunk}" in line and "No space left" in line
@@ -423,7 +422,7 @@ def test_checkpoint_of_another_world_size_is_refused(world, capsys):
     manifest = json.loads((path / "MANIFEST.json").read_text())
     manifest["files"]["state.json"] = {
         "bytes": (path / "state.json").stat().st_size,
-        "sha256": ckpt.sha256_file(path / "state.json"),
+        "sha256": fsutil.sha256_file(path / "state.json"),
     }
     (path / "MANIFEST.json").write_text(json.dumps(manifest))
     line = one_line_error(capsys, cptrain(str(world.config), "--resume"))
@@ -452,7 +451,7 @@ def small_model():
 
 def save(root: Path, step: int, small_model, keep_last: int = 10) -> Path:
     model, opt = small_model
-    return ckpt.save_checkpoint(
+    return local.save_checkpoint(
         root, step, model=model, tokenizer_dir=None, optimizer=opt,
         state={"trainer": {"step": step}}, tensors={"extra": {"x": torch.ones(3)}},
         keep_last=keep_last,
@@ -517,7 +516,7 @@ def test_saving_the_same_step_again_replaces_it_whole(tmp_path, small_model):
 
 def test_disk_full_leaves_older_checkpoints_and_no_litter(tmp_path, small_model, monkeypatch):
     save(tmp_path, 2, small_model)
-    monkeypatch.setattr(ckpt, "_write", enospc)
+    monkeypatch.setattr(fsutil, "_write", enospc)
     with pytest.raises(EnvironmentProblem) as err:
         save(tmp_path, 4, small_model)
     msg = str(err.value)
@@ -576,7 +575,7 @@ def test_a_legacy_pickle_optimizer_file_is_never_executed(tmp_path, small_model)
     del manifest["files"][ckpt.OPTIMIZER_FILE]
     f = path / ckpt.LEGACY_OPTIMIZER_FILE
     manifest["files"][ckpt.LEGACY_OPTIMIZER_FILE] = {
-        "bytes": f.stat().st_size, "sha256": ckpt.sha256_file(f)
+        "bytes": f.stat().st_size, "sha256": fsutil.sha256_file(f)
     }
     (path / "MANIFEST.json").write_text(json.dumps(manifest))
     with pytest.raises(CheckpointError) as err:

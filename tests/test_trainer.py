@@ -1,79 +1,122 @@
+"""The training loop end to end. Each method's uninterrupted reference run is trained once per
+module and checked for many things; other tests compare against it."""
+
 import json
+import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from conftest import read_metrics, tiny_run_config
 from safetensors.torch import load_file
 
 from cptrain import checkpoint as ckpt
 from cptrain.errors import CheckpointError, ConfigError, DataError
-from cptrain.trainer import TaskStream, Trainer, train
+from cptrain.train import Trainer, train
+from cptrain.train.batches import TaskStream
+from cptrain.train.hooks import Hook
+
+METHOD_SETTINGS: dict[str, dict[str, Any]] = {
+    "sequential": {"method": "sequential"},
+    "replay": {"method": "replay", "replay": {"alpha": 0.25, "visibility_lag": 1}},
+    "mer": {
+        "method": "mer",
+        "replay": {"alpha": 0.25, "visibility_lag": 1},
+        "reptile": {"k": 3, "epsilon": 0.5},
+    },
+}
+# Run-control settings of the reference runs: diagnostics and checkpoints change no number,
+# which the resumed runs (trained without them) prove by matching the references bit for bit.
+REFERENCE_EXTRAS: dict[str, dict[str, Any]] = {
+    "sequential": {"diagnostics": {"every": 3}, "checkpoint": {"every": 2, "keep_last": 3}},
+    "replay": {"diagnostics": {"every": 2}},
+    "mer": {},
+}
 
 
-def final_weights(run_dir):
-    (model_dir,) = sorted((run_dir / "models").glob("after_2_*"))
+def model_after(run_dir, task: int) -> dict[str, torch.Tensor]:
+    (model_dir,) = sorted((Path(run_dir) / "models").glob(f"after_{task}_*"))
     return load_file(model_dir / "model.safetensors")
 
 
-def test_sequential_run_fills_loss_matrix(make_config):
-    cfg = make_config()
-    summary = train(cfg, progress=False)
+@pytest.fixture(scope="module")
+def reference(prepared_dir, tmp_path_factory):
+    """method -> (config, summary) of a finished uninterrupted run, trained on first use."""
+    root = tmp_path_factory.mktemp("reference")
+    done: dict[str, Any] = {}
+
+    def get(method: str):
+        if method not in done:
+            extra = {**METHOD_SETTINGS[method], **REFERENCE_EXTRAS[method]}
+            cfg = tiny_run_config(root / method, prepared_dir, **extra)
+            done[method] = (cfg, train(cfg, progress=False))
+        return done[method]
+
+    return get
+
+
+def test_sequential_run_fills_loss_matrix(reference):
+    cfg, summary = reference("sequential")
     lm = np.array(summary["loss_matrix"])
     assert lm.shape == (3, 3) and np.isfinite(lm).all()
     # training a task lowers its loss: below the uniform guess (ln 512 = 6.24) for the first,
     # below its value before its turn for the others
     assert lm[0, 0] < np.log(512) - 0.3
     assert all(lm[i, i] < lm[i - 1, i] for i in (1, 2))
-    run = cfg.run_dir
-    on_disk = json.loads((tmp := Path(run) / "summary.json").read_text())
+    run = Path(cfg.run_dir)
+    on_disk = json.loads((run / "summary.json").read_text())
     assert on_disk["loss_matrix"] == summary["loss_matrix"] and on_disk["complete"]
     assert on_disk["retained_loss"] == pytest.approx(lm[-1].mean())
-    records = [json.loads(x) for x in (tmp.parent / "metrics.jsonl").read_text().splitlines()]
-    steps = [r["step"] for r in records if r["type"] == "train"]
+    assert on_disk["rows_per_step"] == {"fresh": 8, "replay": 0}
+    assert on_disk["model_shape"]["layers"] == 2 and on_disk["reptile_updates"] == 0
+    steps = [r["step"] for r in read_metrics(run, "train")]
     assert steps == sorted(set(steps)) and steps[-1] == summary["steps"]
-    assert sum(r["type"] == "task_end" for r in records) == 3
+    assert len(read_metrics(run, "task_end")) == 3
 
 
-METHOD_SETTINGS = {
-    "sequential": {},
-    "replay": {"replay": {"alpha": 0.25, "visibility_lag": 1}},
-    "mer": {"replay": {"alpha": 0.25, "visibility_lag": 1}, "reptile": {"k": 3, "epsilon": 0.5}},
-}
+def test_diagnostics_probe_earlier_tasks_without_replay(reference):
+    cfg, summary = reference("sequential")
+    probes = [r for r in read_metrics(cfg.run_dir) if "grad_cos" in r]
+    assert probes and {r["grad_ref"] for r in probes} == {"probe"}
+    assert all(r["step"] % 3 == 0 for r in probes)
+    assert min(r["step"] for r in probes) > 6  # no earlier task to probe during the first
+    assert summary["grad_cos_count"] == len(probes)
+
+
+def test_diagnostics_use_the_replayed_rows(reference):
+    cfg, summary = reference("replay")
+    diag = [r for r in read_metrics(cfg.run_dir) if "grad_cos" in r]
+    assert diag and all(-1.0 <= r["grad_cos"] <= 1.0 and r["grad_ref"] == "replay" for r in diag)
+    assert all(r["step"] % 2 == 0 for r in diag)
+    assert summary["grad_cos_count"] > 0 and -1 <= summary["grad_cos_mean"] <= 1
+
+
+def test_mer_counts_its_meta_updates(reference):
+    cfg, summary = reference("mer")
+    assert summary["reptile_updates"] == summary["steps"] // 3
+    assert summary["rows_per_step"] == {"fresh": 6, "replay": 2}
 
 
 @pytest.mark.parametrize("method", list(METHOD_SETTINGS))
-def test_same_seed_same_result_and_resume_is_bit_identical(make_config, method):
-    extra = {"method": method, **METHOD_SETTINGS[method]}
-    full = make_config("full", **extra)
-    train(full, progress=False)
-    ref = final_weights(Path(full.run_dir))
-
-    # interrupted run: stop after task 1 plus a mid-task checkpoint, then resume
-    part = make_config("part", checkpoint={"every": 4}, **extra)
-    t = Trainer(part, progress=False)
-    # drive the loop by hand to stop in the middle of the second task
-    t._last_log_t = t._wall_mark = 0.0
-    while t.state.step < t.task_steps[0] + 4:
-        task = t.state.task_idx
-        t.step_once(task)
-        if t.state.task_step == t.task_steps[task]:
-            t._finish_task(task)
-        elif t.state.step % 4 == 0:
-            t.save()
-    t.step_once(t.state.task_idx)  # one step past the checkpoint: must be redone after resume
-    t.close()
-    del t
-
+def test_resume_is_bit_identical(reference, make_config, method):
+    ref_cfg, ref_summary = reference(method)
+    # Stopped one step past its step-8 checkpoint, in the middle of the second task: the
+    # resume must redo steps 9..11 exactly.
+    part = make_config("part", checkpoint={"every": 4}, **METHOD_SETTINGS[method])
+    stopped = Trainer(part, progress=False, stop_after=11)
+    stopped.run()
+    assert stopped.state.step == 11 and stopped.state.task_idx == 1
+    del stopped
     resumed = train(part, resume=True, progress=False)
-    got = final_weights(Path(part.run_dir))
-    assert set(got) == set(ref)
-    for name in ref:
-        assert torch.equal(got[name], ref[name]), name
-    full_summary = json.loads((Path(full.run_dir) / "summary.json").read_text())
-    assert resumed["loss_matrix"] == full_summary["loss_matrix"]
-    lines = (Path(part.run_dir) / "metrics.jsonl").read_text().splitlines()
-    steps = [json.loads(x)["step"] for x in lines if json.loads(x)["type"] == "train"]
+    for task in range(3):
+        got, want = model_after(part.run_dir, task), model_after(ref_cfg.run_dir, task)
+        assert set(got) == set(want)
+        for name in want:
+            assert torch.equal(got[name], want[name]), (task, name)
+    assert resumed["loss_matrix"] == ref_summary["loss_matrix"]
+    steps = [r["step"] for r in read_metrics(part.run_dir, "train")]
     assert len(steps) == len(set(steps)), "a step was logged twice after resume"
 
 
@@ -91,26 +134,37 @@ def test_task_stream_is_a_pure_function_of_position(prepared_dir):
     assert not np.array_equal(other, whole[: a.n])
 
 
-def test_run_dir_reuse_and_resume_errors(make_config):
-    cfg = make_config("r")
+def test_run_dir_reuse_and_resume_errors(reference, make_config, prepared_dir):
     with pytest.raises(CheckpointError, match="no complete checkpoint"):
-        Trainer(cfg, resume=True, progress=False)
-    train(cfg, progress=False)
+        Trainer(make_config("empty"), resume=True, progress=False)
+    cfg, _ = reference("sequential")
     with pytest.raises(ConfigError, match="already holds a run"):
         Trainer(cfg, progress=False)
-    changed = make_config("r", train={"seq_len": 16})
+    changed = tiny_run_config(
+        cfg.run_dir, prepared_dir, train={"seq_len": 16}, **METHOD_SETTINGS["sequential"]
+    )
     with pytest.raises(CheckpointError, match="train.seq_len: checkpoint has 32, config has 16"):
         Trainer(changed, resume=True, progress=False)
     with pytest.raises(ConfigError, match="cannot be combined"):
         Trainer(make_config("r", model={"init_from": cfg.run_dir}), resume=True, progress=False)
 
 
-def test_init_from_loads_weights_only(make_config):
-    first = make_config("first")
-    train(first, progress=False)
-    src = Path(first.run_dir) / "models" / "after_0_email"
-    cont = make_config("cont", model={"init_from": str(src)})
-    t = Trainer(cont, progress=False)
+def test_checkpoint_resume_picks_newest_complete(reference, tmp_path):
+    cfg, _ = reference("sequential")
+    root = tmp_path / "checkpoints"
+    shutil.copytree(Path(cfg.run_dir) / "checkpoints", root)
+    found = ckpt.list_checkpoints(root)
+    assert 2 <= len(found) <= 3
+    newest = found[-1][1]
+    (newest / "MANIFEST.json").unlink()  # as if killed before the manifest was written
+    path, skipped = ckpt.latest_complete(root)
+    assert path == found[-2][1] and skipped
+
+
+def test_init_from_loads_weights_only(reference, make_config):
+    cfg, _ = reference("sequential")
+    src = Path(cfg.run_dir) / "models" / "after_0_email"
+    t = Trainer(make_config("cont", model={"init_from": str(src)}), progress=False)
     want = load_file(src / "model.safetensors")
     for name, p in t.model.state_dict().items():
         assert torch.equal(p, want[name])
@@ -133,54 +187,16 @@ def test_unwritable_run_dir(make_config, tmp_path):
         Trainer(make_config(run_name="file/run"), progress=False)
 
 
-def test_checkpoint_resume_picks_newest_complete(make_config):
-    cfg = make_config("ck", checkpoint={"every": 2, "keep_last": 3})
-    train(cfg, progress=False)
-    root = Path(cfg.run_dir) / "checkpoints"
-    found = ckpt.list_checkpoints(root)
-    assert 1 <= len(found) <= 3
-    newest = found[-1][1]
-    (newest / "MANIFEST.json").unlink()  # as if killed before the manifest was written
-    path, skipped = ckpt.latest_complete(root)
-    assert path == found[-2][1] and skipped
-
-
-def test_alignment_diagnostics_are_logged_and_change_nothing(make_config):
-    quiet = make_config("quiet", method="replay", replay={"alpha": 0.25, "visibility_lag": 0})
-    train(quiet, progress=False)
-    loud = make_config(
-        "loud",
-        method="replay",
-        replay={"alpha": 0.25, "visibility_lag": 0},
-        reptile={"diagnostics_every": 2},
-    )
-    summary = train(loud, progress=False)
-    a, b = final_weights(Path(quiet.run_dir)), final_weights(Path(loud.run_dir))
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    recs = [json.loads(x) for x in (Path(loud.run_dir) / "metrics.jsonl").read_text().splitlines()]
-    diag = [r for r in recs if "grad_cos" in r]
-    assert diag and all(-1.0 <= r["grad_cos"] <= 1.0 and r["grad_ref"] == "replay" for r in diag)
-    assert all(r["step"] % 2 == 0 for r in diag)
-    assert summary["grad_cos_count"] > 0 and -1 <= summary["grad_cos_mean"] <= 1
-
-    seq = make_config("seq", method="sequential", reptile={"diagnostics_every": 3})
-    train(seq, progress=False)
-    recs = [json.loads(x) for x in (Path(seq.run_dir) / "metrics.jsonl").read_text().splitlines()]
-    probes = [r for r in recs if "grad_cos" in r]
-    assert probes and {r["grad_ref"] for r in probes} == {"probe"}
-    assert min(r["step"] for r in probes) > 6  # no earlier task to probe during the first
-
-
-def test_joint_mixes_all_tasks_for_the_same_steps(make_config):
-    seq = Trainer(make_config("seq"), progress=False)
+def test_joint_mixes_all_tasks_for_the_same_steps(reference, make_config):
+    _, seq = reference("sequential")
     cfg = make_config("joint", method="joint")
     summary = train(cfg, progress=False)
-    assert summary["steps"] == seq.total_steps
+    assert summary["steps"] == seq["steps"]
     assert np.array(summary["loss_matrix"]).shape == (3, 3)
     state = json.loads(
         (ckpt.latest_complete(Path(cfg.run_dir) / "checkpoints")[0] / "state.json").read_text()
     )
-    cursors = state["trainer"]["cursors"]
+    cursors = state["sampler"]["cursors"]
     assert sum(cursors) == summary["steps"] * cfg.train.batch_size
     assert all(c > 0 for c in cursors), "every task contributes rows from the start"
 
@@ -195,6 +211,54 @@ def test_model_vocabulary_smaller_than_shards_is_refused(make_config, tmp_path):
         Trainer(cfg, progress=False)
 
 
+class Recorder(Hook):
+    """Counts what the loop tells its hooks."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, Any]] = []
+
+    def on_task_start(self, trainer, task):
+        self.events.append(("task_start", task))
+
+    def on_step_end(self, trainer, record):
+        self.events.append(("step", trainer.state.step))
+
+    def on_eval(self, trainer, losses, kind):
+        self.events.append((kind, trainer.state.step))
+
+    def on_task_end(self, trainer, task, losses):
+        self.events.append(("task_end_hook", task))
+
+
+def test_hooks_see_every_step_eval_and_task(make_config):
+    rec = Recorder()
+    cfg = make_config("hooks", data={"tasks": ["email", "xml"]}, eval={"every": 4})
+    Trainer(cfg, progress=False, hooks=[rec]).run()
+    steps = [v for k, v in rec.events if k == "step"]
+    assert steps == list(range(1, 13))
+    assert [v for k, v in rec.events if k == "task_start"] == [0, 1]
+    assert [v for k, v in rec.events if k == "task_end"] == [6, 12]
+    assert [v for k, v in rec.events if k == "eval"] == [4, 8]  # not at the task ends
+    assert [v for k, v in rec.events if k == "task_end_hook"] == [0, 1]
+
+
+def test_grad_accumulation_and_activation_checkpointing_match(reference, make_config):
+    # The first task's weights, trained under the reference's schedule, three ways.
+    cfg, _ = reference("sequential")
+    want = model_after(cfg.run_dir, 0)
+    accum = make_config("accum", train={"micro_batch_size": 2})
+    act = make_config("act", distributed={"activation_checkpointing": True})
+    for variant in (accum, act):
+        Trainer(variant, progress=False, stop_after=6).run()
+    got = model_after(accum.run_dir, 0)
+    for k in want:
+        # Adam normalises updates, so float re-association noise shows at ~1e-5
+        torch.testing.assert_close(got[k], want[k], rtol=1e-3, atol=2e-4)
+    got = model_after(act.run_dir, 0)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.slow
 def test_compile_and_bf16_run(make_config):
     cfg = make_config(
@@ -204,27 +268,3 @@ def test_compile_and_bf16_run(make_config):
     )
     summary = train(cfg, progress=False)
     assert np.isfinite(summary["loss_matrix"]).all()
-
-
-def test_grad_accumulation_matches_full_batch(make_config):
-    whole = make_config("whole", data={"tasks": ["email"]})
-    accum = make_config("accum", data={"tasks": ["email"]}, train={"micro_batch_size": 2})
-    train(whole, progress=False)
-    train(accum, progress=False)
-    a = load_file(next((Path(whole.run_dir) / "models").glob("after_0_*")) / "model.safetensors")
-    b = load_file(next((Path(accum.run_dir) / "models").glob("after_0_*")) / "model.safetensors")
-    for k in a:
-        # Adam normalises updates, so float re-association noise shows at ~1e-5
-        torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=2e-4)
-
-
-def test_activation_checkpointing_gives_the_same_weights(make_config):
-    short = {"tasks": ["email"], "tokens_per_task": 8 * 32 * 3}
-    plain = make_config("plain", data=short)
-    ckpt_act = make_config("act", data=short, distributed={"activation_checkpointing": True})
-    train(plain, progress=False)
-    train(ckpt_act, progress=False)
-    a = load_file(next((Path(plain.run_dir) / "models").glob("after_0_*")) / "model.safetensors")
-    b = load_file(next((Path(ckpt_act.run_dir) / "models").glob("after_0_*")) / "model.safetensors")
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import errno
 import json
 import os
 import sys
 from pathlib import Path
 
+from cptrain import fsutil
 from cptrain.errors import ConfigError, CptrainError
 
 
@@ -46,10 +46,13 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from cptrain.config import load_run_config
-    from cptrain.tables import run_report
-    from cptrain.trainer import train
 
+    # Validate before importing the trainer: a config mistake is reported without the seconds
+    # that torch and transformers take to import.
     cfg = load_run_config(Path(args.config), args.overrides)
+    from cptrain.tables import run_report
+    from cptrain.train import train
+
     summary = train(
         cfg,
         resume=args.resume,
@@ -86,9 +89,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    import shutil
-
     from cptrain import checkpoint as ckpt
+    from cptrain.checkpoint.export import export_checkpoint
 
     run = Path(args.run)
     path, skipped = ckpt.latest_complete(run / "checkpoints")
@@ -97,12 +99,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     for reason in skipped:
         print(f"skipping damaged or incomplete checkpoint {reason}")
     out = Path(args.out) if args.out else run / "export"
-    tmp = out.with_name(out.name + ".tmp-export")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(path / "model", tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    export_checkpoint(path, out)
     print(f"exported {path.name} to {out} (load with AutoModelForCausalLM.from_pretrained)")
     return 0
 
@@ -264,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cptrain: error: {msg}", file=sys.stderr)
         return exc.exit_code
     except OSError as exc:
-        if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        if fsutil.disk_full_errno(exc) is None:
             raise
         where = f" writing {exc.filename}" if exc.filename else ""
         print(

@@ -26,12 +26,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from cptrain import checkpoint as ckpt
-from cptrain import cli
+from cptrain import cli, fsutil
 from cptrain import evaluate as evaluate_mod
-from cptrain.replay import storage
+from cptrain.checkpoint import local as ckpt
 from cptrain.replay.buffer import ReplayBuffer
-from cptrain.trainer import Trainer
+from cptrain.train import Trainer
 
 
 def die() -> None:
@@ -56,21 +55,21 @@ def install(point: str, target: int) -> None:
     armed = {"on": False}
 
     if point == "step":
-        real_step = Trainer._train_step
+        real_step = Trainer.train_step
 
         def train_step(self: Trainer, task_idx: int) -> dict[str, Any]:
             if self.state.step == target:
                 self.optimizer.register_step_post_hook(lambda *_: die())
             return real_step(self, task_idx)
 
-        Trainer._train_step = train_step  # type: ignore[method-assign]
+        Trainer.train_step = train_step  # type: ignore[method-assign]
 
     elif point == "append":
-        real_add, real_write = ReplayBuffer.add, storage._write
+        real_add, real_write = ReplayBuffer.add, fsutil._write
 
         def add(self: ReplayBuffer, rows: Any, *, task_id: int, step: int, refs: Any = None):
             if step == target:
-                storage._write = torn_write(real_write)
+                fsutil._write = torn_write(real_write)
             return real_add(self, rows, task_id=task_id, step=step, refs=refs)
 
         ReplayBuffer.add = add  # type: ignore[method-assign]
@@ -78,9 +77,9 @@ def install(point: str, target: int) -> None:
     elif point == "eval":
         real_evaluate, real_loss = Trainer.evaluate, evaluate_mod.token_loss
 
-        def evaluate(self: Trainer) -> dict[str, float]:
+        def evaluate(self: Trainer, kind: str | None = None) -> dict[str, float]:
             armed["on"] = self.state.step == target
-            return real_evaluate(self)
+            return real_evaluate(self, kind)
 
         def token_loss(*args: Any, **kwargs: Any) -> Any:
             out = real_loss(*args, **kwargs)
@@ -92,11 +91,11 @@ def install(point: str, target: int) -> None:
         evaluate_mod.token_loss = token_loss
 
     elif point == "buffer-commit":
-        real_save, real_write = Trainer.save, storage._write
+        real_save, real_write = Trainer.save, fsutil._write
 
         def save(self: Trainer) -> Path:
             if self.state.step == target:
-                storage._write = torn_write(real_write)
+                fsutil._write = torn_write(real_write)
             return real_save(self)
 
         Trainer.save = save  # type: ignore[method-assign]
@@ -119,23 +118,23 @@ def install_checkpoint(where: str, target: int) -> None:
     ckpt.save_checkpoint = save_checkpoint
 
     if where == "optimizer":
-        real_write_file = ckpt._write_file
+        real_write_file = fsutil.write_new_file
 
-        def write_file(path: Path, data: bytes) -> None:
-            if armed["on"] and path.name == ckpt.OPTIMIZER_FILE:
-                ckpt._write = torn_write(os.write)
-            real_write_file(path, data)
+        def write_file(path: Path, data: Any, **kwargs: Any) -> None:
+            if armed["on"] and Path(path).name == ckpt.OPTIMIZER_FILE:
+                fsutil._write = torn_write(os.write)
+            real_write_file(path, data, **kwargs)
 
-        ckpt._write_file = write_file
+        fsutil.write_new_file = write_file
     elif where == "manifest":
-        real_json = ckpt.atomic_write_json
+        real_json = fsutil.atomic_write_json
 
         def atomic_write_json(path: Path, obj: Any) -> None:
             if armed["on"] and Path(path).name == "MANIFEST.json":
                 die()
             real_json(path, obj)
 
-        ckpt.atomic_write_json = atomic_write_json
+        fsutil.atomic_write_json = atomic_write_json
     elif where == "rename":
         real_publish = ckpt.publish
 

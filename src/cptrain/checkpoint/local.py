@@ -19,8 +19,6 @@ during any of it raises ``EnvironmentProblem`` and leaves the older checkpoints 
 from __future__ import annotations
 
 import contextlib
-import errno
-import hashlib
 import json
 import os
 import re
@@ -31,10 +29,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import load, load_file
 from safetensors.torch import save as safetensors_bytes
 
+from cptrain import fsutil
 from cptrain.errors import CheckpointError, EnvironmentProblem
 
 FORMAT = "cptrain-checkpoint-v1"
@@ -43,85 +41,48 @@ LEGACY_OPTIMIZER_FILE = "optimizer.pt"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _OLD_DIR = re.compile(r"^\.old-step_(\d+)-\d+$")
 _TMP_DIR = re.compile(r"^\.tmp-step_(\d+)")
-_DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
-_OS_ERROR_CODE = re.compile(r"os error (\d+)")  # how Rust writers (safetensors) report errno
 _META_KEY = "cptrain"
-
-# Indirection so that tests can make the disk "fill up" at an exact byte.
-_write = os.write
-
-
-# ------------------------------------------------------------------------ file helpers
-def _fsync_path(path: Path) -> None:
-    flags = os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0)
-    fd = os.open(path, flags)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def sha256_file(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def _write_file(path: Path, data: bytes) -> None:
-    """Write a new file in full and fsync it (used inside the temporary checkpoint dir)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    try:
-        view = memoryview(data).cast("B")
-        while len(view):
-            view = view[_write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_path(path.parent)
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
-
-
-def disk_full_errno(exc: BaseException) -> int | None:
-    """errno of a full disk / quota / size limit behind ``exc``, whoever raised it."""
-    if isinstance(exc, OSError):
-        return exc.errno if exc.errno in _DISK_FULL else None
-    if isinstance(exc, SafetensorError | RuntimeError):
-        match = _OS_ERROR_CODE.search(str(exc))
-        if match and int(match.group(1)) in _DISK_FULL:
-            return int(match.group(1))
-    return None
 
 
 # ---------------------------------------------------------------- optimizer (no pickle)
-def _to_json(value: Any, tensors: dict[str, torch.Tensor], name: str) -> Any:
+def _to_json(
+    value: Any, tensors: dict[str, torch.Tensor], name: str, *, to_cpu: bool = True
+) -> Any:
     """JSON form of a plain value; tensors go to ``tensors`` under ``name`` (a placeholder
-    stays), tuples are marked so that they come back as tuples."""
+    stays), tuples are marked so that they come back as tuples. ``to_cpu=False`` keeps the
+    tensors themselves (sharded checkpoints save and load DTensors in place)."""
     if isinstance(value, torch.Tensor):
-        tensors[name] = value.detach().contiguous().cpu()
+        tensors[name] = value.detach().contiguous().cpu() if to_cpu else value
         return {"__tensor__": name}
     if isinstance(value, tuple):
-        return {"__tuple__": [_to_json(v, tensors, f"{name}/{i}") for i, v in enumerate(value)]}
+        return {
+            "__tuple__": [
+                _to_json(v, tensors, f"{name}/{i}", to_cpu=to_cpu) for i, v in enumerate(value)
+            ]
+        }
     if isinstance(value, list):
-        return [_to_json(v, tensors, f"{name}/{i}") for i, v in enumerate(value)]
+        return [_to_json(v, tensors, f"{name}/{i}", to_cpu=to_cpu) for i, v in enumerate(value)]
     if isinstance(value, dict):
-        return {str(k): _to_json(v, tensors, f"{name}/{k}") for k, v in value.items()}
+        return {
+            str(k): _to_json(v, tensors, f"{name}/{k}", to_cpu=to_cpu) for k, v in value.items()
+        }
     return value
+
+
+def split_state(
+    state: Any, name: str, *, to_cpu: bool = True
+) -> tuple[Any, dict[str, torch.Tensor]]:
+    """A component's ``state_dict()`` as (JSON with placeholders, flat named tensors)."""
+    tensors: dict[str, torch.Tensor] = {}
+    return _to_json(state, tensors, name, to_cpu=to_cpu), tensors
+
+
+def join_state(plain: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
+    """Inverse of ``split_state``; a placeholder without its tensor means a damaged checkpoint."""
+    try:
+        return _from_json(plain, tensors)
+    except KeyError as exc:
+        raise CheckpointError(f"checkpoint lacks tensor {exc.args[0]!r}; it is damaged") from None
 
 
 def _from_json(value: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
@@ -203,6 +164,13 @@ class Checkpoint:
         f = self.path / "tensors" / f"{name}.safetensors"
         return load_file(f) if f.is_file() else None
 
+    def component(self, name: str) -> Any:
+        """A component's saved ``state_dict()`` (None when the checkpoint has none)."""
+        plain = self.state.get(name)
+        if plain is None:
+            return None
+        return join_state(plain, self.tensors(name) or {})
+
 
 # --------------------------------------------------------------------------- writing
 def save_checkpoint(
@@ -229,15 +197,15 @@ def save_checkpoint(
         publish(root, tmp, final, step)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        code = disk_full_errno(exc)
+        code = fsutil.disk_full_errno(exc)
         if code is None:
             raise
-        raise _disk_full_error(root, final, code) from None
+        raise disk_full_error(root, final, code) from None
     prune(root, keep_last, protect=final)
     return final
 
 
-def _disk_full_error(root: Path, final: Path, code: int) -> EnvironmentProblem:
+def disk_full_error(root: Path, final: Path, code: int) -> EnvironmentProblem:
     newest, _ = latest_complete(root, full=False, repair=False)
     kept = f"the newest complete one, {newest.name}, is intact" if newest else "none is complete"
     return EnvironmentProblem(
@@ -255,18 +223,19 @@ def _write_contents(
     state: Mapping[str, Any],
     tensors: Mapping[str, Mapping[str, torch.Tensor]] | None,
 ) -> None:
-    model.save_pretrained(tmp / "model", safe_serialization=True)
-    if tokenizer_dir is not None:
-        for f in Path(tokenizer_dir).iterdir():
-            if f.is_file():
-                shutil.copy2(f, tmp / "model" / f.name)
-    _write_file(tmp / OPTIMIZER_FILE, pack_optimizer(optimizer.state_dict(), torch.get_rng_state()))
+    from cptrain.checkpoint.export import write_model_dir
+
+    write_model_dir(model, tmp / "model", tokenizer_dir)
+    optimizer_blob = pack_optimizer(optimizer.state_dict(), torch.get_rng_state())
+    fsutil.write_new_file(tmp / OPTIMIZER_FILE, optimizer_blob)
     if tensors:
         (tmp / "tensors").mkdir()
         for name, group in tensors.items():
             contiguous = {k: v.detach().contiguous().cpu() for k, v in group.items()}
-            _write_file(tmp / "tensors" / f"{name}.safetensors", safetensors_bytes(contiguous))
-    atomic_write_json(tmp / "state.json", {"format": FORMAT, "step": step, **state})
+            fsutil.write_new_file(
+                tmp / "tensors" / f"{name}.safetensors", safetensors_bytes(contiguous)
+            )
+    fsutil.atomic_write_json(tmp / "state.json", {"format": FORMAT, "step": step, **state})
     seal(tmp, step)
 
 
@@ -275,33 +244,26 @@ def seal(tmp: Path, step: int) -> None:
     after this, ``tmp`` is a complete checkpoint ready for ``publish``."""
     files = sorted(p for p in tmp.rglob("*") if p.is_file())
     for f in files:
-        _fsync_path(f)
+        fsutil.fsync_path(f)
     manifest = {
         "format": FORMAT,
         "step": step,
         "files": {
-            str(f.relative_to(tmp)): {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
+            str(f.relative_to(tmp)): {"bytes": f.stat().st_size, "sha256": fsutil.sha256_file(f)}
             for f in files
         },
     }
-    atomic_write_json(tmp / "MANIFEST.json", manifest)
+    fsutil.atomic_write_json(tmp / "MANIFEST.json", manifest)
     for d in [p for p in tmp.rglob("*") if p.is_dir()] + [tmp]:
-        _fsync_path(d)
+        fsutil.fsync_path(d)
 
 
 def publish(root: Path, tmp: Path, final: Path, step: int) -> None:
-    """Rename a finished temporary checkpoint directory into place (fsynced)."""
-    if final.exists():
-        # The same step saved twice (e.g. a resumed run re-saving over a damaged copy): move
-        # the old copy aside first; a kill between the two renames is repaired on resume.
-        old = root / f".old-step_{step:09d}-{os.getpid()}"
-        os.replace(final, old)
-        os.replace(tmp, final)
-        _fsync_path(root)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-        _fsync_path(root)
+    """Rename a finished temporary checkpoint directory into place (fsynced).
+
+    The same step saved twice (a resumed run re-saving over a damaged copy) moves the old copy
+    aside first; a kill between the two renames is repaired on resume (``_repair``)."""
+    fsutil.replace_dir(tmp, final, aside=root / f".old-step_{step:09d}-{os.getpid()}")
 
 
 # ----------------------------------------------------------------------- verification
@@ -343,7 +305,7 @@ def verify(path: Path, *, full: bool = True) -> str | None:
         found = f.stat().st_size
         if found != size:
             return f"{rel} has {found} bytes, expected {size}"
-        if full and sha256_file(f) != digest:
+        if full and fsutil.sha256_file(f) != digest:
             return f"{rel} fails its sha256 check"
     return None
 
@@ -385,8 +347,7 @@ def interrupted_resaves(root: Path) -> list[tuple[int, Path]]:
 def _repair(root: Path) -> None:
     for step, old in interrupted_resaves(root):
         if verify(old, full=False) is None:
-            os.replace(old, Path(root) / f"step_{step:09d}")
-            _fsync_path(Path(root))
+            fsutil.move_into_place(old, Path(root) / f"step_{step:09d}")
 
 
 def latest_complete(

@@ -1,0 +1,42 @@
+"""``summary.json``: what a run measured, and the facts reports need to read it."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from cptrain import metrics
+from cptrain.flops import run_flops, shape_from_hf_config, summary_facts
+
+if TYPE_CHECKING:
+    from cptrain.train.trainer import Trainer
+
+
+def run_summary(trainer: Trainer) -> dict[str, Any]:
+    state, plan = trainer.state, trainer.plan
+    lm = state.loss_matrix
+    out: dict[str, Any] = {
+        "config": trainer.cfg.model_dump(mode="json"),
+        "tasks": trainer.task_names,
+        "loss_matrix": lm,
+        "steps": state.step,
+        "task_steps": list(plan.task_steps),
+        "fresh_tokens": state.fresh_tokens,
+        "replay_tokens": state.replay_tokens,
+        "params": trainer.n_params,
+        **summary_facts(
+            shape_from_hf_config(trainer.model.config.to_dict()),
+            plan.n_fresh,
+            plan.n_replay,
+            trainer.reptile.updates if trainer.reptile is not None else 0,
+        ),
+        "wall_s": state.wall_s,
+        "complete": trainer.finished,
+    }
+    if lm:
+        out.update(metrics.summarize(lm))
+        out["union_loss"] = metrics.union_loss(lm[-1])
+    if trainer.buffer is not None:
+        out["replay"] = trainer.buffer.stats()
+    out["flops"] = run_flops(out)
+    out.update(trainer.diagnostics.summary())
+    return out

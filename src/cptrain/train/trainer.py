@@ -1,0 +1,397 @@
+"""The one training loop: tasks in sequence, one optimizer, pluggable replay and Reptile.
+
+Each step trains on ``n_fresh`` windows of the current task (a pure function of seed, task and
+cursor) plus, with replay, ``n_replay`` rows drawn from the buffer (a pure function of seed and
+step); the fresh rows then enter the buffer, and Reptile (an optimizer post-step hook) may
+interpolate the weights. Each task end fills one row of the loss matrix. Every part is built
+first; on ``--resume`` one ``CheckpointManager.restore`` loads state into the live objects.
+Logging, progress, periodic evaluation, interval checkpoints and exports are hooks (hooks.py).
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers.utils import logging as hf_logging
+
+from cptrain.checkpoint.export import export_model
+from cptrain.checkpoint.manager import CheckpointManager
+from cptrain.config import RunConfig
+from cptrain.diagnostics import GradientDiagnostics
+from cptrain.distributed import init_distributed, set_grad_sync, shutdown, wrap_model
+from cptrain.errors import ConfigError, DataError
+from cptrain.evaluate import evaluate_tasks, token_loss
+from cptrain.model import count_parameters, model_for_run
+from cptrain.schedule import Schedule
+from cptrain.train import hooks as H
+from cptrain.train.batches import BatchPlan, make_sampler
+from cptrain.train.data import TrainingData
+from cptrain.train.optim import build_optimizer
+from cptrain.train.run_dir import RunDir
+from cptrain.train.state import TrainerState
+from cptrain.train.summary import run_summary
+
+# save_pretrained's per-file progress bars would interleave with the training bar.
+hf_logging.disable_progress_bar()
+
+
+class Trainer:
+    """``Trainer(cfg).run()``. ``stop_after=N`` returns after step N (as a kill would, minus
+    the kill); ``hooks`` run after the built-in ones."""
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        *,
+        resume: bool = False,
+        progress: bool = True,
+        allow_config_change: bool = False,
+        stop_after: int | None = None,
+        hooks: Sequence[H.Hook] = (),
+    ):
+        if resume and cfg.model.init_from:
+            raise ConfigError(
+                "model.init_from and --resume cannot be combined: --resume restores the run's "
+                "own checkpoint; drop init_from"
+            )
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        self.cfg = cfg
+        self.stop_after = stop_after
+        self.env = init_distributed(cfg.distributed)
+        self.run_dir = RunDir(Path(cfg.run_dir), resume=resume, is_main=self.env.is_main)
+        self._open_data()
+        self._build_model()
+        self.optimizer = build_optimizer(self.model, cfg.train, self.schedule.lr(0))
+        self.checkpoints = CheckpointManager(
+            self.run_dir.checkpoints,
+            self.env,
+            model=self.model,
+            optimizer=self.optimizer,
+            tokenizer_dir=self.data.tokenizer_dir,
+            keep_last=cfg.checkpoint.keep_last,
+            every=cfg.checkpoint.every,
+        )
+        resume_from = self._check_resumable(allow_config_change) if resume else None
+        run_id = resume_from[1] if resume_from else self._start_fresh()
+        self.state = TrainerState(run_id=run_id)
+        self._build_components()
+        self.hooks: list[H.Hook] = [*self._builtin_hooks(progress and self.env.is_main), *hooks]
+        if resume_from:
+            self._restore(resume_from[0])
+
+    # ----------------------------------------------------------------- set-up
+    def _open_data(self) -> None:
+        cfg = self.cfg
+        self.data = TrainingData(cfg)
+        self.task_names = self.data.task_names
+        self.streams = self.data.streams
+        self.plan = BatchPlan.build(cfg, self.env.world_size, self.env.rank)
+        self.sampler = make_sampler(cfg, self.streams, self.plan, self.data.train_tokens)
+        self.schedule = Schedule.for_run(cfg.train, cfg.peak_lr, self.plan.task_steps)
+
+    def _build_model(self) -> None:
+        cfg = self.cfg
+        model = model_for_run(
+            cfg.model.preset,
+            cfg.model.init_from,
+            self.data.vocab_size,
+            seed=cfg.seed,
+            seq_len=cfg.train.seq_len,
+        )
+        self.model = model.to(self.env.device)
+        self.model.train()
+        wrapped = wrap_model(self.model, self.env, cfg.distributed)
+        self.forward_model: torch.nn.Module = (
+            torch.compile(wrapped) if cfg.train.compile else wrapped  # type: ignore[assignment]
+        )
+        self.autocast = torch.bfloat16 if cfg.train.precision == "bf16" else None
+        self.n_params = count_parameters(model)
+
+    def _build_components(self) -> None:
+        cfg = self.cfg
+        self.buffer = None
+        self.reptile = None
+        if self.plan.n_replay > 0:
+            from cptrain.replay.buffer import ReplayBuffer
+
+            self.buffer = ReplayBuffer(
+                cfg.replay,
+                Path(cfg.replay.dir) if cfg.replay.dir else self.run_dir.path / "replay",
+                row_len=self.data.window_len,
+                vocab_size=self.data.vocab_size,
+                seed=cfg.seed,
+                run_id=self.state.run_id,
+                rank=self.env.rank,
+                world_size=self.env.world_size,
+                resolver=lambda task_id, idx: self.streams[task_id].rows(idx),
+            )
+        if cfg.reptile.enabled:
+            from cptrain.reptile import Reptile
+
+            self.reptile = Reptile(
+                self.model.named_parameters(),
+                cfg.reptile,
+                track_displacement=cfg.diagnostics.every > 0,
+            )
+            self.reptile.attach(self.optimizer)
+        self.diagnostics = GradientDiagnostics(
+            cfg.diagnostics.every, cfg.seed, max(1, round(0.25 * cfg.train.batch_size))
+        )
+        ck = self.checkpoints
+        ck.meta = {
+            "config": cfg.model_dump(mode="json"),
+            "tokenizer_sha256": self.data.tokenizer_sha256,
+        }
+        ck.register("trainer", self.state, required=True)
+        ck.register("sampler", self.sampler, required=True)
+        ck.register("diagnostics", self.diagnostics)
+        if self.reptile is not None:
+            ck.register("reptile", self.reptile, required=True)
+        if self.buffer is not None:
+            ck.register("replay", self.buffer, per_rank=True)
+
+    def _builtin_hooks(self, progress: bool) -> list[H.Hook]:
+        return [
+            self.diagnostics,
+            H.ReptileBoundary(),
+            H.Throughput(),
+            H.MetricsLogger(),
+            H.ProgressBar(progress),
+            H.PeriodicEval(self.cfg.eval.every),
+            H.CheckpointInterval(),
+            H.TaskExport(),
+        ]
+
+    # ---------------------------------------------------------------- resume
+    def _start_fresh(self) -> str:
+        run_id = self.env.broadcast_object(
+            self.run_dir.attempt_run_id() if self.env.is_main else None
+        )
+        self.run_dir.write_config(self.cfg)
+        self.run_dir.metrics.clear()
+        return run_id
+
+    def _check_resumable(self, allow_config_change: bool) -> tuple[Path, str]:
+        """The checkpoint to resume and its run id, after every compatibility check."""
+        path, state = self.checkpoints.resume_point(
+            config=self.cfg.model_dump(mode="json"),
+            model_vocab=self.model.config.vocab_size,
+            tokenizer_sha256=self.data.tokenizer_sha256,
+            data_dir=self.data.dir,
+            allow_config_change=allow_config_change,
+        )
+        return path, str(state["trainer"]["run_id"])
+
+    def _restore(self, path: Path) -> None:
+        self.checkpoints.restore(path)
+        self.run_dir.metrics.truncate_after(self.state.step)
+        if self.env.is_main:
+            total = self.plan.total_steps
+            print(f"resuming from {path} (step {self.state.step} of {total})")
+
+    # ------------------------------------------------------------------ loop
+    @property
+    def finished(self) -> bool:
+        return self.state.task_idx >= len(self.plan.task_steps)
+
+    @property
+    def at_task_end(self) -> bool:
+        """The step just taken was the current task's last."""
+        t = self.state.task_idx
+        return not self.finished and self.state.task_step == self.plan.task_steps[t]
+
+    @property
+    def task_name(self) -> str:
+        return self.task_names[min(self.state.task_idx, len(self.task_names) - 1)]
+
+    def _stopped(self) -> bool:
+        return self.stop_after is not None and self.state.step >= self.stop_after
+
+    def _fire(self, event: str, *args: Any) -> None:
+        for hook in self.hooks:
+            getattr(hook, event)(self, *args)
+
+    def run(self) -> dict[str, Any]:
+        self.start()
+        try:
+            while not self.finished and not self._stopped():
+                t = self.state.task_idx
+                if self.state.task_step == 0:
+                    self._fire("on_task_start", t)
+                while self.state.task_step < self.plan.task_steps[t] and not self._stopped():
+                    self.step(t)
+                if self.at_task_end:
+                    self.finish_task(t)
+            if self.finished:
+                # A kill between the last checkpoint and its summary leaves an older
+                # summary.json; a resume that finds the run finished rewrites it.
+                self.write_summary()
+        finally:
+            self.stop()
+        return self.summary()
+
+    def start(self) -> None:
+        """Start the prefetcher and the hooks (``run()`` does; benches driving ``step()``
+        themselves call it first, and ``stop()`` at the end)."""
+        if self.buffer is not None:
+            self.buffer.start_prefetch(
+                self.plan.upcoming(self.state.step, self.state.task_idx, self.state.task_step)
+            )
+        self._wall_mark = time.perf_counter()
+        self._fire("on_run_start")
+
+    def stop(self) -> None:
+        self._fire("on_run_end")
+        self.close()
+
+    def step(self, task_idx: int) -> dict[str, Any]:
+        """One optimizer step and what the hooks do after it (log, progress, eval, save)."""
+        record = self.train_step(task_idx)
+        self._fire("on_step_end", record)
+        return record
+
+    def train_step(self, task_idx: int) -> dict[str, Any]:
+        """One optimizer step on the current task's fresh rows and the replayed rows."""
+        lr = self.schedule.lr(self.state.step)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        fresh, used = self.sampler.draw(task_idx, self.state.step)
+        replay = None
+        if self.buffer is not None:
+            replay = self.buffer.draw(
+                self.state.step, self.plan.n_replay_local, current_task=task_idx
+            )
+        rows_np = fresh if replay is None or len(replay) == 0 else np.concatenate([fresh, replay])
+        top = int(rows_np.max())
+        if top >= self.model.config.vocab_size:
+            raise DataError(
+                f"token id {top} in task {self.task_names[task_idx]} is >= the model's vocabulary "
+                f"({self.model.config.vocab_size}); the shards do not match the model's tokenizer"
+            )
+        extra: dict[str, Any] = {}
+        for hook in self.hooks:
+            extra.update(hook.before_step(self, H.Batch(task_idx, fresh, replay)))
+        n_rep_local = 0 if replay is None else len(replay)
+        n_rep = int(round(self.env.sum_scalar(n_rep_local))) if self.env.active else n_rep_local
+        loss, gnorm = self._forward_backward_step(torch.from_numpy(rows_np), n_rep)
+        if self.buffer is not None:
+            for t, idx in used:
+                part_rows = self.streams[t].rows(idx) if len(used) > 1 else fresh
+                self.buffer.add(part_rows, task_id=t, step=self.state.step, refs=idx)
+        n_global = self.plan.n_fresh + n_rep
+        self.state.fresh_tokens += self.plan.n_fresh * self.plan.seq_len
+        self.state.replay_tokens += n_rep * self.plan.seq_len
+        self.state.step += 1
+        self.state.task_step += 1
+        rec: dict[str, Any] = {
+            "loss": loss,
+            "lr": lr,
+            "grad_norm": gnorm,
+            "replay_rows": n_rep,
+            "effective_alpha": n_rep / n_global,
+            **extra,
+        }
+        cos = getattr(self.reptile, "last_displacement_cosine", None)
+        if cos is not None:
+            rec["reptile_displacement_cos"] = cos
+        return rec
+
+    def _forward_backward_step(self, rows: torch.Tensor, n_rep: int) -> tuple[float, float]:
+        """Micro-batches, gradient sync on the last, clip, step (Reptile's hook inside), zero."""
+        rows = rows.to(self.env.device)
+        n_global = self.plan.n_fresh + n_rep
+        # Gradients are averaged over ranks, so each row weighs world/global: the result is the
+        # mean loss over the whole global batch, whatever the split.
+        scale = self.env.world_size / n_global
+        mb = self.cfg.micro_batch_size
+        loss_sum = 0.0
+        starts = list(range(0, rows.shape[0], mb))
+        for i, start in enumerate(starts):
+            part = rows[start : start + mb]
+            with set_grad_sync(self.forward_model, self.env, i == len(starts) - 1):
+                loss = token_loss(self.forward_model, part, self.autocast)
+                (loss * (part.shape[0] * scale)).backward()
+            loss_sum += float(loss.detach()) * part.shape[0]
+        total_loss = self.env.sum_scalar(loss_sum) / n_global
+        gnorm = float("nan")
+        if self.cfg.train.grad_clip > 0:
+            gnorm = float(
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
+            )
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total_loss, gnorm
+
+    def evaluate(self, kind: str | None = None) -> dict[str, float]:
+        """Every task's validation loss; with ``kind``, hooks see it (and log it)."""
+        losses = evaluate_tasks(
+            self.model,
+            self.data.val_sets,
+            window_len=self.data.window_len,
+            windows=self.cfg.eval.windows,
+            batch_size=self.cfg.eval.batch_size,
+            autocast=self.autocast,
+            device=self.env.device,
+        )
+        if kind is not None:
+            self._fire("on_eval", losses, kind)
+        return losses
+
+    def finish_task(self, t: int) -> None:
+        """Evaluate, fill the loss matrix row, let hooks export, then checkpoint."""
+        losses = self.evaluate("task_end")
+        self.state.loss_matrix.append([losses[n] for n in self.task_names])
+        self._fire("on_task_end", t, losses)
+        self.state.task_idx += 1
+        self.state.task_step = 0
+        self.save()
+        self.write_summary()
+
+    def save(self) -> Path:
+        now = time.perf_counter()
+        self.state.wall_s += now - self._wall_mark
+        self._wall_mark = now
+        return self.checkpoints.save(self.state.step)
+
+    def export(self, out: Path) -> None:
+        export_model(self.model, self.env, out, self.data.tokenizer_dir)
+
+    def close(self) -> None:
+        self.run_dir.metrics.close()
+        if self.buffer is not None:
+            self.buffer.close()
+
+    # ---------------------------------------------------------------- summary
+    def summary(self) -> dict[str, Any]:
+        return run_summary(self)
+
+    def write_summary(self) -> None:
+        self.run_dir.write_summary(self.summary())
+
+
+def train(
+    cfg: RunConfig,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    allow_config_change: bool = False,
+) -> dict[str, Any]:
+    trainer = Trainer(
+        cfg, resume=resume, progress=progress, allow_config_change=allow_config_change
+    )
+    env = trainer.env
+    try:
+        return trainer.run()
+    finally:
+        # DDP's reducer holds the process group: free it while every rank is still up, or the
+        # gloo group's destructor can wait forever on a peer that has already exited.
+        del trainer
+        gc.collect()
+        shutdown(env)
