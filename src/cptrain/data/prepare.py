@@ -3,9 +3,16 @@
 Output layout (``OUT`` = ``out_dir``)::
 
     OUT/tokenizer/            save_pretrained directory
-    OUT/<task>/train/         token shards (see shards.py)
+    OUT/<task>/train/         token shards (see shards.py); absent for an evaluation-only task
     OUT/<task>/val/
-    OUT/prepare.json          settings, tokenizer sha256, counts, inputs fingerprint
+    OUT/prepare.json          settings, tokenizer sha256 and separators, counts, inputs fingerprint
+
+Documents end with the tokenizer's EOS. When ``tokenizer.path`` is a Hugging Face model
+directory (config.json beside tokenizer.json), they are framed the model's way instead: its EOS
+after, and its BOS before each document where the model uses one (see
+``tokenizer.document_separators``); prepare.json and the shard manifests record the ids.
+A task given only ``val`` inputs is evaluation-only: it gets a val split and no train split,
+and its text is not used to train the tokenizer.
 
 Everything is built in a hidden sibling directory that replaces ``OUT`` only once complete.
 Relative input paths are resolved against the current directory.
@@ -33,6 +40,11 @@ from cptrain.data.readers import iter_documents_many, list_sources, source_files
 from cptrain.data.shards import ShardSet, ShardWriter
 from cptrain.data.tokenizer import (
     MIN_VOCAB_SIZE,
+    MODEL_CONFIG,
+    MODEL_TOKENIZER_FILES,
+    Separators,
+    document_separators,
+    is_model_dir,
     load_tokenizer,
     save_tokenizer,
     tokenizer_sha256,
@@ -62,7 +74,7 @@ class TokenizerSection(StrictModel):
 
 class TaskInputs(StrictModel):
     name: str = Field(pattern=_TASK_NAME)
-    train: list[Path] = Field(min_length=1)
+    train: list[Path] = Field(default_factory=list)  # empty (with val): evaluation-only task
     val: list[Path] = Field(default_factory=list)  # empty: hold out val_fraction of train docs
 
     @field_validator("name")
@@ -71,6 +83,17 @@ class TaskInputs(StrictModel):
         if name == TOKENIZER_DIR:
             raise ValueError(f"{name!r} is reserved for the tokenizer directory; rename the task")
         return name
+
+    @model_validator(mode="after")
+    def _has_inputs(self) -> TaskInputs:
+        if not self.train and not self.val:
+            raise ValueError(f"task {self.name!r} has no inputs; give it train inputs, or only "
+                             "val inputs for an evaluation-only task")
+        return self
+
+    @property
+    def splits(self) -> tuple[str, ...]:
+        return SPLITS if self.train else ("val",)
 
 
 class PrepareConfig(StrictModel):
@@ -90,6 +113,10 @@ class PrepareConfig(StrictModel):
             if task.name.lower() in seen:
                 raise ValueError(f"task name {task.name!r} is used twice; names must be unique")
             seen.add(task.name.lower())
+        if self.tokenizer.path is None and not any(t.train for t in self.tasks):
+            raise ValueError("every task is evaluation-only (no train inputs), so there is no "
+                             "text to train a tokenizer on; set tokenizer.path or give a task "
+                             "train inputs")
         return self
 
 
@@ -147,6 +174,10 @@ def open_split(out_dir: Path, task: str, split: str) -> ShardSet:
                         "fix the task name or add the task to the prepare config")
     if split not in SPLITS:
         raise DataError(f"split {split!r} does not exist; use one of {', '.join(SPLITS)}")
+    if split not in info["tasks"][task]:
+        raise DataError(f"task {task!r} is evaluation-only in {out_dir} (prepared from val "
+                        f"inputs alone), so it has no {split} split; evaluate it only "
+                        "(data.eval_only) or give it train inputs and re-run `cptrain prepare`")
     shards = ShardSet(Path(out_dir) / task / split, name=task)
     expected = info["tokenizer"]["sha256"]
     if shards.tokenizer_sha256 != expected:
@@ -209,17 +240,25 @@ def _settings(cfg: PrepareConfig) -> dict[str, Any]:
 
 
 def _inputs_fingerprint(plan: dict[str, dict[str, list[Path]]], tok_path: Path | None) -> str:
-    """sha256 over every input file's path, size and mtime, in reading order."""
+    """sha256 over every input file's path, size and mtime, in reading order.
+
+    Of a model directory only the files that decide its tokenizer and separators count (new
+    weights saved there change nothing prepared)."""
     h = hashlib.sha256()
-    groups = [(f"{task}/{split}", srcs) for task, splits in plan.items()
-              for split, srcs in splits.items()]
+    groups = [(f"{task}/{split}", [f for src in srcs for f in source_files(src)])
+              for task, splits in plan.items() for split, srcs in splits.items()]
     if tok_path is not None:
-        groups.append(("tokenizer", [Path(tok_path).resolve()]))
-    for label, srcs in groups:
-        for src in srcs:
-            for file in source_files(src):
-                st = file.stat()
-                h.update(f"{label}\t{file}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+        root = Path(tok_path).resolve()
+        if is_model_dir(root):
+            h.update(b"model-separators-v1\n")  # outputs from before model separators rebuild
+            files = [root / n for n in MODEL_TOKENIZER_FILES if (root / n).is_file()]
+        else:
+            files = source_files(root)
+        groups.append(("tokenizer", files))
+    for label, files in groups:
+        for file in files:
+            st = file.stat()
+            h.update(f"{label}\t{file}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
     return h.hexdigest()
 
 
@@ -230,8 +269,8 @@ def _up_to_date(out: Path, settings: dict[str, Any], fingerprint: str) -> bool:
             return False
         if not (out / TOKENIZER_DIR / "tokenizer.json").is_file():
             return False
-        for task in info["tasks"]:
-            for split in SPLITS:
+        for task, splits in info["tasks"].items():
+            for split in splits:
                 ShardSet(out / task / split, name=task)
     except (DataError, KeyError, TypeError):
         return False
@@ -282,7 +321,8 @@ def _build(
     start = time.monotonic()
     tok = _make_tokenizer(cfg, staging / TOKENIZER_DIR, progress)
     sha = tokenizer_sha256(tok)
-    tasks = {t.name: _write_task(cfg, t, tok, sha, staging, progress) for t in cfg.tasks}
+    seps = document_separators(tok, cfg.tokenizer.path)
+    tasks = {t.name: _write_task(cfg, t, tok, seps, sha, staging, progress) for t in cfg.tasks}
     return {
         "format": FORMAT,
         "settings": settings,
@@ -291,8 +331,11 @@ def _build(
             "path": TOKENIZER_DIR,
             "sha256": sha,
             "vocab_size": len(tok),
-            "eos_id": tok.eos_token_id,
-            "eos_token": tok.eos_token,
+            "eos_id": seps.eos_id,
+            "eos_token": seps.eos_token,
+            "bos_id": seps.bos_id,  # null: documents have no BOS
+            "bos_token": seps.bos_token,
+            "separators": seps.source,  # "tokenizer" or "model" (a model directory's own)
         },
         "inputs_fingerprint": fingerprint,
         "tasks": tasks,
@@ -303,18 +346,33 @@ def _build(
 def _make_tokenizer(cfg: PrepareConfig, out_dir: Path, progress: bool) -> PreTrainedTokenizerFast:
     if cfg.tokenizer.path is not None:
         tok = load_tokenizer(cfg.tokenizer.path)
+        _check_model_vocab(tok, Path(cfg.tokenizer.path))
         save_tokenizer(tok, out_dir)  # a copy keeps the prepared directory self-contained
         return tok
-    share = max(1, cfg.tokenizer.train_bytes // len(cfg.tasks))
+    trained = [t for t in cfg.tasks if t.train]  # evaluation-only tasks stay unseen
+    share = max(1, cfg.tokenizer.train_bytes // len(trained))
     _say(f"cptrain prepare: training a {cfg.tokenizer.vocab_size}-token BPE tokenizer on up to "
          f"{cfg.tokenizer.train_bytes / 1e6:.1f} MB", progress)
-    texts = (doc for t in cfg.tasks for doc in _tokenizer_texts(cfg, t, share))
+    texts = (doc for t in trained for doc in _tokenizer_texts(cfg, t, share))
     tok = train_tokenizer(texts, cfg.tokenizer.vocab_size, out_dir,
                           max_bytes=cfg.tokenizer.train_bytes, progress=progress)
     if len(tok) < cfg.tokenizer.vocab_size:
         logger.warning("tokenizer vocabulary is %d, below the requested %d: too little text",
                        len(tok), cfg.tokenizer.vocab_size)
     return tok
+
+
+def _check_model_vocab(tok: PreTrainedTokenizerFast, path: Path) -> None:
+    """Warn when a model directory's tokenizer has ids its embedding cannot look up."""
+    if not is_model_dir(path):
+        return
+    try:
+        rows = json.loads((path / MODEL_CONFIG).read_text(encoding="utf-8")).get("vocab_size")
+    except (OSError, ValueError, UnicodeDecodeError, AttributeError):
+        return
+    if isinstance(rows, int) and len(tok) > rows:
+        logger.warning("%s: the tokenizer has %d tokens but the model's vocab_size is %d; "
+                       "token ids from %d on cannot be embedded", path, len(tok), rows, rows)
 
 
 def _tokenizer_texts(cfg: PrepareConfig, task: TaskInputs, share: int) -> Iterator[str]:
@@ -342,19 +400,20 @@ def _write_task(
     cfg: PrepareConfig,
     task: TaskInputs,
     tok: PreTrainedTokenizerFast,
+    seps: Separators,
     sha: str,
     staging: Path,
     progress: bool,
 ) -> dict[str, Any]:
     writers = {
-        split: ShardWriter(staging / task.name / split, len(tok), tok.eos_token_id, sha,
-                           max_tokens_per_file=cfg.shard_tokens)
-        for split in SPLITS
+        split: ShardWriter(staging / task.name / split, len(tok), seps.eos_id, sha,
+                           max_tokens_per_file=cfg.shard_tokens, bos_id=seps.bos_id)
+        for split in task.splits
     }
     try:
         with _progress_bar(task.name, progress) as bar:
             if task.val:
-                for split in SPLITS:
+                for split in task.splits:
                     docs = iter_documents_many(getattr(task, split), cfg.text_key)
                     _encode_into(docs, lambda _d, w=writers[split]: w, tok, cfg.batch_size, bar)
             else:

@@ -1,8 +1,9 @@
 """Flat token shards: writing them crash-safely and reading training windows through np.memmap.
 
 A split directory holds ``shard_00000.bin``, ``shard_00001.bin``, ... (raw little-endian uint16
-when the vocabulary fits, else uint32; every document's tokens followed by EOS; a document may
-continue in the next file) and ``manifest.json``. The directory is built under a hidden temporary
+when the vocabulary fits, else uint32; every document's tokens followed by EOS, and preceded by
+BOS when the manifest has a ``bos_id``; a document may continue in the next file) and
+``manifest.json``. The directory is built under a hidden temporary
 name, the manifest is written last and the directory is renamed into place, so a split that has a
 manifest is complete.
 """
@@ -45,20 +46,25 @@ class ShardWriter:
         eos_id: int,
         tokenizer_sha256: str,
         max_tokens_per_file: int = DEFAULT_MAX_TOKENS_PER_FILE,
+        bos_id: int | None = None,
     ) -> None:
         if not 0 <= eos_id < vocab_size:
             raise ValueError(f"eos_id {eos_id} is outside the vocabulary [0, {vocab_size})")
+        if bos_id is not None and not 0 <= bos_id < vocab_size:
+            raise ValueError(f"bos_id {bos_id} is outside the vocabulary [0, {vocab_size})")
         if max_tokens_per_file < 1:
             raise ValueError(f"max_tokens_per_file must be >= 1, got {max_tokens_per_file}")
         self.out_dir = Path(out_dir)
         self.vocab_size = vocab_size
         self.eos_id = eos_id
+        self.bos_id = bos_id
         self.tokenizer_sha256 = tokenizer_sha256
         self.max_tokens_per_file = max_tokens_per_file
         self.dtype = shard_dtype(vocab_size)
         self.num_tokens = 0
         self.num_documents = 0
         self._eos = np.array([eos_id], dtype=self.dtype)
+        self._bos = None if bos_id is None else np.array([bos_id], dtype=self.dtype)
         self._pending: list[np.ndarray] = []
         self._pending_tokens = 0
         self._files: list[dict[str, Any]] = []
@@ -70,7 +76,8 @@ class ShardWriter:
         self._tmp.mkdir()
 
     def append(self, ids: np.ndarray | Sequence[int]) -> None:
-        """Add one document's token ids; EOS is appended here, not by the caller."""
+        """Add one document's token ids; BOS (if any) and EOS are added here, not by the
+        caller."""
         if self._closed:
             raise RuntimeError("ShardWriter is closed")
         arr = np.asarray(ids)
@@ -81,6 +88,9 @@ class ShardWriter:
                 f"token id {int(arr.max())} or {int(arr.min())} is outside the vocabulary "
                 f"[0, {self.vocab_size}); the tokenizer and vocab_size disagree"
             )
+        if self._bos is not None:
+            self._pending.append(self._bos)
+            self._pending_tokens += 1
         self._pending += [arr.astype(self.dtype, copy=False), self._eos]
         self._pending_tokens += arr.size + 1
         self.num_documents += 1
@@ -122,7 +132,7 @@ class ShardWriter:
             self.close()
 
     def _manifest(self) -> dict[str, Any]:
-        return {
+        manifest = {
             "format": FORMAT,
             "dtype": self.dtype.name,
             "num_tokens": self.num_tokens,
@@ -132,6 +142,9 @@ class ShardWriter:
             "tokenizer_sha256": self.tokenizer_sha256,
             "files": self._files,
         }
+        if self.bos_id is not None:  # absent: no BOS (manifests without BOS stay as they were)
+            manifest["bos_id"] = self.bos_id
+        return manifest
 
     def _flush(self) -> None:
         if not self._pending:
@@ -179,6 +192,7 @@ class ShardSet:
         self.num_documents: int = m["num_documents"]
         self.vocab_size: int = m["vocab_size"]
         self.eos_id: int = m["eos_id"]
+        self.bos_id: int | None = m.get("bos_id")
         self.tokenizer_sha256: str = m["tokenizer_sha256"]
         self.dtype = np.dtype(m["dtype"]).newbyteorder("<")
         self.verify(full=False)
@@ -307,6 +321,9 @@ def _check_manifest(m: Any) -> None:
     for key in ("num_tokens", "num_documents", "vocab_size", "eos_id"):
         if not isinstance(m[key], int) or m[key] < 0:
             raise ValueError(f"{key} is not a non-negative integer")
+    bos = m.get("bos_id")
+    if bos is not None and (not isinstance(bos, int) or not 0 <= bos < m["vocab_size"]):
+        raise ValueError("bos_id is not a token id of the vocabulary")
     if not isinstance(m["tokenizer_sha256"], str):
         raise ValueError("tokenizer_sha256 is not a string")
     for f in m["files"]:

@@ -3,13 +3,20 @@
 A trained tokenizer has one special token, ``<|endoftext|>``, used as EOS between documents and
 as BOS/PAD where Hugging Face code asks for one. ``tokenizer_sha256`` fingerprints a tokenizer so
 token shards can be tied to the tokenizer that produced them.
+
+A Hugging Face *model* directory (``config.json`` beside the tokenizer files) brings its own
+document separators: ``document_separators`` picks the model's EOS (and BOS, where the model's
+tokenizer adds one), and ``model_tokenizer_sha256`` fingerprints the tokenizer of such a
+directory exactly as ``cptrain prepare`` records it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +33,26 @@ DEFAULT_MAX_BYTES = 50_000_000
 EOS_CANDIDATES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|eos|>")
 # Runtime state, not vocabulary: Hugging Face code toggles these on the backend.
 _VOLATILE_KEYS = ("truncation", "padding")
+MODEL_CONFIG = "config.json"
+# The files of a model directory that decide its tokenizer and separators (not its weights).
+MODEL_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                         "added_tokens.json", MODEL_CONFIG, "generation_config.json")
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Separators:
+    """The token ids that frame each document in the shards: ``[bos] tokens eos``.
+
+    ``source`` is "tokenizer" (the tokenizer's EOS, no BOS: cptrain's own tokenizers and bare
+    tokenizer files/directories) or "model" (a Hugging Face model directory's own EOS/BOS).
+    """
+
+    eos_id: int
+    eos_token: str
+    bos_id: int | None = None
+    bos_token: str | None = None
+    source: str = "tokenizer"
 
 
 def train_tokenizer(
@@ -94,8 +121,9 @@ def load_tokenizer(path: Path) -> PreTrainedTokenizerFast:
             "or a Hugging Face tokenizer directory"
         )
     if path.is_dir() and not (path / "tokenizer.json").is_file():
+        kind = "model" if is_model_dir(path) else "tokenizer"
         raise DataError(
-            f"tokenizer directory {path} has no tokenizer.json; save a fast tokenizer there "
+            f"{kind} directory {path} has no tokenizer.json; save a fast tokenizer there "
             "(save_pretrained) or point at a tokenizer.json file"
         )
     try:
@@ -110,6 +138,115 @@ def load_tokenizer(path: Path) -> PreTrainedTokenizerFast:
                         "re-create it or point at another tokenizer") from None
     _ensure_eos(tok, path)
     return tok
+
+
+def is_model_dir(path: Path | str | None) -> bool:
+    """A Hugging Face model directory: a directory with ``config.json``."""
+    return path is not None and Path(path).is_dir() and (Path(path) / MODEL_CONFIG).is_file()
+
+
+def model_tokenizer_sha256(model_dir: Path | str) -> str | None:
+    """sha256 of a model directory's tokenizer as ``cptrain prepare`` records it (prepare.json
+    ``tokenizer.sha256`` and every shard manifest's ``tokenizer_sha256``) when that directory
+    is the prepare config's ``tokenizer.path``; None when the directory has no tokenizer.json.
+
+    DataError when the directory does not exist or its tokenizer cannot be loaded."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise DataError(f"model directory {model_dir} does not exist; fix the path")
+    if not (model_dir / "tokenizer.json").is_file():
+        return None
+    return tokenizer_sha256(load_tokenizer(model_dir))
+
+
+def model_separators(model_dir: Path | str) -> Separators | None:
+    """The separators prepare uses with this model directory as ``tokenizer.path`` (None when
+    it has no tokenizer.json); compare with prepare.json ``tokenizer.eos_id``/``bos_id``."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise DataError(f"model directory {model_dir} does not exist; fix the path")
+    if not (model_dir / "tokenizer.json").is_file():
+        return None
+    return document_separators(load_tokenizer(model_dir), model_dir)
+
+
+def document_separators(tok: PreTrainedTokenizerFast, path: Path | str | None) -> Separators:
+    """The separators prepare frames documents with when ``tok`` was loaded from ``path``.
+
+    For anything but a model directory: the tokenizer's EOS after each document, no BOS (what
+    cptrain always did). For a model directory: the model's EOS, i.e. the tokenizer's EOS when
+    config.json (or generation_config.json) does not name another one, else the first id it
+    names; and the tokenizer's BOS before each document when the model uses one:
+    tokenizer_config.json says ``add_bos_token: true`` (``false`` says it does not), or, when
+    it says neither, the tokenizer's post-processor prepends it."""
+    if path is None or not is_model_dir(path):
+        return Separators(int(tok.eos_token_id), str(tok.eos_token))
+    model_dir = Path(path)
+    eos_id = _model_eos_id(tok, model_dir)
+    bos_id = _model_bos_id(tok, model_dir)
+    return Separators(
+        eos_id=eos_id,
+        eos_token=str(tok.convert_ids_to_tokens(eos_id)),
+        bos_id=bos_id,
+        bos_token=None if bos_id is None else str(tok.convert_ids_to_tokens(bos_id)),
+        source="model",
+    )
+
+
+def _read_json(file: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError, UnicodeDecodeError):
+        raise DataError(f"{file} is not valid JSON; repair or re-save the model directory"
+                        ) from None
+    return data if isinstance(data, dict) else {}
+
+
+def _declared_ids(value: Any) -> list[int]:
+    values = value if isinstance(value, list) else [value]
+    return [v for v in values if isinstance(v, int) and not isinstance(v, bool) and v >= 0]
+
+
+def _model_eos_id(tok: PreTrainedTokenizerFast, model_dir: Path) -> int:
+    tok_eos = int(tok.eos_token_id)
+    declared = (_declared_ids(_read_json(model_dir / MODEL_CONFIG).get("eos_token_id"))
+                or _declared_ids(_read_json(model_dir / "generation_config.json")
+                                 .get("eos_token_id")))
+    if not declared or tok_eos in declared:
+        return tok_eos
+    eos_id = declared[0]
+    if eos_id >= len(tok):
+        raise DataError(
+            f"{model_dir / MODEL_CONFIG} names eos_token_id {eos_id}, outside its tokenizer's "
+            f"{len(tok)} tokens; fix eos_token_id there or the tokenizer's eos_token"
+        )
+    logger.warning("%s: the model's eos_token_id %d (%s) is not the tokenizer's EOS %d (%s); "
+                   "documents end with the model's", model_dir, eos_id,
+                   tok.convert_ids_to_tokens(eos_id), tok_eos, tok.eos_token)
+    return eos_id
+
+
+def _model_bos_id(tok: PreTrainedTokenizerFast, model_dir: Path) -> int | None:
+    bos_id = tok.bos_token_id
+    if tok.bos_token is None or bos_id is None:
+        return None
+    flag = _read_json(model_dir / "tokenizer_config.json").get("add_bos_token")
+    if isinstance(flag, bool):
+        return int(bos_id) if flag else None
+    backend = tok.backend_tokenizer
+    saved, backend.encode_special_tokens = backend.encode_special_tokens, True
+    try:
+        plain = backend.encode("a", add_special_tokens=False).ids
+        framed = backend.encode("a", add_special_tokens=True).ids
+    finally:
+        backend.encode_special_tokens = saved
+    # What the post-processor puts before the text (the text itself may contain bos_id).
+    n = len(plain)
+    starts = [k for k in range(len(framed) - n + 1) if n and framed[k : k + n] == plain]
+    prefix = framed[: starts[0]] if starts else framed[:1]
+    return int(bos_id) if bos_id in prefix else None
 
 
 def tokenizer_sha256(tok: Any) -> str:
@@ -154,6 +291,10 @@ def _ensure_eos(tok: PreTrainedTokenizerFast, path: Path) -> None:
     specials = {t.content for t in tok.backend_tokenizer.get_added_tokens_decoder().values()
                 if t.special}
     found = next((name for name in EOS_CANDIDATES if name in specials), None)
+    if is_model_dir(path):  # the model's config names its EOS even when the tokenizer does not
+        declared = _declared_ids(_read_json(path / MODEL_CONFIG).get("eos_token_id"))
+        if declared and declared[0] < len(tok):
+            found = str(tok.convert_ids_to_tokens(declared[0]))
     if found is None:
         if path.is_dir():
             fix = f'set "eos_token" in {path / "tokenizer_config.json"} to one of its tokens'
