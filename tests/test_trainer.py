@@ -172,8 +172,10 @@ def test_init_from_loads_weights_only(reference, make_config):
 
 
 def test_bad_data_errors(make_config, tmp_path):
+    unprepared = make_config("x", data={"tasks": ["email", "klingon"]})
     with pytest.raises(ConfigError, match="not in"):
-        Trainer(make_config("x", data={"tasks": ["email", "klingon"]}), progress=False)
+        Trainer(unprepared, progress=False)
+    assert not Path(unprepared.run_dir).exists(), "a data error left a run directory behind"
     with pytest.raises(DataError, match="fewer than one window"):
         Trainer(make_config("y", train={"seq_len": 100_000}), progress=False)
     with pytest.raises(DataError, match="cptrain prepare"):
@@ -239,6 +241,7 @@ def test_hooks_see_every_step_eval_and_task(make_config):
     assert [v for k, v in rec.events if k == "task_start"] == [0, 1]
     assert [v for k, v in rec.events if k == "task_end"] == [6, 12]
     assert [v for k, v in rec.events if k == "eval"] == [4, 8]  # not at the task ends
+    assert [v for k, v in rec.events if k == "before"] == [0]
     assert [v for k, v in rec.events if k == "task_end_hook"] == [0, 1]
 
 
@@ -268,3 +271,63 @@ def test_compile_and_bf16_run(make_config):
     )
     summary = train(cfg, progress=False)
     assert np.isfinite(summary["loss_matrix"]).all()
+
+
+def test_loss_before_is_the_starting_models_evaluation(reference, prepared_dir):
+    from cptrain.evaluate import evaluate_tasks
+    from cptrain.model import build_model
+    from cptrain.train.data import TrainingData
+
+    cfg, summary = reference("sequential")
+    data = TrainingData(cfg)
+    model = build_model("tiny", data.vocab_size, seed=cfg.seed, max_positions=2048)
+    want = evaluate_tasks(
+        model, data.val_sets, window_len=data.window_len, windows=cfg.eval.windows,
+        batch_size=cfg.eval.batch_size,
+    )
+    assert summary["loss_before"] == want
+    assert read_metrics(cfg.run_dir, "before")[0]["val_loss"] == want
+
+
+class BatchTaps(Hook):
+    def __init__(self) -> None:
+        self.rows: list[np.ndarray] = []
+
+    def before_step(self, trainer, batch):
+        self.rows.append(batch.fresh.copy())
+        return {}
+
+
+def test_eval_only_tasks_are_evaluated_but_never_trained(make_config, prepared_dir):
+    from cptrain.data.prepare import open_split
+    from cptrain.tables import run_report
+
+    taps = BatchTaps()
+    cfg = make_config("evalonly", data={"tasks": ["email", "xml"], "eval_only": ["asyncio"]})
+    summary = Trainer(cfg, progress=False, hooks=[taps]).run()
+    lm = np.array(summary["loss_matrix"])
+    assert lm.shape == (2, 3) and summary["eval_only"] == ["asyncio"]
+    assert set(summary["loss_before"]) == {"email", "xml", "asyncio"}
+    final, start = lm[-1, 2], summary["loss_before"]["asyncio"]
+    assert summary["eval_only_forgetting"]["asyncio"] == pytest.approx(final - start)
+    # forgetting / retained / learned are over the trained tasks only
+    assert summary["retained_loss"] == pytest.approx(lm[-1, :2].mean())
+    # every fresh row is a window of a trained task's training split
+    trained = set()
+    for name in ("email", "xml"):
+        shard = open_split(prepared_dir, name, "train")
+        n = shard.num_windows(33)
+        trained |= {r.tobytes() for r in shard.windows(np.arange(n), 33).astype(np.int64)}
+    rows = np.concatenate(taps.rows).astype(np.int64)
+    assert len(rows) == 12 * 8 and all(r.tobytes() in trained for r in rows)
+    text = run_report(summary)
+    assert "before" in text and "asyncio*" in text and "asyncio forgetting" in text
+
+
+def test_eval_only_errors(make_config):
+    with pytest.raises(ConfigError, match="both trained"):
+        make_config("x", data={"tasks": ["email", "xml"], "eval_only": ["xml"]})
+    with pytest.raises(ConfigError, match="data.eval_only: klingon not in"):
+        Trainer(
+            make_config("y", data={"tasks": ["email"], "eval_only": ["klingon"]}), progress=False
+        )

@@ -70,6 +70,18 @@ class DataConfig(StrictModel):
     joint_weights: list[float] | None = Field(
         default=None, description="method joint: task mixture weights (default: by tokens)"
     )
+    eval_only: list[str] = Field(
+        default_factory=list,
+        description="prepared tasks evaluated at every evaluation but never trained",
+    )
+
+    @field_validator("eval_only")
+    @classmethod
+    def _safe_eval_names(cls, v: list[str]) -> list[str]:
+        for name in v:
+            if not _NAME.match(name):
+                raise ValueError("task names use letters, digits, '_', '-', '.' only")
+        return v
 
     @field_validator("tasks", mode="before")
     @classmethod
@@ -86,6 +98,15 @@ class DataConfig(StrictModel):
             raise ValueError(f"task names must be unique; repeated: {', '.join(sorted(dup))}")
         if self.joint_weights is not None and len(self.joint_weights) != len(self.tasks):
             raise ValueError("joint_weights needs one weight per task")
+        trained = set(names) & set(self.eval_only)
+        if trained:
+            raise ValueError(
+                f"{', '.join(sorted(trained))} is both trained (data.tasks) and evaluation-only "
+                "(data.eval_only); list it in one of them"
+            )
+        dup = {n for n in self.eval_only if self.eval_only.count(n) > 1}
+        if dup:
+            raise ValueError(f"eval_only names must be unique; repeated: {', '.join(sorted(dup))}")
         return self
 
     def budget(self, task: TaskSpec) -> int:

@@ -55,6 +55,19 @@ def union_loss(task_losses: Sequence[float], weights: Sequence[float] | None = N
     return float((losses * w).sum() / w.sum())
 
 
+def forgetting_since_start(
+    loss_matrix: Sequence[Sequence[float]],
+    before: Sequence[float],
+    tasks: Sequence[str],
+    eval_only: Sequence[str],
+) -> dict[str, float]:
+    """Forgetting of each evaluation-only task: final loss − loss of the starting model
+    (positive = forgot). Its columns follow the trained tasks' in the matrix and in ``before``."""
+    m = _as_matrix(loss_matrix)
+    first = len(tasks)
+    return {name: float(m[-1, first + k] - before[first + k]) for k, name in enumerate(eval_only)}
+
+
 def summarize(loss_matrix: Sequence[Sequence[float]]) -> dict[str, object]:
     return {
         "forgetting": average_forgetting(loss_matrix),

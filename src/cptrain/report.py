@@ -495,8 +495,15 @@ def _loss_matrices(g: Groups) -> Section:
             if not runs:
                 continue
             m = np.mean([np.asarray(r.summary["loss_matrix"], dtype=float) for r in runs], axis=0)
+            eval_only = list(runs[0].summary.get("eval_only") or [])
+            columns = [*order, *eval_only]
             rows = [[f"after {order[i]}", *(f"{v:.3f}" for v in row)] for i, row in enumerate(m)]
-            row.tables.append(Table(["", *order], rows, f"{g.row_name(grp, order)} · {p}"))
+            befores = [r.summary.get("loss_before") or {} for r in runs]
+            if all(set(columns) <= set(b) for b in befores):
+                before = np.mean([[b[c] for c in columns] for b in befores], axis=0)
+                rows.insert(0, ["before", *(f"{v:.3f}" for v in before)])
+            header = ["", *order, *(f"{t} (eval only)" for t in eval_only)]
+            row.tables.append(Table(header, rows, f"{g.row_name(grp, order)} · {p}"))
     return sec
 
 

@@ -12,28 +12,52 @@ def _fmt(x: float | None, signed: bool = False) -> str:
     return f"{x:+.3f}" if signed else f"{x:.3f}"
 
 
-def loss_matrix_table(tasks: Sequence[str], matrix: Sequence[Sequence[float]]) -> str:
-    width = max(8, *(len(t) + 2 for t in tasks))
-    head = "after \\ on".ljust(12) + "".join(t.rjust(width) for t in tasks)
-    lines = [head]
+def loss_matrix_table(
+    tasks: Sequence[str],
+    matrix: Sequence[Sequence[float]],
+    *,
+    eval_only: Sequence[str] = (),
+    before: Mapping[str, float] | None = None,
+) -> str:
+    """Rows: ``before`` (the starting model, when given) then after each trained task;
+    columns: the trained tasks, then the evaluation-only ones (marked ``*``)."""
+    columns = [*tasks, *(f"{t}*" for t in eval_only)]
+    width = max(8, *(len(t) + 2 for t in columns))
+    label_w = max(12, *(len(t) + 2 for t in tasks))
+    lines = ["after \\ on".ljust(label_w) + "".join(t.rjust(width) for t in columns)]
+    if before:
+        cells = [before.get(t) for t in (*tasks, *eval_only)]
+        lines.append("before".ljust(label_w) + "".join(_fmt(v).rjust(width) for v in cells))
     for i, row in enumerate(matrix):
-        lines.append(tasks[i].ljust(12) + "".join(_fmt(v).rjust(width) for v in row))
+        lines.append(tasks[i].ljust(label_w) + "".join(_fmt(v).rjust(width) for v in row))
+    if eval_only:
+        lines.append("(* evaluation only: never trained)")
     return "\n".join(lines)
 
 
 def metrics_line(summary: Mapping[str, Any]) -> str:
-    return (
+    line = (
         f"forgetting {_fmt(summary.get('forgetting'), signed=True)}  "
         f"retained {_fmt(summary.get('retained_loss'))}  "
         f"learned {_fmt(summary.get('learned_loss'))}"
     )
+    for task, f in (summary.get("eval_only_forgetting") or {}).items():
+        line += f"  {task} forgetting (final − before) {_fmt(f, signed=True)}"
+    return line
 
 
 def run_report(summary: Mapping[str, Any], title: str | None = None) -> str:
     parts = []
     if title:
         parts.append(title)
-    parts.append(loss_matrix_table(summary["tasks"], summary["loss_matrix"]))
+    parts.append(
+        loss_matrix_table(
+            summary["tasks"],
+            summary["loss_matrix"],
+            eval_only=summary.get("eval_only") or (),
+            before=summary.get("loss_before") or None,
+        )
+    )
     parts.append(metrics_line(summary))
     if not summary.get("complete", True):
         parts.append("(incomplete run: rows so far)")

@@ -20,17 +20,21 @@ class TrainingData:
         self.prepared: dict[str, Any] = load_prepared(self.dir)
         self.tokenizer_dir = self.dir / "tokenizer"
         self.task_names = [t.name for t in cfg.data.tasks]
+        self.eval_only = list(cfg.data.eval_only)
+        # The loss matrix's columns: trained tasks in order, then evaluation-only tasks.
+        self.columns = [*self.task_names, *self.eval_only]
         known = list(self.prepared.get("tasks", {}))
-        missing = [n for n in self.task_names if n not in known]
-        if missing:
-            raise ConfigError(
-                f"data.tasks: {', '.join(missing)} not in {self.dir} (prepared tasks: "
-                f"{', '.join(known) or 'none'}); fix the task list or re-run `cptrain prepare`"
-            )
+        for key, names in (("data.tasks", self.task_names), ("data.eval_only", self.eval_only)):
+            missing = [n for n in names if n not in known]
+            if missing:
+                raise ConfigError(
+                    f"{key}: {', '.join(missing)} not in {self.dir} (prepared tasks: "
+                    f"{', '.join(known) or 'none'}); fix the task list or re-run `cptrain prepare`"
+                )
         self.window_len = cfg.train.seq_len + 1
         train_sets = {n: open_split(self.dir, n, "train") for n in self.task_names}
         self.val_sets: dict[str, ShardSet] = {
-            n: open_split(self.dir, n, "val") for n in self.task_names
+            n: open_split(self.dir, n, "val") for n in self.columns
         }
         # Full checksums once per start (~1 s per GB): a flipped byte that keeps token ids in
         # the vocabulary would otherwise train silently.
@@ -47,9 +51,23 @@ class TrainingData:
                     f"task {n}: validation split has {s.num_tokens} tokens, fewer than one "
                     f"window of {self.window_len}; lower train.seq_len or add validation text"
                 )
-        self.vocab_size = max(s.vocab_size for s in train_sets.values())
+        self.vocab_size = max(s.vocab_size for s in (*train_sets.values(), *self.val_sets.values()))
         self.train_tokens = [s.num_tokens for s in train_sets.values()]
 
     @property
     def tokenizer_sha256(self) -> str:
         return str(self.prepared["tokenizer"]["sha256"])
+
+    def check_model_tokenizer(self, model_dir: str) -> None:
+        """Refuse shards tokenized with another tokenizer than the ``init_from`` model's."""
+        from cptrain.data.tokenizer import model_tokenizer_sha256
+
+        if not Path(model_dir).is_dir():
+            return  # a .gguf file: its tokenizer is checked by the vocabulary bound
+        found = model_tokenizer_sha256(model_dir)
+        if found is not None and found != self.tokenizer_sha256:
+            raise DataError(
+                f"{self.dir} was tokenized with tokenizer {self.tokenizer_sha256[:12]} but the "
+                f"model.init_from model {model_dir} uses tokenizer {found[:12]}; prepare the "
+                f"data with `tokenizer: {{path: {model_dir}}}`"
+            )

@@ -134,15 +134,23 @@ class ProgressBar(Hook):
             )
         self._bar.update(1)
 
+    def on_eval(self, trainer: Trainer, losses: dict[str, float], kind: str) -> None:
+        if kind == "before" and not self.enabled and trainer.env.is_main:
+            print(f"before training: val loss {_losses(losses)}")
+
     def on_task_end(self, trainer: Trainer, task: int, losses: dict[str, float]) -> None:
         if not self.enabled and trainer.env.is_main:
-            row = ", ".join(f"{k} {v:.3f}" for k, v in losses.items())
-            print(f"after {trainer.task_names[task]} (step {trainer.state.step}): val loss {row}")
+            name, step = trainer.task_names[task], trainer.state.step
+            print(f"after {name} (step {step}): val loss {_losses(losses)}")
 
     def on_run_end(self, trainer: Trainer) -> None:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+
+def _losses(losses: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.3f}" for k, v in losses.items())
 
 
 class PeriodicEval(Hook):

@@ -14,6 +14,7 @@ class TrainerState:
     task_idx: int = 0  # task being trained (== number of tasks finished)
     task_step: int = 0  # steps completed inside the current task
     loss_matrix: list[list[float]] = field(default_factory=list)  # row i: after task i
+    loss_before: list[float] = field(default_factory=list)  # the starting model, per column
     fresh_tokens: int = 0
     replay_tokens: int = 0
     wall_s: float = 0.0
@@ -23,6 +24,8 @@ class TrainerState:
         return asdict(self)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if isinstance(state, dict):
+            state = {"loss_before": [], **state}  # checkpoints written before it existed
         known = {f.name for f in fields(self)}
         if not isinstance(state, dict) or not known <= set(state):
             missing = sorted(known - set(state or {}))

@@ -17,7 +17,13 @@ def run_summary(trainer: Trainer) -> dict[str, Any]:
     out: dict[str, Any] = {
         "config": trainer.cfg.model_dump(mode="json"),
         "tasks": trainer.task_names,
-        "loss_matrix": lm,
+        "eval_only": trainer.data.eval_only,
+        "loss_matrix": lm,  # columns: tasks, then eval_only
+        "loss_before": (
+            dict(zip(trainer.data.columns, state.loss_before, strict=True))
+            if state.loss_before
+            else {}
+        ),
         "steps": state.step,
         "task_steps": list(plan.task_steps),
         "fresh_tokens": state.fresh_tokens,
@@ -34,7 +40,11 @@ def run_summary(trainer: Trainer) -> dict[str, Any]:
     }
     if lm:
         out.update(metrics.summarize(lm))
-        out["union_loss"] = metrics.union_loss(lm[-1])
+        out["union_loss"] = metrics.union_loss(lm[-1][: len(trainer.task_names)])
+        if state.loss_before and trainer.data.eval_only:
+            out["eval_only_forgetting"] = metrics.forgetting_since_start(
+                lm, state.loss_before, trainer.task_names, trainer.data.eval_only
+            )
     if trainer.buffer is not None:
         out["replay"] = trainer.buffer.stats()
     out["flops"] = run_flops(out)

@@ -65,8 +65,8 @@ class Trainer:
         self.cfg = cfg
         self.stop_after = stop_after
         self.env = init_distributed(cfg.distributed)
+        self._open_data()  # first: a data error leaves no run directory behind
         self.run_dir = RunDir(Path(cfg.run_dir), resume=resume, is_main=self.env.is_main)
-        self._open_data()
         self._build_model()
         self.optimizer = build_optimizer(self.model, cfg.train, self.schedule.lr(0))
         self.checkpoints = CheckpointManager(
@@ -90,6 +90,8 @@ class Trainer:
     def _open_data(self) -> None:
         cfg = self.cfg
         self.data = TrainingData(cfg)
+        if cfg.model.init_from:
+            self.data.check_model_tokenizer(cfg.model.init_from)
         self.task_names = self.data.task_names
         self.streams = self.data.streams
         self.plan = BatchPlan.build(cfg, self.env.world_size, self.env.rank)
@@ -193,8 +195,7 @@ class Trainer:
         self.checkpoints.restore(path)
         self.run_dir.metrics.truncate_after(self.state.step)
         if self.env.is_main:
-            total = self.plan.total_steps
-            print(f"resuming from {path} (step {self.state.step} of {total})")
+            print(f"resuming from {path} (step {self.state.step} of {self.plan.total_steps})")
 
     # ------------------------------------------------------------------ loop
     @property
@@ -221,6 +222,9 @@ class Trainer:
     def run(self) -> dict[str, Any]:
         self.start()
         try:
+            if self.state.step == 0 and not self.state.loss_before:
+                losses = self.evaluate("before")
+                self.state.loss_before = [losses[n] for n in self.data.columns]
             while not self.finished and not self._stopped():
                 t = self.state.task_idx
                 if self.state.task_step == 0:
@@ -298,8 +302,7 @@ class Trainer:
             "effective_alpha": n_rep / n_global,
             **extra,
         }
-        cos = getattr(self.reptile, "last_displacement_cosine", None)
-        if cos is not None:
+        if (cos := getattr(self.reptile, "last_displacement_cosine", None)) is not None:
             rec["reptile_displacement_cos"] = cos
         return rec
 
@@ -330,7 +333,8 @@ class Trainer:
         return total_loss, gnorm
 
     def evaluate(self, kind: str | None = None) -> dict[str, float]:
-        """Every task's validation loss; with ``kind``, hooks see it (and log it)."""
+        """Every task's validation loss (evaluation-only tasks too); with ``kind``, hooks see
+        it (and log it)."""
         losses = evaluate_tasks(
             self.model,
             self.data.val_sets,
@@ -347,7 +351,7 @@ class Trainer:
     def finish_task(self, t: int) -> None:
         """Evaluate, fill the loss matrix row, let hooks export, then checkpoint."""
         losses = self.evaluate("task_end")
-        self.state.loss_matrix.append([losses[n] for n in self.task_names])
+        self.state.loss_matrix.append([losses[n] for n in self.data.columns])
         self._fire("on_task_end", t, losses)
         self.state.task_idx += 1
         self.state.task_step = 0
@@ -368,7 +372,6 @@ class Trainer:
         if self.buffer is not None:
             self.buffer.close()
 
-    # ---------------------------------------------------------------- summary
     def summary(self) -> dict[str, Any]:
         return run_summary(self)
 
