@@ -331,3 +331,22 @@ def test_eval_only_errors(make_config):
         Trainer(
             make_config("y", data={"tasks": ["email"], "eval_only": ["klingon"]}), progress=False
         )
+
+
+def test_merge_endpoints_reproduce_start_and_final_losses(reference, tmp_path):
+    from cptrain import cli
+
+    cfg, summary = reference("sequential")
+    sibling, _ = reference("replay")
+    run = tmp_path / "runs" / "seq"
+    skip = shutil.ignore_patterns("checkpoints", "replay")
+    shutil.copytree(cfg.run_dir, run, ignore=skip)
+    shutil.copytree(sibling.run_dir, tmp_path / "runs" / "replay", ignore=skip)
+    assert cli.main(["merge", str(run), "--lambdas", "0,0.5,1"]) == 0
+    result = json.loads((run / "merge" / "merge.json").read_text())
+    by = {r["lambda"]: r["val_loss"] for r in result["rows"]}
+    assert by[0.0] == summary["loss_before"]
+    assert [by[1.0][c] for c in result["columns"]] == summary["loss_matrix"][-1]
+    assert (run / "merge" / "merge.png").stat().st_size > 0
+    assert [s["run"] for s in result["siblings"]] == ["replay"]
+    assert result["old_domain"] == ["email"] and result["new_domain"] == ["xml", "asyncio"]

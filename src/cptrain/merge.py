@@ -1,0 +1,165 @@
+"""``cptrain merge RUN``: interpolate a run's final weights with its starting model.
+
+θ_λ = θ_start + λ(θ_final − θ_start) (``torch.lerp``, exact at λ = 0 and λ = 1) is evaluated on
+every task and evaluation-only task of the run, with the run's own evaluation settings. The
+table and a plot of old-domain loss against new-domain loss (the trade-off curve) go to
+``RUN/merge/``. Old domain: the evaluation-only tasks when the run has any, else the first task;
+new domain: the trained tasks (without evaluation-only ones, the tasks after the first). Sibling
+runs (other run directories next to RUN on the same tasks) are drawn as points on the same axes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cptrain import fsutil
+from cptrain.config import RunConfig, load_run_config
+from cptrain.errors import ConfigError
+
+DEFAULT_LAMBDAS = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def parse_lambdas(text: str) -> list[float]:
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"--lambdas {text!r}: give numbers like 0,0.25,0.5,0.75,1") from None
+    if not values or any(not np.isfinite(v) for v in values):
+        raise ConfigError(f"--lambdas {text!r}: give finite numbers like 0,0.25,0.5,0.75,1")
+    return values
+
+
+def _final_model_dir(run: Path, cfg: RunConfig) -> Path:
+    last = len(cfg.data.tasks) - 1
+    out = run / "models" / f"after_{last}_{cfg.data.tasks[last].name}"
+    if not (out / "config.json").is_file():
+        raise ConfigError(f"{run}: no {out.name} model (the run is not finished); finish it first")
+    return out
+
+
+def domains(summary: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """(old-domain columns, new-domain columns) of a run's loss matrix (module docstring)."""
+    tasks, eval_only = list(summary["tasks"]), list(summary.get("eval_only") or [])
+    if eval_only:
+        return eval_only, tasks
+    return tasks[:1], tasks[1:] or tasks[:1]
+
+
+def merge_losses(run: Path, lambdas: list[float]) -> dict[str, Any]:
+    from cptrain.evaluate import evaluate_tasks
+    from cptrain.model import load_pretrained, model_for_run
+    from cptrain.train.data import TrainingData
+
+    cfg = load_run_config(run / "config.yaml")
+    data = TrainingData(cfg)
+    start = model_for_run(
+        cfg.model.preset,
+        cfg.model.init_from,
+        data.vocab_size,
+        seed=cfg.seed,
+        seq_len=cfg.train.seq_len,
+    )
+    final = load_pretrained(_final_model_dir(run, cfg))
+    a, b = start.state_dict(), final.state_dict()
+    autocast = torch.bfloat16 if cfg.train.precision == "bf16" else None
+    rows = []
+    for lam in lambdas:
+        with torch.no_grad():
+            start.load_state_dict({k: torch.lerp(a[k], b[k], lam) for k in a}, strict=True)
+        losses = evaluate_tasks(
+            start,
+            data.val_sets,
+            window_len=data.window_len,
+            windows=cfg.eval.windows,
+            batch_size=cfg.eval.batch_size,
+            autocast=autocast,
+        )
+        rows.append({"lambda": lam, "val_loss": losses})
+    return {"run": str(run), "columns": data.columns, "rows": rows}
+
+
+def _siblings(run: Path, columns: list[str]) -> list[tuple[str, dict[str, float]]]:
+    out = []
+    for other in sorted(run.parent.glob("*/summary.json")):
+        if other.parent.resolve() == run.resolve():
+            continue
+        s = json.loads(other.read_text(encoding="utf-8"))
+        cols = [*s.get("tasks", []), *(s.get("eval_only") or [])]
+        if cols == columns and s.get("complete") and s.get("loss_matrix"):
+            out.append((other.parent.name, dict(zip(cols, s["loss_matrix"][-1], strict=True))))
+    return out
+
+
+def write_merge(run: Path, lambdas: list[float]) -> Path:
+    """Evaluate the merges, write merge.json, merge.md and merge.png under RUN/merge/."""
+    run = Path(run)
+    if not (run / "config.yaml").is_file() or not (run / "summary.json").is_file():
+        raise ConfigError(f"{run} is not a finished cptrain run (no config.yaml / summary.json)")
+    summary = json.loads((run / "summary.json").read_text(encoding="utf-8"))
+    result = merge_losses(run, lambdas)
+    old, new = domains(summary)
+    for row in result["rows"]:
+        row["old_loss"] = float(np.mean([row["val_loss"][c] for c in old]))
+        row["new_loss"] = float(np.mean([row["val_loss"][c] for c in new]))
+    result.update(old_domain=old, new_domain=new)
+    siblings = _siblings(run, result["columns"])
+    result["siblings"] = [
+        {"run": name, "old_loss": float(np.mean([f[c] for c in old])),
+         "new_loss": float(np.mean([f[c] for c in new]))}
+        for name, f in siblings
+    ]
+    out = run / "merge"
+    out.mkdir(exist_ok=True)
+    fsutil.atomic_write_json(out / "merge.json", result)
+    fsutil.atomic_write_text(out / "merge.md", merge_table(result))
+    _plot(result, out / "merge.png")
+    return out
+
+
+def merge_table(result: dict[str, Any]) -> str:
+    cols = result["columns"]
+    head = "| λ | " + " | ".join(cols) + " | old domain | new domain |"
+    lines = [head, "|" + "---|" * (len(cols) + 3)]
+    for r in result["rows"]:
+        cells = [f"{r['val_loss'][c]:.3f}" for c in cols]
+        lines.append(
+            f"| {r['lambda']:g} | " + " | ".join(cells)
+            + f" | {r['old_loss']:.3f} | {r['new_loss']:.3f} |"
+        )
+    for s in result.get("siblings", []):
+        lines.append(f"| {s['run']} (final) | " + " | ".join("" for _ in cols)
+                     + f" | {s['old_loss']:.3f} | {s['new_loss']:.3f} |")
+    old, new = ", ".join(result["old_domain"]), ", ".join(result["new_domain"])
+    lines.append("")
+    lines.append(f"λ = 0: the starting model; λ = 1: the run's final model. Old domain: {old}; "
+                 f"new domain: {new} (mean validation loss).")
+    return "\n".join(lines) + "\n"
+
+
+def _plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.8, 3.6))
+    xs = [r["new_loss"] for r in result["rows"]]
+    ys = [r["old_loss"] for r in result["rows"]]
+    ax.plot(xs, ys, "o-", label="merge θ_start + λ(θ_final − θ_start)")
+    for r in result["rows"]:
+        ax.annotate(f"λ={r['lambda']:g}", (r["new_loss"], r["old_loss"]), fontsize=7,
+                    xytext=(3, 3), textcoords="offset points")
+    for s in result.get("siblings", []):
+        ax.plot([s["new_loss"]], [s["old_loss"]], "s", label=s["run"])
+    ax.set_xlabel(f"new domain loss ({', '.join(result['new_domain'])})")
+    ax.set_ylabel(f"old domain loss ({', '.join(result['old_domain'])})")
+    ax.legend(fontsize=7)
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    fsutil.replace_file(tmp, path)
