@@ -145,8 +145,14 @@ def test_run_dir_reuse_and_resume_errors(reference, make_config, prepared_dir):
     )
     with pytest.raises(CheckpointError, match="train.seq_len: checkpoint has 32, config has 16"):
         Trainer(changed, resume=True, progress=False)
-    with pytest.raises(ConfigError, match="cannot be combined"):
-        Trainer(make_config("r", model={"init_from": cfg.run_dir}), resume=True, progress=False)
+    # --resume restores every weight from the run's checkpoint; a changed init_from changes
+    # the run, so it is refused like any result-changing key.
+    other = tiny_run_config(
+        cfg.run_dir, prepared_dir, model={"init_from": str(Path(cfg.run_dir) / "models" /
+                                          "after_0_email")}, **METHOD_SETTINGS["sequential"]
+    )
+    with pytest.raises(CheckpointError, match="model.init_from: checkpoint has None"):
+        Trainer(other, resume=True, progress=False)
 
 
 def test_checkpoint_resume_picks_newest_complete(reference, tmp_path):

@@ -82,6 +82,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_merge(args: argparse.Namespace) -> int:
+    from cptrain.merge import merge_table, parse_lambdas, write_merge
+
+    lambdas = parse_lambdas(args.lambdas)
+    out = write_merge(Path(args.run), lambdas)
+    print(merge_table(json.loads((out / "merge.json").read_text(encoding="utf-8"))))
+    print(f"wrote {out / 'merge.md'} and {out / 'merge.png'}")
+    return 0
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     from cptrain.doctor import main_doctor
 
@@ -165,6 +175,26 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_models_fetch(args: argparse.Namespace) -> int:
+    from cptrain.models.fetch import fetch_model
+
+    fetch_model(args.name, Path(args.out) if args.out else None)
+    return 0
+
+
+def cmd_models_list(args: argparse.Namespace) -> int:
+    from cptrain.models.fetch import default_out, verify_manifest
+    from cptrain.models.registry import KNOWN_MODELS
+
+    for m in KNOWN_MODELS.values():
+        here = " [fetched]" if verify_manifest(default_out(m.name), m.name) is None else ""
+        print(
+            f"{m.name}{here}: {m.title} ({m.architecture}); {m.license}; from PyPI "
+            f"{m.requirement}, {m.quantization} GGUF dequantized to fp32"
+        )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cptrain",
@@ -242,6 +272,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_downstream)
 
+    p = sub.add_parser("merge", help="evaluate the run's weights merged with its starting model")
+    p.add_argument("run", help="a finished run directory")
+    p.add_argument("--lambdas", default="0,0.25,0.5,0.75,1", help="θ_start + λ(θ_final − θ_start)")
+    p.set_defaults(func=cmd_merge)
+
     p = sub.add_parser("data", help="data utilities")
     dsub = p.add_subparsers(dest="data_command", required=True)
     q = dsub.add_parser("fetch-demo", help="build the embedded multilingual demo corpus")
@@ -249,6 +284,15 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--languages", nargs="*", help="subset, e.g. en fr de (default: all)")
     q.add_argument("--force", action="store_true", help="rebuild even if up to date")
     q.set_defaults(func=cmd_fetch_demo)
+
+    p = sub.add_parser("models", help="released models to continue (model.init_from)")
+    msub = p.add_subparsers(dest="models_command", required=True)
+    q = msub.add_parser("fetch", help="download a known model as a Hugging Face directory")
+    q.add_argument("name", help="a name from `cptrain models list`")
+    q.add_argument("--out", help="output directory (default: models/NAME)")
+    q.set_defaults(func=cmd_models_fetch)
+    q = msub.add_parser("list", help="the known models")
+    q.set_defaults(func=cmd_models_list)
     return parser
 
 

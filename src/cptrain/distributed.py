@@ -91,6 +91,32 @@ def init_distributed(cfg: DistributedConfig) -> DistEnv:
     return DistEnv(cfg.strategy, rank=rank, world_size=world, local_rank=local, device=device)
 
 
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model's decoder layers, each of which FSDP2 shards as one unit, found whatever the
+    architecture: the modules of the classes transformers keeps whole (``_no_split_modules``,
+    outermost only), else the longest ``ModuleList`` of one module type."""
+    keep_whole = set(getattr(model, "_no_split_modules", None) or ())
+    found: list[tuple[str, torch.nn.Module]] = []
+    for name, module in model.named_modules():
+        if type(module).__name__ in keep_whole and not any(
+            name.startswith(outer + ".") for outer, _ in found
+        ):
+            found.append((name, module))
+    if found:
+        return [module for _, module in found]
+    lists = [
+        m
+        for m in model.modules()
+        if isinstance(m, torch.nn.ModuleList) and len(m) and len({type(x) for x in m}) == 1
+    ]
+    if not lists:
+        raise ConfigError(
+            f"distributed.strategy=fsdp2: cannot find the decoder layers of "
+            f"{type(model).__name__} (no _no_split_modules, no ModuleList of layers); use ddp"
+        )
+    return list(max(lists, key=len))
+
+
 def wrap_model(
     model: torch.nn.Module, env: DistEnv, cfg: DistributedConfig
 ) -> torch.nn.Module:
@@ -114,7 +140,7 @@ def wrap_model(
         if cfg.mixed_precision and env.device.type == "cuda":
             mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         kwargs = {"mp_policy": mp} if mp is not None else {}
-        for layer in model.model.layers:
+        for layer in decoder_layers(model):
             fully_shard(layer, **kwargs)
         fully_shard(model, **kwargs)
         return model

@@ -14,7 +14,9 @@ enough for it to matter):
 * ``6·L·T·d``: attention scores (QKᵀ) and their weighted sum (AV) cost 2·2·d multiply-adds per
   attended position per layer in the forward pass; under the causal mask a token attends to T/2
   positions on average, so the forward cost is 2·L·T·d and training (forward + backward = 3×)
-  is 6·L·T·d. ``T`` is the training sequence length.
+  is 6·L·T·d. ``T`` is the training sequence length; ``d`` here is the attention width
+  heads·head_dim, the hidden size except where a config sets its own ``head_dim`` (Gemma,
+  Qwen3), which also sizes the q/k/v/o projections.
 * Forward + backward = 3 × forward (the factor 6 = 2 FLOPs per multiply-add × 3).
 
 Per run: C × (fresh + replayed tokens processed). Reptile's meta-update
@@ -54,16 +56,26 @@ class ModelShape:
     heads: int
     kv_heads: int
     tied: bool = False
+    # Width of one attention head: hidden // heads unless the config says otherwise (Gemma's
+    # and Qwen3's may be wider or narrower). None (a summary of an older cptrain) means the
+    # default.
+    head_dim: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.head_dim is None:
+            object.__setattr__(self, "head_dim", self.hidden // self.heads)
 
     @property
-    def head_dim(self) -> int:
-        return self.hidden // self.heads
+    def attn_width(self) -> int:
+        """Width of the concatenated query heads (``heads · head_dim``; ``hidden`` usually)."""
+        return self.heads * int(self.head_dim or 0)
 
     def block_matmul_params(self) -> int:
-        """q/o are d×d; k/v are d×(kv_heads·head_dim); the gated MLP has three d×ffn matrices."""
+        """q/o are d×(heads·head_dim); k/v are d×(kv_heads·head_dim); the gated MLP has
+        three d×ffn matrices."""
         d = self.hidden
-        kv = self.kv_heads * self.head_dim
-        return self.layers * (2 * d * d + 2 * d * kv + 3 * d * self.ffn)
+        kv = self.kv_heads * int(self.head_dim or 0)
+        return self.layers * (2 * d * self.attn_width + 2 * d * kv + 3 * d * self.ffn)
 
     def total_params(self) -> int:
         norms = (2 * self.layers + 1) * self.hidden
@@ -85,22 +97,42 @@ def preset_shape(preset: str, vocab: int) -> ModelShape:
     return ModelShape(s.layers, s.hidden, s.ffn, vocab, s.heads, s.heads)
 
 
+_HF_SHAPE_KEYS = (
+    "num_hidden_layers",
+    "hidden_size",
+    "intermediate_size",
+    "num_attention_heads",
+    "vocab_size",
+)
+
+
 def shape_from_hf_config(cfg: dict[str, Any]) -> ModelShape:
-    heads = int(cfg["num_attention_heads"])
+    """The shape of a decoder-only model from its Hugging Face config (``config.to_dict()``):
+    Llama, Mistral, Qwen2/3, Gemma and the like; a multimodal config's ``text_config``."""
+    if isinstance(cfg.get("text_config"), dict) and "num_hidden_layers" not in cfg:
+        cfg = cfg["text_config"]
+    missing = [k for k in _HF_SHAPE_KEYS if cfg.get(k) is None]
+    if missing:
+        raise ConfigError(
+            f"the model's config has no {', '.join(missing)}: cptrain counts the FLOPs of "
+            f"Llama-style decoder configs (with {', '.join(_HF_SHAPE_KEYS)})"
+        )
+    heads, hidden = int(cfg["num_attention_heads"]), int(cfg["hidden_size"])
     return ModelShape(
         layers=int(cfg["num_hidden_layers"]),
-        hidden=int(cfg["hidden_size"]),
+        hidden=hidden,
         ffn=int(cfg["intermediate_size"]),
         vocab=int(cfg["vocab_size"]),
         heads=heads,
         kv_heads=int(cfg.get("num_key_value_heads") or heads),
         tied=bool(cfg.get("tie_word_embeddings", False)),
+        head_dim=int(cfg.get("head_dim") or hidden // heads),
     )
 
 
 def flops_per_token(shape: ModelShape, seq_len: int) -> int:
     """Training FLOPs per processed token: 6·N + 6·L·T·d (see the module docstring)."""
-    return 6 * shape.matmul_params() + 6 * shape.layers * seq_len * shape.hidden
+    return 6 * shape.matmul_params() + 6 * shape.layers * seq_len * shape.attn_width
 
 
 def summary_facts(

@@ -25,6 +25,23 @@ class Stateful(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
+def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], source: Path) -> None:
+    """``load_state_dict`` that accepts what ``save_pretrained`` leaves out: the second name of
+    a tied weight (e.g. ``lm_head.weight`` of a model with tied embeddings)."""
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    groups: dict[int, set[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), set()).add(name)
+    loaded = set(weights)
+    bad = [k for k in missing if not any(loaded & g for g in groups.values() if k in g)]
+    if bad or unexpected:
+        what = f"lacks {bad[0]}" if bad else f"has unknown {unexpected[0]}"
+        raise CheckpointError(
+            f"checkpoint {source}: the model {what} ({len(bad)} missing, {len(unexpected)} "
+            "unknown); it was saved for another model: resume with the config it was written with"
+        )
+
+
 class CheckpointManager:
     def __init__(
         self,
@@ -185,7 +202,7 @@ class CheckpointManager:
 
     def _restore_local(self, path: Path) -> dict[str, Any]:
         c = local.load_checkpoint(path)
-        self.model.load_state_dict(c.model_state(), strict=True)
+        load_weights(self.model, c.model_state(), path)
         blob = c.optimizer_blob()
         self.optimizer.load_state_dict(blob["optimizer"])
         torch.set_rng_state(blob["rng_cpu"])

@@ -25,7 +25,7 @@ from cptrain.checkpoint.manager import CheckpointManager
 from cptrain.config import RunConfig
 from cptrain.diagnostics import GradientDiagnostics
 from cptrain.distributed import init_distributed, set_grad_sync, shutdown, wrap_model
-from cptrain.errors import ConfigError, DataError
+from cptrain.errors import DataError
 from cptrain.evaluate import evaluate_tasks, token_loss
 from cptrain.model import count_parameters, model_for_run
 from cptrain.schedule import Schedule
@@ -55,11 +55,6 @@ class Trainer:
         stop_after: int | None = None,
         hooks: Sequence[H.Hook] = (),
     ):
-        if resume and cfg.model.init_from:
-            raise ConfigError(
-                "model.init_from and --resume cannot be combined: --resume restores the run's "
-                "own checkpoint; drop init_from"
-            )
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         self.cfg = cfg
