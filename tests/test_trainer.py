@@ -356,3 +356,27 @@ def test_merge_endpoints_reproduce_start_and_final_losses(reference, tmp_path):
     assert (run / "merge" / "merge.png").stat().st_size > 0
     assert [s["run"] for s in result["siblings"]] == ["replay"]
     assert result["old_domain"] == ["email"] and result["new_domain"] == ["xml", "asyncio"]
+
+
+def test_seeded_replay_draws_seed_rows_and_resumes_bit_identically(make_config):
+    seed = [
+        {"source": "task", "task": "asyncio", "tokens": 32 * 12},
+        {"source": "self", "tokens": 32 * 8, "batch_size": 4, "prompt": {"task": "asyncio"}},
+    ]
+    extra = {
+        "method": "replay",
+        "replay": {"alpha": 0.25, "visibility_lag": 1, "seed": seed},
+        "data": {"tasks": ["email", "xml"]},
+    }
+    full = make_config("seeded-full", **extra)
+    ref = train(full, progress=False)
+    assert ref["replay"]["seed_rows"] == 12 + 8
+    drawn = [r.get("buffer_rows_drawn_seed", 0) for r in read_metrics(full.run_dir, "train")]
+    assert drawn[0] > 0, "step 0 already replays seed rows"
+    assert (Path(full.run_dir) / "replay_seed_1.txt").read_text().count("--- row") == 8
+    part = make_config("seeded-part", checkpoint={"every": 4}, **extra)
+    Trainer(part, progress=False, stop_after=9).run()
+    resumed = train(part, resume=True, progress=False)
+    got, want = model_after(part.run_dir, 1), model_after(full.run_dir, 1)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert resumed["loss_matrix"] == ref["loss_matrix"]

@@ -14,6 +14,17 @@ truncates rows written after the checkpoint, and checks what the checkpoint refe
 
 State versions: 2 adds "counters" (the draw counters of stats(), so they count per run, not per
 process); a version-1 state loads with them at zero.
+
+Seed rows (replay.seed): add_seed() puts rows that stand in for data the run does not have into
+the buffer before the first add(). They are rows like any other for the policy, admitted at step
+SEED_STEP (before every draw's horizon, so the draw of step 0 already sees them), and tagged in
+the per-row metadata with task id seed_task_id(origin) = −2 − origin (negative: never a trained
+task, so replay_from: previous_tasks still replays them; −1 marks rows of reclaimed chunks).
+In copy mode their tokens are ordinary records. In reference mode they are not windows of any
+task's shards, so their tokens go to a copy-mode store of their own (rank_<r>/seed/) and the
+main store records their index in it. A state with seed rows has a "seed" entry (origins, that
+store's position, per-origin draw counts); a state without one has no seed rows, so states,
+files and draws of a buffer that is never seeded are exactly what they were without seeding.
 """
 
 from __future__ import annotations
@@ -21,9 +32,11 @@ from __future__ import annotations
 import copy
 import io
 import re
+import shutil
 import threading
 import zlib
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,8 +60,36 @@ STATE_VERSION = 2
 _SNAPSHOT_RE = re.compile(r"^policy_(\d{8,})\.npz$")
 _MAX_TASK = np.iinfo(np.int32).max
 _SEED_MASK = (1 << 64) - 1
+SEED_STEP = -(1 << 62)  # admission step of seed rows: visible to every draw
+SEED_DIR = "seed"  # reference mode: the seed rows' own copy-mode store, inside rank_<r>/
+_FIRST_SEED_TASK = -2  # task id of seed origin 0; origin k is −2 − k
+MAX_SEED_ORIGIN = _MAX_TASK - 1  # −2 − origin stays an int32
 
 Resolver = Callable[[int, np.ndarray], np.ndarray]
+
+
+def seed_task_id(origin: int) -> int:
+    """The META task id of seed rows of `origin` (0, 1, …): −2 − origin."""
+    if not 0 <= origin <= MAX_SEED_ORIGIN:
+        raise ValueError(f"seed origin {origin} must be in [0, {MAX_SEED_ORIGIN}]")
+    return _FIRST_SEED_TASK - origin
+
+
+def seed_origin(task_id: int) -> int | None:
+    """The seed origin of a META task id, None for a trained task's id."""
+    return _FIRST_SEED_TASK - task_id if task_id <= _FIRST_SEED_TASK else None
+
+
+@dataclass(frozen=True)
+class Drawn:
+    """A computed draw: the rows and how many of them are seed rows of each origin."""
+
+    rows: np.ndarray
+    seed_counts: np.ndarray | None = None  # per origin, in add_seed() order; None: no seeds
+
+    @property
+    def nbytes(self) -> int:
+        return self.rows.nbytes
 
 
 class ReplayBuffer:
@@ -111,7 +152,13 @@ class ReplayBuffer:
         self._prefetcher: Prefetcher | None = None
         self._fresh = True  # no checkpoint state loaded: what an earlier attempt left is void
         self._counters = DrawCounters()  # shared with the prefetcher, saved in the state
-        self._last_draw = {"step": None, "requested": 0, "returned": 0}
+        self._last_draw: dict[str, Any] = {"step": None, "requested": 0, "returned": 0}
+        # Seed rows: one entry per add_seed() call, with its physical id range [first, end).
+        self._seeds: list[dict[str, Any]] = []
+        self._seed_ends = np.empty(0, dtype=np.int64)
+        self._seed_drawn: list[int] = []  # per origin, counted per run like the counters
+        self._seed_store: ChunkStore | None = None  # reference mode only
+        self._seeding_open = True  # until the first add(), start_prefetch() or resume
 
     # ---- helpers --------------------------------------------------------------------------
     @property
@@ -139,7 +186,7 @@ class ReplayBuffer:
         return np.random.Generator(np.random.PCG64(np.random.SeedSequence(entropy)))
 
     # ---- adding ---------------------------------------------------------------------------
-    def _validate_rows(self, rows: np.ndarray, refs: np.ndarray | None) -> np.ndarray | None:
+    def _check_tokens(self, rows: np.ndarray) -> None:
         if rows.ndim != 2 or rows.shape[1] != self.row_len:
             raise DataError(
                 f"replay rows have shape {tuple(rows.shape)} but this run's rows are "
@@ -153,6 +200,9 @@ class ReplayBuffer:
                 f"token id {bad} is outside the vocabulary (size {self.vocab_size}); the shards "
                 "and the tokenizer do not match: re-run `cptrain prepare`"
             )
+
+    def _validate_rows(self, rows: np.ndarray, refs: np.ndarray | None) -> np.ndarray | None:
+        self._check_tokens(rows)
         if self.cfg.storage != "reference":
             return None
         if refs is None:
@@ -180,6 +230,7 @@ class ReplayBuffer:
         crcs = row_crcs(tokens)
         with self._lock:
             self._check_usable()
+            self._seeding_open = False
             if len(rows):
                 self._admit(tokens, crcs, refs, task_id, step)
             self._last_step = step
@@ -191,13 +242,22 @@ class ReplayBuffer:
     def _admit(
         self, tokens: np.ndarray, crcs: np.ndarray, refs: np.ndarray | None, task: int, step: int
     ) -> None:
+        """Admit rows and append the kept ones. refs None in reference mode: seed rows, whose
+        tokens go to the seed store and whose records are their index there."""
         try:
             self._begin_writing()
             admission = self._policy.admit(np.full(len(tokens), task), step, self._store.rows)
             keep = admission.keep
-            records = tokens[keep] if refs is None else refs[keep].reshape(-1, 1)
             meta = np.empty(int(keep.sum()), dtype=META_DTYPE)
             meta["step"], meta["task"], meta["crc"] = step, task, crcs[keep]
+            if refs is not None:
+                records = refs[keep].reshape(-1, 1)
+            elif self.cfg.storage == "reference":
+                seed_store = self._open_seed_store()
+                records = (seed_store.rows + np.arange(len(meta), dtype=np.int64)).reshape(-1, 1)
+                seed_store.append(tokens[keep], meta)
+            else:
+                records = tokens[keep]
             self._store.append(records, meta)
         except BaseException as exc:
             # The policy's index and the files may now disagree: refuse to go on.
@@ -210,7 +270,99 @@ class ReplayBuffer:
         if self._fresh:
             for _, path in self._snapshots():
                 path.unlink(missing_ok=True)
+            self._drop_seed_dir()
             self._fresh = False
+
+    # ---- seed rows ------------------------------------------------------------------------
+    @property
+    def _seed_dir(self) -> Path:
+        return self._store.dir / SEED_DIR
+
+    def _drop_seed_dir(self) -> None:
+        """Delete a seed store this buffer does not use (left by an abandoned attempt)."""
+        if self._seed_store is None and self._seed_dir.exists():
+            shutil.rmtree(self._seed_dir)
+
+    def _open_seed_store(self) -> ChunkStore:
+        if self._seed_store is None:
+            layout = Layout("copy", self._dtype.name, self.row_len)
+            self._seed_store = ChunkStore(
+                self._seed_dir,
+                layout,
+                run_id=self.run_id,
+                rank=self.rank,
+                chunk_bytes=int(self.cfg.chunk_mb * (1 << 20)),
+            )
+        return self._seed_store
+
+    def add_seed(self, rows: np.ndarray, *, origin: int, name: str | None = None) -> None:
+        """Put the rows of one replay.seed source into the buffer (origin: its index in
+        replay.seed; name: its label in stats(), default seed<origin>).
+
+        Call on a fresh start only, once per source, before the first add() and before
+        start_prefetch(); a resumed buffer gets its seed rows back from load_state_dict().
+        The rows are admitted by the policy at SEED_STEP, so every draw from step 0 on can
+        return them; they are stored as tokens whatever replay.storage says."""
+        self._check_usable()
+        if not self._seeding_open:
+            raise RuntimeError(
+                "add_seed() must come before the first add() and start_prefetch(), on a fresh "
+                "start; a resumed buffer gets its seed rows from the checkpoint"
+            )
+        task = seed_task_id(origin)
+        if any(s["origin"] == origin for s in self._seeds):
+            raise ValueError(f"seed origin {origin} was seeded already")
+        name = name or f"seed{origin}"
+        if any(s["name"] == name for s in self._seeds):
+            name = f"{name}#{origin}"  # names key stats(): two `self` sources stay apart
+        rows = np.asarray(rows)
+        self._check_tokens(rows)
+        tokens = np.ascontiguousarray(rows, dtype=self._dtype)
+        crcs = row_crcs(tokens)
+        with self._lock:
+            self._check_usable()
+            first = self._store.rows
+            if len(rows):
+                self._admit(tokens, crcs, None, task, SEED_STEP)
+            else:  # nothing to admit, but the state must say that this source was seeded
+                self._begin_writing()
+                if self.cfg.storage == "reference":
+                    self._open_seed_store()
+            self._seeds.append(
+                {
+                    "origin": origin,
+                    "name": name,
+                    "offered": len(rows),
+                    "first": first,
+                    "end": self._store.rows,
+                }
+            )
+            self._seed_ends = np.array([s["end"] for s in self._seeds], dtype=np.int64)
+            self._seed_drawn.append(0)
+            self._dirty = True
+
+    def _seed_counts(self, ids: np.ndarray) -> np.ndarray | None:
+        """Drawn seed rows per origin. Seed rows precede every other row, each origin's kept
+        rows in one consecutive id range, so an id says where it came from."""
+        if not self._seeds:
+            return None
+        ends = self._seed_ends
+        which = np.searchsorted(ends, ids[ids < ends[-1]], side="right")
+        return np.bincount(which, minlength=len(ends)).astype(np.int64)
+
+    def _read_seed_tokens(self, ids: np.ndarray, index: np.ndarray) -> np.ndarray:
+        store = self._seed_store
+        try:
+            if store is None:
+                raise IndexError("no seed store")
+            return store.read(index)[0]
+        except IndexError:
+            path, row = self._store.locate(int(ids[0]))
+            raise DataError(
+                f"replay row {row} of {path} refers to a seed row that {self._seed_dir} does "
+                "not hold; resume from an earlier checkpoint or start again with an empty "
+                "replay.dir"
+            ) from None
 
     # ---- drawing --------------------------------------------------------------------------
     def available(self, step: int, *, current_task: int) -> int:
@@ -225,25 +377,31 @@ class ReplayBuffer:
         self._check_usable()
         if step < 0 or n < 0:
             raise ValueError(f"draw(step={step}, n={n}): both must be ≥ 0")
-        rows = None
+        drawn = None
         if self._prefetcher is not None:
-            rows = self._prefetcher.take(step, n, current_task)
-        if rows is None:
-            rows = self._compute_draw(step, n, current_task)
+            drawn = self._prefetcher.take(step, n, current_task)
+        if drawn is None:
+            drawn = self._compute_draw(step, n, current_task)
+        assert isinstance(drawn, Drawn)
+        rows = drawn.rows
         c = self._counters
         c.draws += 1
         c.rows_requested += n
         c.rows_drawn += len(rows)
         self._last_draw = {"step": step, "requested": n, "returned": len(rows)}
+        if drawn.seed_counts is not None:
+            for i, k in enumerate(drawn.seed_counts.tolist()):
+                self._seed_drawn[i] += k
+            self._last_draw["seed"] = int(drawn.seed_counts.sum())
         return rows
 
-    def _compute_draw(self, step: int, n: int, current_task: int) -> np.ndarray:
+    def _compute_draw(self, step: int, n: int, current_task: int) -> Drawn:
         exclude = current_task if self.cfg.replay_from == "previous_tasks" else None
         rng = self._draw_rng(step)
         with self._lock:
             self._check_usable()
             ids = self._policy.sample(rng, step - 1 - self.cfg.visibility_lag, n, exclude)
-        return self._read(ids)
+        return Drawn(self._read(ids), self._seed_counts(ids))
 
     def _read(self, ids: np.ndarray) -> np.ndarray:
         records, meta = self._store.read(ids)
@@ -258,6 +416,9 @@ class ReplayBuffer:
         tokens = np.empty((len(ids), self.row_len), dtype=self._dtype)
         for task in np.unique(meta["task"]):
             sel = np.flatnonzero(meta["task"] == task)
+            if seed_origin(int(task)) is not None:
+                tokens[sel] = self._read_seed_tokens(ids[sel], windows[sel])
+                continue
             try:
                 got = np.asarray(self._resolver(int(task), windows[sel]))
             except (IndexError, ValueError) as exc:
@@ -293,6 +454,7 @@ class ReplayBuffer:
         thread (replaces any earlier plan). No-op when replay.prefetch_mb is 0."""
         self._check_usable()
         self._stop_prefetch()
+        self._seeding_open = False  # the thread may compute the draws of step 0 on right away
         if self.cfg.prefetch_mb <= 0:
             return
         self._prefetcher = Prefetcher(
@@ -318,6 +480,7 @@ class ReplayBuffer:
             if not self._dirty and self._committed is not None:
                 return
             self._begin_writing()
+            seed_state = self._commit_seeds()
             store_state = self._store.commit()
             horizon = self._horizon()
             snapshot = None
@@ -341,9 +504,18 @@ class ReplayBuffer:
                 "snapshot": snapshot,
                 "horizons": list(self._horizons),
             }
+            if seed_state is not None:
+                self._committed["seed"] = seed_state
             self._dirty = False
             if len(self._horizons) > keep:
                 self._reclaim(self._horizons[0])
+
+    def _commit_seeds(self) -> dict[str, Any] | None:
+        """The state's "seed" entry, after making the seed store durable; None without seeds."""
+        if not self._seeds:
+            return None
+        store = self._seed_store.commit() if self._seed_store is not None else None
+        return {"origins": copy.deepcopy(self._seeds), "store": store}
 
     def _settings(self) -> dict[str, Any]:
         """What the state records so that a resume cannot change it."""
@@ -397,6 +569,8 @@ class ReplayBuffer:
             state = copy.deepcopy(self._committed)
             state["version"] = STATE_VERSION  # also when the commit came from an older state
             state["counters"] = self._counters.as_dict()
+            if "seed" in state:
+                state["seed"]["drawn"] = list(self._seed_drawn)
             return state
 
     def _check_state(self, state: dict[str, Any]) -> None:
@@ -433,6 +607,56 @@ class ReplayBuffer:
             )
         return DrawCounters.from_state(state.get("counters"))
 
+    def _saved_seeds(self, state: dict[str, Any]) -> tuple[list[dict[str, Any]], list[int]]:
+        """(origins, per-origin draw counts) of a state's "seed" entry; CheckpointError when
+        malformed. No entry: the run was not seeded."""
+        saved = state.get("seed")
+        if saved is None:
+            return [], []
+        bad = CheckpointError(
+            "the checkpoint's replay seed entry is malformed; resume from another checkpoint"
+        )
+        try:
+            origins = [
+                {
+                    "origin": int(o["origin"]),
+                    "name": str(o["name"]),
+                    "offered": int(o["offered"]),
+                    "first": int(o["first"]),
+                    "end": int(o["end"]),
+                }
+                for o in saved["origins"]
+            ]
+            drawn = [int(k) for k in saved.get("drawn", [0] * len(origins))]
+            stored = int(state["store"]["rows"])
+        except (KeyError, TypeError, ValueError, AttributeError):
+            raise bad from None
+        edges = [e for o in origins for e in (o["first"], o["end"])]
+        if (
+            not origins
+            or len(drawn) != len(origins)
+            or min(drawn) < 0
+            or edges[0] != 0
+            or any(a > b for a, b in zip(edges, edges[1:], strict=False))
+            or any(b["first"] != a["end"] for a, b in zip(origins, origins[1:], strict=False))
+            or edges[-1] > stored
+            or len({o["origin"] for o in origins}) != len(origins)
+            or not all(0 <= o["origin"] <= MAX_SEED_ORIGIN for o in origins)
+            or (saved.get("store") is None) != (self.cfg.storage == "copy")
+        ):
+            raise bad
+        return origins, drawn
+
+    def _restore_seed_store(self, saved: dict[str, Any] | None) -> None:
+        """Back to the checkpoint's seed store (reference mode), or none."""
+        if self._seed_store is not None:
+            self._seed_store.close()
+            self._seed_store = None
+        if saved is None or saved.get("store") is None:
+            self._drop_seed_dir()
+            return
+        self._open_seed_store().restore(saved["store"], verify_data=self.cfg.verify_on_resume)
+
     def _read_snapshot(self, snapshot: dict[str, Any] | None) -> dict[str, np.ndarray]:
         if not self.cfg.bounded:
             return {}
@@ -462,10 +686,12 @@ class ReplayBuffer:
         self._stop_prefetch()
         self._check_state(state)
         counters = self._saved_counters(state)
+        seeds, seed_drawn = self._saved_seeds(state)
         with self._lock:
             arrays = self._read_snapshot(state["snapshot"])
             try:
                 self._store.restore(state["store"], verify_data=self.cfg.verify_on_resume)
+                self._restore_seed_store(state.get("seed"))
                 for number, path in self._snapshots():
                     if number > state["commit"]:  # from a future this resume abandons
                         path.unlink(missing_ok=True)
@@ -483,6 +709,10 @@ class ReplayBuffer:
             self._horizons = [int(h) for h in state.get("horizons", [])]
             self._committed = copy.deepcopy(state)
             self._counters = counters
+            self._seeds = seeds
+            self._seed_ends = np.array([s["end"] for s in seeds], dtype=np.int64)
+            self._seed_drawn = seed_drawn
+            self._seeding_open = False
             self._dirty = False
             self._failed = None
             self._fresh = False
@@ -503,6 +733,8 @@ class ReplayBuffer:
         with self._lock:
             self._check_usable()
             self._store.verify()
+            if self._seed_store is not None:
+                self._seed_store.verify()
 
     def stats(self) -> dict[str, Any]:
         """Counters for metrics.jsonl; the draw counters count per run (since the start of the
@@ -510,9 +742,20 @@ class ReplayBuffer:
         c: dict[str, Any] = self._counters.as_dict()
         with self._lock:
             c["rows"] = len(self._policy)
+            live = self._policy.live_counts(self._seed_ends) if self._seeds else None
         c["stored_rows"] = self._store.rows
         c["bytes_on_disk"] = self._store.bytes_on_disk()
+        if self._seed_store is not None:
+            c["bytes_on_disk"] += self._seed_store.bytes_on_disk()
         c["last_draw"] = dict(self._last_draw)
+        if live is not None:
+            # Only for a seeded buffer, so the metrics of other runs stay as they were.
+            c["seed_rows"] = int(live.sum())  # seed rows in the buffer now
+            c["rows_drawn_seed"] = sum(self._seed_drawn)  # per run, like rows_drawn
+            c["seed"] = {
+                s["name"]: {"origin": s["origin"], "rows": int(n), "rows_drawn": d}
+                for s, n, d in zip(self._seeds, live.tolist(), self._seed_drawn, strict=True)
+            }
         return c
 
     def close(self) -> None:
@@ -522,6 +765,8 @@ class ReplayBuffer:
         self._stop_prefetch()
         self._closed = True
         self._store.close()
+        if self._seed_store is not None:
+            self._seed_store.close()
 
     def __len__(self) -> int:
         with self._lock:

@@ -167,6 +167,16 @@ class Policy(ABC):
         """Rows below first_row were reclaimed."""
         return None
 
+    @abstractmethod
+    def live_ids(self) -> np.ndarray:
+        """Physical ids of the rows in the buffer now."""
+
+    def live_counts(self, ends: np.ndarray) -> np.ndarray:
+        """Rows in the buffer now per id range [ends[i-1], ends[i]) (ends ascending, from 0)."""
+        ends = np.asarray(ends, dtype=np.int64)
+        which = np.searchsorted(ends, self.live_ids(), side="right")
+        return np.bincount(which[which < len(ends)], minlength=len(ends)).astype(np.int64)
+
 
 class AllPolicy(Policy):
     """Every row is kept forever (the paper). Rows arrive in step order, so the rows visible
@@ -240,6 +250,12 @@ class AllPolicy(Policy):
 
     def __len__(self) -> int:
         return self._rows
+
+    def live_ids(self) -> np.ndarray:
+        return np.arange(self._rows, dtype=np.int64)
+
+    def live_counts(self, ends: np.ndarray) -> np.ndarray:
+        return np.diff(np.minimum(np.asarray(ends, dtype=np.int64), self._rows), prepend=0)
 
     def load(self, state: State, arrays: Arrays, meta: Meta, first_row: int) -> None:
         if first_row:

@@ -16,13 +16,19 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, fields
-from typing import Any
-
-import numpy as np
+from typing import Any, Protocol
 
 from cptrain.errors import CheckpointError
 
 Request = tuple[int, int, int]  # (step, n, current_task)
+
+
+class Prepared(Protocol):
+    """What a draw computes (the buffer's rows, with what it knows about them): only its size
+    matters here, for the byte budget."""
+
+    @property
+    def nbytes(self) -> int: ...
 _JOIN_TIMEOUT_S = 60.0
 
 
@@ -67,14 +73,14 @@ class DrawCounters:
 @dataclass
 class _Item:
     request: Request
-    rows: np.ndarray
+    rows: Prepared
 
 
 class Prefetcher:
     def __init__(
         self,
         plan: Iterable[Request],
-        compute: Callable[[int, int, int], np.ndarray],
+        compute: Callable[[int, int, int], Prepared],
         is_ready: Callable[[int], bool],
         *,
         counters: DrawCounters,
@@ -139,7 +145,7 @@ class Prefetcher:
         with self._cond:
             self._cond.notify_all()
 
-    def take(self, step: int, n: int, task: int) -> np.ndarray | None:
+    def take(self, step: int, n: int, task: int) -> Prepared | None:
         """The queued result for this request, waiting if the thread is about to deliver it;
         None when the caller should compute it itself."""
         waited_since: float | None = None

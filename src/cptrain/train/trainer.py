@@ -34,6 +34,7 @@ from cptrain.train.batches import BatchPlan, make_sampler
 from cptrain.train.data import TrainingData
 from cptrain.train.optim import build_optimizer
 from cptrain.train.run_dir import RunDir
+from cptrain.train.seed import seed_buffer
 from cptrain.train.state import TrainerState
 from cptrain.train.summary import run_summary
 
@@ -80,6 +81,8 @@ class Trainer:
         self.hooks: list[H.Hook] = [*self._builtin_hooks(progress and self.env.is_main), *hooks]
         if resume_from:
             self._restore(resume_from[0])
+        else:
+            seed_buffer(self, progress and self.env.is_main)
 
     # ----------------------------------------------------------------- set-up
     def _open_data(self) -> None:
