@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import read_metrics
 from safetensors.torch import load_file
 
 from cptrain.train import train
@@ -130,6 +131,5 @@ def test_kill_and_resume_two_ranks_is_bit_identical(make_config, tmp_path):
     a, b = weights(full.run_dir, 1), weights(part.run_dir, 1)
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    lines = (Path(part.run_dir) / "metrics.jsonl").read_text().splitlines()
-    steps = [json.loads(x)["step"] for x in lines if json.loads(x)["type"] == "train"]
+    steps = [r["step"] for r in read_metrics(part.run_dir, "train")]
     assert len(steps) == len(set(steps))

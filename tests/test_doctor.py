@@ -11,12 +11,10 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import flip
+from conftest import flip, tiny_run_config
 
 from cptrain import checkpoint as ckpt
 from cptrain import cli
-from cptrain.config import RunConfig
-from cptrain.config_base import build_config
 from cptrain.doctor import diagnose, main_doctor
 from cptrain.errors import ConfigError
 from cptrain.train import train
@@ -29,20 +27,15 @@ def pristine(prepared_dir, tmp_path_factory) -> Path:
     """A finished two-task MER run (checkpoints 4, 6, 8) on its own copy of the data."""
     root = tmp_path_factory.mktemp("doctor")
     shutil.copytree(prepared_dir, root / "data")
-    cfg = build_config(
-        RunConfig,
-        {
-            "run_dir": str(root / "run"),
-            "method": "mer",
-            "data": {"dir": str(root / "data"), "tasks": ["email", "xml"],
-                     "tokens_per_task": 8 * 32 * 4},
-            "model": {"preset": "tiny"},
-            "train": {"seq_len": 32, "batch_size": 8, "lr": 3e-3, "log_every": 2},
-            "eval": {"windows": 4, "batch_size": 8},
-            "checkpoint": {"every": 2, "keep_last": 3},
-            "replay": {"alpha": 0.25, "visibility_lag": 1},
-            "reptile": {"k": 3, "epsilon": 0.5},
-        },
+    cfg = tiny_run_config(
+        root / "run",
+        root / "data",
+        method="mer",
+        data={"tasks": ["email", "xml"], "tokens_per_task": 8 * 32 * 4},
+        eval={"windows": 4, "batch_size": 8},
+        checkpoint={"every": 2, "keep_last": 3},
+        replay={"alpha": 0.25, "visibility_lag": 1},
+        reptile={"k": 3, "epsilon": 0.5},
     )
     train(cfg, progress=False)
     shutil.copytree(root, root.with_name(root.name + "-pristine"))

@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import flip, read_metrics
+from conftest import flip, read_metrics, tiny_run_config
 from safetensors.torch import load_file
 
 from cptrain import checkpoint as ckpt
@@ -70,20 +70,17 @@ class World:
 
 
 def run_config(run: Path, data: Path, **extra: Any) -> RunConfig:
-    raw: dict[str, Any] = {
-        "run_dir": str(run),
-        "seed": 0,
-        "method": "mer",
-        "data": {"dir": str(data), "tasks": TASKS, "tokens_per_task": 8 * 32 * 6},
-        "model": {"preset": "tiny"},
-        "train": {"seq_len": 32, "batch_size": 8, "lr": 3e-3, "log_every": 2},
-        "eval": {"windows": 8, "batch_size": 8},
-        "checkpoint": {"every": 2, "keep_last": 3},
-        "replay": {"alpha": 0.25, "visibility_lag": 1},
-        "reptile": {"k": 3, "epsilon": 0.5},
-    }
-    raw.update(extra)
-    return build_config(RunConfig, raw)
+    return tiny_run_config(
+        run,
+        data,
+        **{
+            "method": "mer",
+            "checkpoint": {"every": 2, "keep_last": 3},
+            "replay": {"alpha": 0.25, "visibility_lag": 1},
+            "reptile": {"k": 3, "epsilon": 0.5},
+            **extra,
+        },
+    )
 
 
 def train_steps(run: Path) -> list[int]:

@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import read_metrics
 from safetensors.torch import load_file
 
 from cptrain import checkpoint as ckpt
@@ -129,8 +130,7 @@ def run_segment(config: Path, run_dir: Path, point: str, rng: random.Random) -> 
 def train_records(path: Path) -> tuple[list[tuple], list[tuple]]:
     """(train records, eval records) without the fields that measure time or throughput."""
     train, evals = [], []
-    for line in path.read_text().splitlines():
-        r = json.loads(line)
+    for r in read_metrics(path.parent):
         if r["type"] == "train":
             train.append((r["step"], r["task"], r["loss"], r["lr"], r["grad_norm"],
                           r["replay_rows"]))

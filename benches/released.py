@@ -1,0 +1,158 @@
+"""A released model (SmolLM2-135M) in cptrain: training tokens/s of the loop vs a bare loop, and
+self-seed generation tokens/s vs plain ``model.generate`` at the same batch and length.
+
+Blocks alternate (cptrain, bare, cptrain, bare, …) in one process so that machine noise hits
+both alike; medians and ratios are printed. Fetches the model and prepares English demo text
+with its tokenizer on first use.
+
+    .venv/bin/python benches/released.py [--seq-len 256] [--batch-size 8] [--precision fp32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from throughput import bare_loop
+
+from cptrain.config import RunConfig
+from cptrain.config_base import build_config
+from cptrain.data.demo_corpus import demo_corpus_ready, fetch_demo
+from cptrain.data.prepare import PrepareConfig, open_split, prepare
+from cptrain.model import load_pretrained
+from cptrain.models.fetch import fetch_model
+from cptrain.replay.seeding import generate_rows
+from cptrain.train import Trainer
+
+
+def prepared_english(data_dir: Path, model_dir: Path) -> Path:
+    if not demo_corpus_ready(data_dir / "demo", ["en"]):
+        fetch_demo(data_dir / "demo", ["en"])
+    cfg = build_config(
+        PrepareConfig,
+        {
+            "out_dir": str(data_dir / "prepared" / "bench-smollm2"),
+            "tokenizer": {"path": str(model_dir)},
+            "tasks": [
+                {
+                    "name": "en",
+                    "train": [str(data_dir / "demo" / "en" / "train.jsonl")],
+                    "val": [str(data_dir / "demo" / "en" / "val.jsonl")],
+                }
+            ],
+        },
+    )
+    return prepare(cfg, progress=False)
+
+
+def training(args, model_dir: Path, prepared: Path) -> tuple[list[float], list[float]]:
+    tokens = args.steps * args.batch_size * args.seq_len
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = build_config(
+            RunConfig,
+            {
+                "run_dir": str(Path(tmp) / "run"),
+                "model": {"init_from": str(model_dir)},
+                "data": {"dir": str(prepared), "tasks": ["en"], "tokens_per_task": 10**9},
+                "train": {
+                    "seq_len": args.seq_len,
+                    "batch_size": args.batch_size,
+                    "precision": args.precision,
+                    "lr": 1e-4,
+                },
+            },
+        )
+        trainer = Trainer(cfg, progress=False)
+        trainer.start()
+        shard = open_split(prepared, "en", "train")
+        model = load_pretrained(model_dir)
+        model.train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), foreach=True)
+        bf16 = args.precision == "bf16"
+        window = args.seq_len + 1
+        trainer.step(0)
+        bare_loop(model, opt, shard, window, args.batch_size, 1, 0, bf16)
+        ours, bare, pos = [], [], 1
+        for r in range(args.rounds):
+            for who in ("cptrain", "bare") if r % 2 == 0 else ("bare", "cptrain"):
+                t0 = time.perf_counter()
+                if who == "cptrain":
+                    for _ in range(args.steps):
+                        trainer.step(0)
+                    ours.append(tokens / (time.perf_counter() - t0))
+                else:
+                    bare_loop(model, opt, shard, window, args.batch_size, args.steps, pos, bf16)
+                    pos += args.steps
+                    bare.append(tokens / (time.perf_counter() - t0))
+        trainer.stop()
+    return ours, bare
+
+
+def generation(args, model_dir: Path) -> tuple[list[float], list[float]]:
+    model = load_pretrained(model_dir)
+    model.eval()
+    new = args.gen_len
+    eos = model.config.eos_token_id
+    bos = eos[0] if isinstance(eos, list) else eos
+    ours, plain = [], []
+    for r in range(args.gen_rounds):
+        for who in ("cptrain", "plain") if r % 2 == 0 else ("plain", "cptrain"):
+            t0 = time.perf_counter()
+            if who == "cptrain":
+                with tempfile.TemporaryDirectory() as tmp:
+                    generate_rows(
+                        model, tokens=args.gen_batch * new, row_len=new + 1,
+                        batch_size=args.gen_batch, temperature=1.0, top_p=0.95, seed=r,
+                        prompts=None, bos_id=bos, work_dir=Path(tmp), progress=False,
+                        vocab_size=model.config.vocab_size,
+                    )
+                ours.append(args.gen_batch * new / (time.perf_counter() - t0))
+            else:
+                start = torch.full((args.gen_batch, 1), bos, dtype=torch.long)
+                with torch.no_grad():
+                    model.generate(
+                        start, do_sample=True, temperature=1.0, top_p=0.95,
+                        max_new_tokens=new, min_new_tokens=new, pad_token_id=bos,
+                    )
+                plain.append(args.gen_batch * new / (time.perf_counter() - t0))
+    return ours, plain
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--steps", type=int, default=3, help="steps per timed block")
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--gen-batch", type=int, default=16)
+    ap.add_argument("--gen-len", type=int, default=64)
+    ap.add_argument("--gen-rounds", type=int, default=4)
+    ap.add_argument("--data-dir", default="data")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    model_dir = fetch_model("smollm2-135m")
+    prepared = prepared_english(Path(args.data_dir), model_dir)
+
+    ours, bare = training(args, model_dir, prepared)
+    print(f"SmolLM2-135M training, seq {args.seq_len}, batch {args.batch_size}, {args.precision}, "
+          f"{args.threads} threads, {args.rounds} rounds x {args.steps} steps")
+    print(f"cptrain  median {statistics.median(ours):8,.0f} tok/s  ({', '.join(f'{x:,.0f}' for x in ours)})")  # noqa: E501
+    print(f"bare     median {statistics.median(bare):8,.0f} tok/s  ({', '.join(f'{x:,.0f}' for x in bare)})")  # noqa: E501
+    print(f"ratio cptrain/bare: {statistics.median(ours) / statistics.median(bare):.3f}")
+    g_ours, g_plain = generation(args, model_dir)
+    print(f"self-seed generation, batch {args.gen_batch}, {args.gen_len} new tokens")
+    print(f"cptrain   median {statistics.median(g_ours):8,.0f} tok/s  ({', '.join(f'{x:,.0f}' for x in g_ours)})")  # noqa: E501
+    print(f"generate  median {statistics.median(g_plain):8,.0f} tok/s  ({', '.join(f'{x:,.0f}' for x in g_plain)})")  # noqa: E501
+    print(f"ratio cptrain/generate: {statistics.median(g_ours) / statistics.median(g_plain):.3f}")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
