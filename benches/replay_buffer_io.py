@@ -19,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cptrain.replay import ReplayBuffer, ReplayConfig
+from cptrain.replay.buffer import ReplayBuffer
+from cptrain.replay.config import ReplayConfig
 
 ROW_LEN, VOCAB, ROWS_PER_ADD, ROUNDS = 257, 32_000, 4096, 5
 

@@ -11,7 +11,8 @@ import pytest
 from scipy.stats import chisquare
 
 from cptrain.errors import CheckpointError, ConfigError
-from cptrain.replay import ReplayBuffer, ReplayConfig
+from cptrain.replay.buffer import ReplayBuffer
+from cptrain.replay.config import ReplayConfig
 
 ROW_LEN, VOCAB, SEED, RUN = 17, 50_000, 7, "run-a"
 N_FRESH, STEPS_PER_TASK, SHARD_ROWS = 6, 10, 4000

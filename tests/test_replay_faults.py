@@ -13,7 +13,8 @@ from conftest import flip
 
 from cptrain import fsutil
 from cptrain.errors import CheckpointError, DataError, EnvironmentProblem
-from cptrain.replay import ReplayBuffer, ReplayConfig
+from cptrain.replay.buffer import ReplayBuffer
+from cptrain.replay.config import ReplayConfig
 from cptrain.replay.storage import Layout, check_store
 
 ROW_LEN, VOCAB, N_FRESH, ROWS_PER_CHUNK = 9, 30_000, 5, 40

@@ -3,7 +3,8 @@
 import numpy as np
 from scipy import stats
 
-from cptrain.replay import ReplayBuffer, ReplayConfig
+from cptrain.replay.buffer import ReplayBuffer
+from cptrain.replay.config import ReplayConfig
 from cptrain.replay.mixer import split_for_rank
 
 

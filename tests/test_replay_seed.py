@@ -12,9 +12,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from cptrain.config_base import build_config
 from cptrain.errors import ConfigError
-from cptrain.replay import ReplayConfig, seeding
+from cptrain.replay import seeding
 from cptrain.replay.buffer import SEED_STEP, seed_task_id
-from cptrain.replay.config import check_seed_tasks
+from cptrain.replay.config import ReplayConfig, check_seed_tasks
 from cptrain.replay.storage import META_DTYPE
 
 SEED_TAG = 49_999  # column 1 of a seed row (shard rows hold their task there)

@@ -1,7 +1,6 @@
-"""Experience replay: a disk-backed, crash-safe buffer, admission policies, prefetch, mixing."""
+"""Experience replay: a disk-backed, crash-safe buffer (``buffer``, ``storage``), admission
+policies (``policies``), prefetch (``prefetch``), mixing (``mixer``), seeding (``seeding``) and
+the ``replay:`` config section (``config``, torch- and numpy-free so configs load fast).
 
-from cptrain.replay.buffer import ReplayBuffer
-from cptrain.replay.config import ReplayConfig
-from cptrain.replay.mixer import effective_alpha, mix_counts, split_for_rank
-
-__all__ = ["ReplayBuffer", "ReplayConfig", "effective_alpha", "mix_counts", "split_for_rank"]
+Import the submodules directly; this package imports nothing, so reading a config does not
+load numpy."""
