@@ -27,6 +27,7 @@ from cptrain.downstream import (
     offline_mode,
     resolve_target,
     run_downstream,
+    token_counter,
 )
 from cptrain.errors import CheckpointError, ConfigError, DataError, EnvironmentProblem
 from cptrain.model import build_model
@@ -226,3 +227,57 @@ def test_lm_eval_command_line_runs_the_local_tasks_offline(fake_run, prepared_di
     assert proc.returncode == 0, proc.stderr[-2000:]
     for name in (f"cptrain_choice_{TASK}", f"cptrain_bpb_{TASK}", "acc_norm", "bits_per_byte"):
         assert name in proc.stdout
+
+
+# --------------------------------------------------------------------------- short contexts
+def _longest(item, delim=" ", count=len):
+    return max(count(item["ctx"] + delim + e) for e in item["endings"])
+
+
+def test_choice_items_within_a_token_budget_fit_it_and_keep_words():
+    docs = _docs()
+    assert make_choice_items(docs, n_items=20, seed=3, max_tokens=10_000, count_tokens=len) == (
+        make_choice_items(docs, n_items=20, seed=3)  # a budget that binds nowhere changes nothing
+    )
+    items, _ = make_choice_items(docs, n_items=40, seed=1, max_tokens=60, count_tokens=len)
+    assert len(items) == 40
+    for it in items:
+        assert _longest(it) <= 60  # characters stand for tokens here
+        true = it["endings"][it["label"]]
+        assert f"{it['ctx']} {true}" in docs[it["doc"]]
+        assert len({len(e.split()) for e in it["endings"]}) == 1  # same number of words
+    with pytest.raises(DataError, match="no choice item fits in 3 tokens"):
+        make_choice_items(docs, n_items=5, max_tokens=3, count_tokens=len)
+
+
+@pytest.fixture(scope="module")
+def short_context_run(fake_run, tmp_path_factory):
+    """fake_run's model in a run trained at seq_len 96 on its Python-code task."""
+    run = tmp_path_factory.mktemp("ds96") / "run"
+    shutil.copytree(fake_run / "models", run / "models")
+    cfg = yaml.safe_load((fake_run / "config.yaml").read_text())
+    cfg["train"]["seq_len"] = 96
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    return run
+
+
+def test_downstream_of_a_short_context_run_sizes_items_in_the_models_tokens(
+    short_context_run, prepared_dir
+):
+    model = short_context_run / "models" / f"after_0_{TASK}"
+    count = token_counter(model)
+    docs = held_out_documents(prepared_dir, TASK)
+    by_words, _ = make_choice_items(docs, n_items=40)
+    # Sized in words, Python code overflows 96 tokens: a longest ending alone can exceed it
+    # (lm-eval's `assert len(continuation_enc) <= self.max_length`).
+    assert max(_longest(it, count=count) for it in by_words) > 96
+
+    rec = run_downstream(short_context_run, tasks=[f"cptrain_choice_{TASK}"], items=40)
+    assert rec["max_length"] == 96 and "max_length=96" in rec["command"]
+    assert 0.0 <= rec["tasks"][f"cptrain_choice_{TASK}"]["acc"] <= 1.0
+    path = short_context_run / "downstream" / "tasks" / f"cptrain_choice_{TASK}.jsonl"
+    rows = [json.loads(x) for x in path.read_text().splitlines()]
+    assert len(rows) >= 20
+    assert max(_longest(r, count=count) for r in rows) <= 96  # every item fits the window
+    for r in rows:  # passages are still whole words of the document
+        assert f"{r['ctx']} {r['endings'][r['label']]}" in " ".join(docs[r["doc"]].split())

@@ -196,6 +196,22 @@ class DistributedConfig(StrictModel):
     mixed_precision: bool = Field(default=True, description="fsdp2 on GPU only")
 
 
+class LoggingConfig(StrictModel):
+    """Where training is mirrored besides metrics.jsonl (changes no number; a resume may)."""
+
+    tensorboard: Literal["auto"] | bool = Field(
+        default="auto",
+        description="TensorBoard events under <run_dir>/tensorboard/; auto: when installed",
+    )
+
+    @field_validator("tensorboard", mode="before")
+    @classmethod
+    def _switch(cls, v: Any) -> Any:
+        if isinstance(v, bool) or v == "auto":
+            return v
+        raise ValueError("use auto, true or false")
+
+
 class RunConfig(StrictModel):
     run_dir: str
     seed: int = Field(default=0, ge=0, le=2**63 - 1)
@@ -209,6 +225,7 @@ class RunConfig(StrictModel):
     reptile: ReptileConfig = ReptileConfig()
     diagnostics: DiagnosticsConfig = DiagnosticsConfig()
     distributed: DistributedConfig = DistributedConfig()
+    logging: LoggingConfig = LoggingConfig()
 
     @model_validator(mode="before")
     @classmethod
@@ -291,6 +308,7 @@ _RUN_CONTROL_KEYS = {
     "distributed",  # strategy/backend; the world size is checked on its own
     "run_dir",  # a moved run is the same run
     "replay.dir",
+    "logging",  # where metrics are mirrored (TensorBoard)
 }
 
 

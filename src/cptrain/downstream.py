@@ -8,6 +8,8 @@ task's held-out documents (the ``val`` split of the prepared data, decoded back 
   held-out passage; the three distractors are spans of the same length in units (words, or
   characters for scripts without spaces) from *other* held-out documents of the same task,
   chosen closest in characters to the true ending, so length alone does not give the answer.
+  Items are sized in tokens of the evaluated model's tokenizer so that context + the longest
+  choice fit its ``max_length`` (the run's ``seq_len``): lm-eval never truncates one.
   Metrics: acc and acc_norm (log-likelihood divided by the ending's length in characters).
 * ``cptrain_bpb_<task>``: bits per byte of held-out documents (``loglikelihood_rolling``).
 
@@ -25,7 +27,7 @@ import logging
 import math
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,7 +46,6 @@ PAPER_TASKS = {
     "pubmedqa": "bigbio/pubmed_qa",
     "hellaswag_fr": "alexandrainst/m_hellaswag",
 }
-MIN_CONTEXT = 128  # tokens: a choice item (context + ending) must fit in one window
 _OFFLINE_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
 
 
@@ -95,10 +96,21 @@ def make_choice_items(
     ctx_len: int | None = None,
     end_len: int | None = None,
     candidates: int = 24,
+    max_tokens: int | None = None,
+    count_tokens: Callable[[str], int] | None = None,
 ) -> tuple[list[dict[str, Any]], str]:
-    """HellaSwag-style items and the delimiter between context and ending (" " or "")."""
+    """HellaSwag-style items and the delimiter between context and ending (" " or "").
+
+    Passages are cut in units (words, or characters for scripts without spaces). With
+    ``max_tokens`` and ``count_tokens`` (tokens of a string as the evaluated model's tokenizer
+    counts them), every item fits the model's window: an ending keeps at most its share of
+    ``max_tokens`` (dropping units from its end, distractors cut to the same number of units),
+    then the context loses units from its start until context + delimiter + the longest choice
+    take at most ``max_tokens`` tokens; a passage where even one unit of context does not fit
+    is left out."""
     by_char = _spaceless(docs)
-    # Context + ending stay within ~100 tokens, so a model trained at seq_len 128 sees them whole.
+    delim = "" if by_char else " "
+    # The default sizes: context + ending within ~100 tokens of a typical tokenizer.
     ctx_len = ctx_len or (72 if by_char else 24)
     end_len = end_len or (24 if by_char else 10)
     units = [_units(d, by_char) for d in docs]
@@ -109,6 +121,11 @@ def make_choice_items(
             f"only {len(usable)} held-out documents are long enough ({span} "
             f"{'characters' if by_char else 'words'}) for choice items; add validation text"
         )
+    budget = None
+    if max_tokens is not None:
+        if count_tokens is None:
+            raise ValueError("max_tokens needs count_tokens (see token_counter)")
+        budget = _Budget(max_tokens, count_tokens, delim, end_len / span)
     rng = np.random.default_rng([seed, 0xC401CE])
     # Non-overlapping passages, a few per document, so that no document dominates.
     per_doc = max(1, math.ceil(2 * n_items / len(usable)))
@@ -117,38 +134,105 @@ def make_choice_items(
         for d in usable
         for k in range(min(per_doc, len(units[d].items) // span))
     ]
-    order = rng.permutation(len(passages))[:n_items]
-    items = []
-    for pos in order.tolist():
+    items: list[dict[str, Any]] = []
+    for pos in rng.permutation(len(passages)).tolist():
+        if len(items) == n_items:
+            break
         d, start = passages[pos]
         u = units[d]
-        ending = u.join(start + ctx_len, start + span)
-        distractors = _distractors(units, d, ending, end_len, candidates, rng)
+        cut = start + ctx_len  # where the context ends and the ending starts
+        n_end = budget.ending_units(u, cut, end_len) if budget else end_len
+        ending = u.join(cut, cut + n_end)
+        fits = budget.distractor_fits(ending) if budget else None
+        distractors = _distractors(units, d, ending, n_end, candidates, rng, fits)
         label = int(rng.integers(4))
+        if len(distractors) < 3:
+            if budget is None:
+                raise DataError(
+                    "too few distinct held-out passages for distractors; add validation text"
+                )
+            continue
         endings = [*distractors[:label], ending, *distractors[label:]]
+        first = budget.context_start(u, start, cut, endings) if budget else start
+        if first is None:
+            continue
         items.append(
-            {"id": len(items), "doc": d, "ctx": u.join(start, start + ctx_len),
+            {"id": len(items), "doc": d, "ctx": u.join(first, cut),
              "endings": endings, "label": label}
         )
-    return items, "" if by_char else " "
+    if not items:
+        raise DataError(
+            f"no choice item fits in {max_tokens} tokens of the model's tokenizer; raise "
+            "--max-length"
+        )
+    return items, delim
+
+
+@dataclass(frozen=True)
+class _Budget:
+    """Sizes items in tokens of the evaluated model: ``count`` tokens of a whole string (as
+    lm-eval encodes context + continuation), ``limit`` of them at most."""
+
+    limit: int
+    count: Callable[[str], int]
+    delim: str
+    end_share: float  # of ``limit``, for an ending
+
+    @property
+    def end_limit(self) -> int:
+        return max(1, int(self.limit * self.end_share))
+
+    def ending_units(self, u: _Units, cut: int, end_len: int) -> int:
+        n = end_len
+        while n > 1 and self.count(self.delim + u.join(cut, cut + n)) > self.end_limit:
+            n -= 1
+        return n
+
+    def distractor_fits(self, ending: str) -> Callable[[str], bool]:
+        """A distractor takes no more tokens than the ending's share (or the true ending)."""
+        most = max(self.end_limit, self.count(self.delim + ending))
+        return lambda span: self.count(self.delim + span) <= most
+
+    def context_start(self, u: _Units, start: int, cut: int, endings: list[str]) -> int | None:
+        """The first unit of the longest context ending at ``cut`` with which every choice
+        fits (None when not even one unit does); contexts are dropped from the left."""
+
+        def fits(first: int) -> bool:
+            ctx = u.join(first, cut)
+            return all(self.count(ctx + self.delim + e) <= self.limit for e in endings)
+
+        if fits(start):
+            return start
+        lo, hi = start, cut - 1  # lo does not fit; find the first that does, if hi does
+        if not fits(hi):
+            return None
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if fits(mid) else (mid, hi)
+        return hi
 
 
 def _distractors(
     units: Sequence[_Units], source: int, ending: str, end_len: int, candidates: int,
-    rng: np.random.Generator,
+    rng: np.random.Generator, fits: Callable[[str], bool] | None = None,
 ) -> list[str]:
-    """Three spans of other documents, the closest in character length to the true ending."""
+    """Up to three spans of other documents, the closest in character length to the true
+    ending, among ``candidates`` random spans (that ``fits``, when given)."""
     others = [i for i, u in enumerate(units) if i != source and len(u.items) >= end_len]
     pool: set[str] = set()
-    for _ in range(candidates):
+    drawn = 0
+    for _ in range(8 * candidates):
+        if drawn == candidates:
+            break
         d = others[int(rng.integers(len(others)))]
         start = int(rng.integers(len(units[d].items) - end_len + 1))
         span = units[d].join(start, start + end_len)
+        if fits is not None and not fits(span):
+            continue
+        drawn += 1
         if span != ending:
             pool.add(span)
     ranked = sorted(sorted(pool), key=lambda s: abs(len(s) - len(ending)))
-    if len(ranked) < 3:
-        raise DataError("too few distinct held-out passages for distractors; add validation text")
     return ranked[:3]
 
 
@@ -203,9 +287,13 @@ def build_local_tasks(
     bpb_docs: int = 64,
     bpb_chars: int = 2000,
     seed: int = 0,
+    max_tokens: int | None = None,
+    count_tokens: Callable[[str], int] | None = None,
 ) -> list[str]:
     """Write the local lm-eval tasks (YAML + JSONL) for ``tasks`` (default: all prepared ones)
-    under ``out_dir``; returns the lm-eval task names. Use ``out_dir`` as ``--include_path``."""
+    under ``out_dir``; returns the lm-eval task names. Use ``out_dir`` as ``--include_path``.
+    With ``max_tokens`` and ``count_tokens`` (see ``token_counter``), every choice item fits
+    in ``max_tokens`` tokens of the model that will be evaluated (lm-eval's ``max_length``)."""
     from cptrain.data.prepare import load_prepared
 
     info = load_prepared(Path(data_dir))
@@ -215,7 +303,8 @@ def build_local_tasks(
     names = []
     for task in tasks:
         docs = held_out_documents(Path(data_dir), task)
-        rows, delim = make_choice_items(docs, n_items=items, seed=seed)
+        rows, delim = make_choice_items(docs, n_items=items, seed=seed, max_tokens=max_tokens,
+                                        count_tokens=count_tokens)
         name = choice_task_name(task)
         _jsonl(out_dir / f"{name}.jsonl", rows)
         body = {
@@ -250,6 +339,30 @@ def build_local_tasks(
                                                                body))
         names.append(name)
     return names
+
+
+def token_counter(model_dir: Path) -> Callable[[str], int]:
+    """Tokens of a string as lm-eval's ``hf`` model counts them: the model directory's own
+    tokenizer, with its default special tokens (a BOS where the tokenizer adds one)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(model_dir))
+    except (OSError, ValueError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CheckpointError(f"{model_dir}: cannot load its tokenizer ({first})") from None
+    return lambda text: len(tok.encode(text))
+
+
+def model_max_length(model_dir: Path) -> int:
+    """The window lm-eval's ``hf`` model uses without ``max_length``: the model config's
+    positions (``n_positions``, ``max_position_embeddings``, ``n_ctx``), else 2048."""
+    with contextlib.suppress(OSError, ValueError):
+        config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+        for key in ("n_positions", "max_position_embeddings", "n_ctx"):
+            if isinstance(config.get(key), int) and config[key] > 0:
+                return int(config[key])
+    return 2048
 
 
 # --------------------------------------------------------------------------- model lookup
@@ -435,7 +548,8 @@ def run_downstream(
     """Evaluate one model with lm-eval; writes and returns ``<out_dir>/<model>.json``.
 
     ``out_dir`` defaults to ``<run>/downstream``; ``max_length`` to the run's training
-    sequence length (the context the model was trained for), at least ``MIN_CONTEXT``.
+    sequence length (the context the model was trained for), else the model's own window.
+    Local choice items are sized in tokens of the model's tokenizer to fit ``max_length``.
     """
     version = _require_lm_eval()
     tgt = resolve_target(Path(target))
@@ -447,20 +561,20 @@ def run_downstream(
         out_dir = tgt.run_dir / "downstream"
     out_dir = Path(out_dir)
     task_dir = out_dir / "tasks"
+    if max_length is None:  # the context the model was trained for
+        max_length = int(cfg["train"]["seq_len"]) if cfg else model_max_length(tgt.model_dir)
     local: list[str] = []
     if data_dir is not None:
         run_tasks = [t["name"] for t in cfg["data"]["tasks"]] if cfg else None
         local = build_local_tasks(data_dir, task_dir, tasks=run_tasks, items=items,
-                                  bpb_chars=bpb_chars, seed=seed)
+                                  bpb_chars=bpb_chars, seed=seed, max_tokens=max_length,
+                                  count_tokens=token_counter(tgt.model_dir))
     local_req, hub_req = _split_tasks(tasks, local)
     if not local and not hub_req:
         raise ConfigError(
             f"{tgt.model_dir} is not inside a run, so its data is unknown; pass --data "
             "PREPARED_DIR for the local tasks"
         )
-    if max_length is None and cfg:
-        # The context the model was trained for, but room for a whole choice item (≤ ~100).
-        max_length = max(int(cfg["train"]["seq_len"]), MIN_CONTEXT)
     with offline_mode(not online):
         results = _evaluate(tgt.model_dir, local_req, hub_req, task_dir, online=online,
                             limit=limit, num_fewshot=num_fewshot, batch_size=batch_size,

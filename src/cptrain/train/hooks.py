@@ -24,6 +24,7 @@ import torch
 from tqdm import tqdm
 
 from cptrain import metrics
+from cptrain.errors import ConfigError
 
 if TYPE_CHECKING:
     from cptrain.train.trainer import Trainer
@@ -185,3 +186,69 @@ class ReptileBoundary(Hook):
     def on_task_start(self, trainer: Trainer, task: int) -> None:
         if task > 0 and trainer.reptile is not None:
             trainer.reptile.on_task_boundary(trainer.optimizer)
+
+
+class TensorBoard(Hook):
+    """``logging.tensorboard``: what ``metrics.jsonl`` gets, as TensorBoard scalars under
+    ``<run_dir>/tensorboard/`` (rank 0): each numeric field of a logged train record as
+    ``train/<field>``, each evaluation as ``val_loss/<task>`` and ``union_loss``. ``auto``: on
+    when the ``tensorboard`` package is installed. A resume purges the events after its
+    checkpoint's step (``purge_step``), as ``metrics.jsonl`` drops those records; a fresh start
+    purges those of an attempt that died before its first checkpoint."""
+
+    def __init__(self, setting: bool | str, is_main: bool = True):
+        import importlib.util
+
+        installed = importlib.util.find_spec("tensorboard") is not None
+        if setting is True and not installed:
+            raise ConfigError(
+                "logging.tensorboard is true but the tensorboard package is not installed; "
+                "pip install tensorboard (or set logging.tensorboard: auto)"
+            )
+        self.enabled = is_main and installed and setting is not False
+        self._writer: Any = None
+
+    def on_run_start(self, trainer: Trainer) -> None:
+        if not self.enabled:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        step = trainer.state.step
+        self._writer = SummaryWriter(
+            log_dir=str(trainer.run_dir.path / "tensorboard"), purge_step=step + 1 if step else 0
+        )
+
+    def on_step_end(self, trainer: Trainer, record: dict[str, Any]) -> None:
+        if self._writer is None or not is_log_step(trainer, record):
+            return
+        for key, value in record.items():
+            if isinstance(value, int | float) and not isinstance(value, bool) and key != "step":
+                self._writer.add_scalar(f"train/{key}", value, trainer.state.step)
+
+    def on_eval(self, trainer: Trainer, losses: dict[str, float], kind: str) -> None:
+        if self._writer is None:
+            return
+        step = trainer.state.step
+        for task, loss in losses.items():
+            self._writer.add_scalar(f"val_loss/{task}", loss, step)
+        self._writer.add_scalar("union_loss", metrics.union_loss(list(losses.values())), step)
+        self._writer.flush()
+
+    def on_run_end(self, trainer: Trainer) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+class TaskExportWithCard(TaskExport):
+    """``TaskExport`` whose directory also holds a Hugging Face model card (``README.md``:
+    base model, data, method, loss matrix so far), written inside the export's temporary
+    directory, so it appears with the weights or not at all."""
+
+    def on_task_end(self, trainer: Trainer, task: int, losses: dict[str, float]) -> None:
+        from cptrain.checkpoint.export import card_for, model_card
+
+        out = trainer.run_dir.task_model_dir(task, trainer.task_names[task])
+        card = model_card(trainer.cfg.model_dump(mode="json"), trainer.state.state_dict())
+        with card_for(out, card):
+            super().on_task_end(trainer, task, losses)

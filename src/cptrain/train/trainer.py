@@ -163,10 +163,11 @@ class Trainer:
             H.ReptileBoundary(),
             H.Throughput(),
             H.MetricsLogger(),
+            H.TensorBoard(self.cfg.logging.tensorboard, self.env.is_main),
             H.ProgressBar(progress),
             H.PeriodicEval(self.cfg.eval.every),
             H.CheckpointInterval(),
-            H.TaskExport(),
+            H.TaskExportWithCard(),
         ]
 
     # ---------------------------------------------------------------- resume

@@ -1,0 +1,219 @@
+"""Hooks beyond metrics.jsonl: TensorBoard events and the model cards of exported weights."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from conftest import read_metrics
+
+from cptrain.checkpoint.export import base_model_facts, model_card
+from cptrain.cli import main
+from cptrain.data.prepare import load_prepared_tokenizer
+from cptrain.errors import ConfigError
+from cptrain.model import build_model
+from cptrain.models.fetch import FORMAT, MANIFEST
+from cptrain.train import Trainer, train
+from cptrain.train.hooks import TensorBoard
+from cptrain.train.state import TrainerState
+
+TRAIN_FIELDS = ("loss", "lr", "grad_norm", "tokens_per_s", "effective_alpha", "grad_cos")
+
+
+# --------------------------------------------------------------------------- TensorBoard
+def _scalars(path: Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(path), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_tensorboard_mirrors_metrics_jsonl_and_a_resume_repeats_no_step(make_config):
+    pytest.importorskip("tensorboard")
+    cfg = make_config(
+        "tb",
+        method="replay",
+        replay={"alpha": 0.25, "visibility_lag": 1},
+        diagnostics={"every": 3},
+    )
+    Trainer(cfg, progress=False, stop_after=9).run()  # killed at step 9; checkpoint at 6
+    first = sorted((Path(cfg.run_dir) / "tensorboard").iterdir())
+    assert len(first) == 1
+    assert 8 in [s for s, _ in _scalars(first[0])["train/loss"]]  # logged, then lost
+    train(cfg, resume=True, progress=False)
+
+    files = sorted((Path(cfg.run_dir) / "tensorboard").iterdir())
+    assert len(files) == 2  # one event file per process
+    tb = _scalars(Path(cfg.run_dir) / "tensorboard")
+    records = read_metrics(cfg.run_dir, "train")
+    steps = [r["step"] for r in records]
+    assert [s for s, _ in tb["train/loss"]] == steps  # step 8 once, from the resumed run
+    for field in TRAIN_FIELDS:
+        want = [(r["step"], r[field]) for r in records if field in r]
+        assert want, field
+        got = tb[f"train/{field}"]
+        assert [s for s, _ in got] == [s for s, _ in want], field
+        assert [v for _, v in got] == pytest.approx([v for _, v in want], rel=1e-6), field
+    assert any(k.startswith("train/buffer_") for k in tb)
+
+    evals = [r for r in read_metrics(cfg.run_dir) if r["type"] in ("before", "task_end")]
+    assert [r["step"] for r in evals] == [0, 6, 12, 18]
+    for task in evals[0]["val_loss"]:
+        got = tb[f"val_loss/{task}"]
+        assert [s for s, _ in got] == [r["step"] for r in evals]
+        assert [v for _, v in got] == pytest.approx([r["val_loss"][task] for r in evals])
+    assert [v for _, v in tb["union_loss"]] == pytest.approx([r["union_loss"] for r in evals])
+
+
+def test_tensorboard_can_be_switched_off(make_config):
+    cfg = make_config("no-tb", logging={"tensorboard": False}, data={"tasks": ["email"]})
+    train(cfg, progress=False)
+    assert not (Path(cfg.run_dir) / "tensorboard").exists()
+
+
+def _without_tensorboard(monkeypatch):
+    real = importlib.util.find_spec
+
+    def find_spec(name, *args, **kwargs):
+        return None if name == "tensorboard" else real(name, *args, **kwargs)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+
+
+def test_tensorboard_true_without_the_package_is_a_one_line_config_error(
+    make_config, monkeypatch, capsys
+):
+    _without_tensorboard(monkeypatch)
+    assert not TensorBoard("auto").enabled  # auto: quietly off
+    with pytest.raises(ConfigError, match="pip install tensorboard") as err:
+        Trainer(make_config("tb-missing", logging={"tensorboard": True}), progress=False)
+    assert "\n" not in str(err.value)
+
+
+def test_tensorboard_switch_is_run_control_a_resume_may_change(make_config):
+    from cptrain.config import config_differences
+
+    a = make_config("a").model_dump(mode="json")
+    b = make_config("a", logging={"tensorboard": False}).model_dump(mode="json")
+    assert a["logging"] != b["logging"] and config_differences(a, b) == []
+    with pytest.raises(ConfigError, match="logging.tensorboard: .*auto, true or false"):
+        make_config("a", logging={"tensorboard": "sometimes"})
+
+
+# --------------------------------------------------------------------------- model cards
+def _front_matter(text: str) -> dict:
+    assert text.startswith("---\n")
+    return yaml.safe_load(text[4:].split("\n---\n", 1)[0])
+
+
+@pytest.fixture(scope="module")
+def released_base(prepared_dir, tmp_path_factory) -> Path:
+    """A model directory as `cptrain models fetch` leaves it: weights and its MANIFEST.json."""
+    out = tmp_path_factory.mktemp("base") / "tiny-release"
+    build_model("tiny", len(load_prepared_tokenizer(prepared_dir)), seed=5).save_pretrained(out)
+    manifest = {
+        "format": FORMAT,
+        "name": "tiny-release",
+        "model": "Tiny-Release-Instruct",
+        "license": "Apache-2.0",
+        "source": {"package": "llm-tiny", "version": "0.1", "quantization": "Q4_1"},
+        "note": "dequantized from Q4_1: weights carry 4-bit quantization noise",
+        "files": {},
+    }
+    (out / MANIFEST).write_text(json.dumps(manifest))
+    return out
+
+
+def test_task_exports_carry_a_model_card_that_cptrain_export_repeats(
+    make_config, released_base, tmp_path, capsys
+):
+    cfg = make_config(
+        "card",
+        method="mer",
+        model={"init_from": str(released_base)},
+        replay={"alpha": 0.25, "visibility_lag": 1},
+        reptile={"k": 3, "epsilon": 0.5},
+        data={"eval_only": ["xml"], "tasks": ["email", "asyncio"]},
+    )
+    summary = train(cfg, progress=False)
+    run = Path(cfg.run_dir)
+    exported = sorted((run / "models").iterdir())
+    assert [p.name for p in exported] == ["after_0_email", "after_1_asyncio"]  # no temp dirs
+    before = summary["loss_before"]
+    for i, model_dir in enumerate(exported):
+        card = (model_dir / "README.md").read_text(encoding="utf-8")
+        front = _front_matter(card)
+        assert front["library_name"] == "transformers"
+        assert front["base_model"] == "tiny-release" and front["license"] == "apache-2.0"
+        assert front["tags"] == ["cptrain", "continual-pretraining"]
+        assert f"after task {i + 1} of 2 ({summary['tasks'][i]})" in card
+        assert "Tiny-Release-Instruct" in card
+        assert "dequantized from Q4_1: weights carry 4-bit quantization noise" in card
+        assert "α = 0.25" in card and "k = 3, ε = 0.5" in card
+        assert "`email`" in card and "`asyncio`" in card and "`xml`" in card
+        assert "| 1 | `email` | 1,536 | 6 | yes |" in card
+        lines = card.splitlines()
+        row = next(ln for ln in lines if ln.startswith("before "))
+        assert row.split()[1:] == [f"{before[c]:.3f}" for c in ("email", "asyncio", "xml")]
+        rows = [ln for ln in lines if ln.split()[:1] in (["email"], ["asyncio"])]
+        assert [r.split()[1:] for r in rows] == [
+            [f"{v:.3f}" for v in summary["loss_matrix"][k]] for k in range(i + 1)
+        ]
+
+    assert main(["export", str(run), "--out", str(tmp_path / "out")]) == 0
+    capsys.readouterr()
+    assert (tmp_path / "out" / "README.md").read_text(encoding="utf-8") == (
+        exported[-1] / "README.md"
+    ).read_text(encoding="utf-8")
+
+
+def test_a_card_says_when_weights_are_inside_a_task_and_what_a_fresh_model_was(make_config):
+    config = make_config("mid").model_dump(mode="json")
+    state = TrainerState(
+        step=9,
+        task_idx=1,
+        task_step=3,
+        loss_matrix=[[5.0, 6.0, 6.5]],
+        loss_before=[6.2, 6.2, 6.3],
+        run_id="ab" * 16,
+    ).state_dict()
+    card = model_card(config, state)
+    front = _front_matter(card)
+    assert "base_model" not in front and "license" not in front
+    assert "inside task 2 of 3 (xml)" in card and "3 steps into task 2" in card
+    assert "freshly initialised `tiny` model" in card and "Reptile: off" in card
+    assert "| 2 | `xml` | 1,536 | 6 | partly |" in card and "| 3 | `asyncio`" in card
+    assert "not yet" in card and "6.200" in card and "5.000" in card
+
+
+def test_a_quantized_gguf_base_gives_its_license_and_a_dequantization_note(tmp_path):
+    import gguf
+    from gguf.quants import quantize
+
+    path = tmp_path / "q.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_license("mit")
+    rows = np.random.default_rng(0).standard_normal((4, 64)).astype(np.float32)
+    q8 = gguf.GGMLQuantizationType.Q8_0
+    w.add_tensor("token_embd.weight", quantize(rows, q8), raw_dtype=q8)
+    w.add_tensor("output_norm.weight", np.ones(64, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    facts = base_model_facts(str(path))
+    assert facts["base_model"] == str(path) and facts["license"] == "mit"
+    assert facts["note"].startswith("dequantized from Q8_0")
+    f32 = tmp_path / "f.gguf"
+    w = gguf.GGUFWriter(str(f32), "llama")
+    w.add_tensor("output_norm.weight", np.ones(64, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    assert "note" not in base_model_facts(str(f32))
