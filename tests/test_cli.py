@@ -19,6 +19,16 @@ def cptrain(*args, cwd=None):
     )
 
 
+def in_process(capsys, *args):
+    """The CLI's main() in this process (no interpreter start and torch import per call):
+    (exit code, stdout, stderr)."""
+    from cptrain import cli
+
+    code = cli.main(list(args))
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out.out, out.err)
+
+
 def assert_one_line_error(proc, fragment):
     assert proc.returncode == 2, proc.stderr
     lines = [x for x in proc.stderr.splitlines() if x.strip()]
@@ -49,7 +59,7 @@ def test_prepare_with_missing_input(tmp_path):
     assert not (tmp_path / "out" / "prepare.json").exists()
 
 
-def test_prepare_train_eval_round_trip(prepared_dir, tmp_path):
+def test_prepare_train_eval_round_trip(prepared_dir, tmp_path, capsys):
     run_dir = tmp_path / "run"
     p = tmp_path / "run.yaml"
     p.write_text(
@@ -66,16 +76,17 @@ def test_prepare_train_eval_round_trip(prepared_dir, tmp_path):
             }
         )
     )
-    proc = cptrain("train", str(p), "--no-progress")
+    proc = in_process(capsys, "train", str(p), "--no-progress")
     assert proc.returncode == 0, proc.stderr
     assert "forgetting" in proc.stdout and "retained" in proc.stdout
     summary = json.loads((run_dir / "summary.json").read_text())
     assert len(summary["loss_matrix"]) == 2
-    shown = cptrain("eval", str(run_dir))
+    shown = in_process(capsys, "eval", str(run_dir))
     assert shown.returncode == 0
     assert f"{summary['loss_matrix'][1][0]:.3f}" in shown.stdout
-    again = cptrain("train", str(p), "--no-progress")
+    again = in_process(capsys, "train", str(p), "--no-progress")
     assert_one_line_error(again, "already holds a run")
+    # the real command line, as a user meets it
     assert_one_line_error(cptrain("eval", str(tmp_path)), "no summary.json")
 
 
@@ -100,7 +111,7 @@ def test_fetch_demo_without_apt(tmp_path):
     assert_one_line_error(proc, "apt")
 
 
-def test_export_newest_checkpoint(prepared_dir, tmp_path):
+def test_export_newest_checkpoint(prepared_dir, tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 
     run_dir = tmp_path / "run"
@@ -115,9 +126,10 @@ def test_export_newest_checkpoint(prepared_dir, tmp_path):
             }
         )
     )
-    assert cptrain("train", str(p), "--no-progress").returncode == 0
-    proc = cptrain("export", str(run_dir), "--out", str(tmp_path / "hf"))
+    assert in_process(capsys, "train", str(p), "--no-progress").returncode == 0
+    proc = in_process(capsys, "export", str(run_dir), "--out", str(tmp_path / "hf"))
     assert proc.returncode == 0, proc.stderr
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
     assert model.config.vocab_size == 512
-    assert_one_line_error(cptrain("export", str(tmp_path / "nothing")), "no complete checkpoint")
+    missing = in_process(capsys, "export", str(tmp_path / "nothing"))
+    assert_one_line_error(missing, "no complete checkpoint")

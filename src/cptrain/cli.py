@@ -162,11 +162,18 @@ def cmd_downstream(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    from cptrain.demo import run_demo
+DEMO_RUNS_DIR = "runs/demo"
+RELEASED_RUNS_DIR = "runs/demo-released"
 
-    run_demo(
-        runs_dir=Path(args.runs_dir),
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from cptrain.demo import run_demo, run_released_demo
+
+    runs_dir = args.runs_dir
+    if args.released and runs_dir == DEMO_RUNS_DIR:
+        runs_dir = RELEASED_RUNS_DIR
+    (run_released_demo if args.released else run_demo)(
+        runs_dir=Path(runs_dir),
         data_dir=Path(args.data_dir),
         fresh=args.fresh,
         progress=_progress(args),
@@ -234,7 +241,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("demo", help="the embedded-corpus demo: en → fr → de")
-    p.add_argument("--runs-dir", default="runs/demo")
+    p.add_argument("--runs-dir", default=DEMO_RUNS_DIR)
+    p.add_argument(
+        "--released",
+        action="store_true",
+        help="continue SmolLM2-135M-Instruct on fr → de, English evaluation-only "
+        f"(runs in {RELEASED_RUNS_DIR} unless --runs-dir is given)",
+    )
     p.add_argument("--data-dir", default="data")
     p.add_argument("--fresh", action="store_true", help="retrain runs that already finished")
     _add_overrides(p)
@@ -322,10 +335,9 @@ def main(argv: list[str] | None = None) -> int:
 def _exit(code: int) -> None:
     """Under torchrun, skip interpreter teardown: with gloo it can hang after a finished run
     (seen once in ~10 CI runs: both ranks done, one never exited). Everything is written and
-    fsynced by then."""
-    from cptrain.distributed import launched_by_torchrun
-
-    if launched_by_torchrun():
+    fsynced by then. (torchrun's variables are read here directly: importing cptrain.distributed
+    would load torch just to exit.)"""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
