@@ -558,7 +558,11 @@ def _collect(
     with (
         # spawn: the caller may hold threads (torch, tqdm) that a fork would copy mid-lock.
         get_context("spawn").Pool(workers) as pool,
-        tqdm(desc="rendering documents", unit="doc", file=sys.stderr, total=0) as bar,
+        # In a log file (CI, nohup) a bar is hundreds of carriage-return updates: none there.
+        tqdm(
+            desc="rendering documents", unit="doc", file=sys.stderr, total=0,
+            disable=not sys.stderr.isatty(),
+        ) as bar,
     ):
         for package, users in packages.items():
             patterns = [p for source, lang in users for p in source.patterns(lang)]
