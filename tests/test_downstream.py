@@ -175,6 +175,7 @@ def test_results_of_later_calls_are_merged(fake_run, tmp_path):
     assert 0.0 <= rec["tasks"][f"cptrain_choice_{TASK}"]["acc_norm"] <= 1.0
 
 
+@pytest.mark.slow  # lm-eval indexes its whole task registry first (~8 s)
 def test_hub_tasks_offline_are_one_line_errors(fake_run, tmp_path):
     with pytest.raises(EnvironmentProblem, match="hellaswag needs its data from Rowan/hellaswag"
                        ) as e:
