@@ -143,7 +143,7 @@ def test_released_table_rows_and_merge_points():
     rows = demo.released_rows(results, merge)
     assert [r["method"] for r in rows] == [
         "sequential",
-        "replay 25%, English proxy seed",
+        "replay, English proxy seed α=0.25",
         "merge sequential λ=0.5",
     ]
     assert rows[0]["en_forgetting"] == pytest.approx(0.4)

@@ -205,6 +205,8 @@ RELEASED_BASE_RUN: dict[str, Any] = {
     },
     # at task ends only (and before training): every evaluation costs as much as a few steps
     "eval": {"windows": 16, "batch_size": 8, "every": 0},
+    # at task ends; one kept (2 GB each with the optimizer state), enough to resume from
+    "checkpoint": {"keep_last": 1},
 }
 # Reptile scaled to 40 steps: a meta-update every 5 steps (4 per task).
 RELEASED_REPTILE_K = 5
@@ -228,15 +230,15 @@ SELF_SEED: dict[str, Any] = {
 RELEASED_METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "sequential": ("sequential", {"method": "sequential"}),
     "replay-25-proxy": (
-        "replay 25%, English proxy seed",
+        "replay, English proxy seed",
         {"method": "replay", "replay": {"alpha": RELEASED_ALPHA, "seed": [PROXY_SEED]}},
     ),
     "replay-25-self": (
-        "replay 25%, self seed",
+        "replay, self seed",
         {"method": "replay", "replay": {"alpha": RELEASED_ALPHA, "seed": [SELF_SEED]}},
     ),
     "mer-25-self": (
-        "MER 25%, self seed",
+        "MER, self seed",
         {
             "method": "mer",
             "replay": {"alpha": RELEASED_ALPHA, "seed": [SELF_SEED]},
@@ -244,6 +246,15 @@ RELEASED_METHODS: dict[str, tuple[str, dict[str, Any]]] = {
         },
     ),
 }
+
+
+def released_label(name: str) -> str:
+    """How tables name a method: its label and, when it replays, α (as the report does)."""
+    if name not in RELEASED_METHODS:
+        return name
+    label, method = RELEASED_METHODS[name]
+    alpha = method.get("replay", {}).get("alpha", 0)
+    return f"{label} α={alpha:g}" if alpha else label
 
 
 def native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
@@ -327,7 +338,7 @@ def released_rows(
         final = dict(zip(cols, s["loss_matrix"][-1], strict=True))
         rows.append(
             {
-                "method": RELEASED_METHODS[name][0] if name in RELEASED_METHODS else name,
+                "method": released_label(name),
                 "en_before": s["loss_before"][en],
                 "en_after": final[en],
                 "en_forgetting": s["eval_only_forgetting"][en],
@@ -406,8 +417,8 @@ def _released_merge(run: Path, runs_dir: Path) -> dict[str, Any]:
 
 
 def _write_labels(runs_dir: Path) -> None:
-    """Labels for `cptrain report` (read from sweep.json): both replay runs are replay α=0.25,
-    and the report would otherwise average them as two seeds of one method."""
+    """Labels for `cptrain report` (read from sweep.json; it appends α): both replay runs are
+    replay α=0.25, and the report would otherwise average them as two seeds of one method."""
     runs = [{"name": name, "label": label} for name, (label, _) in RELEASED_METHODS.items()]
     atomic_write_json(runs_dir / "sweep.json", {"runs": runs})
 
@@ -446,10 +457,10 @@ def run_released_demo(
     merge = _released_merge(Path(configs["sequential"].run_dir), runs_dir)
     print()
     for name, s in results.items():
-        title = f"== {RELEASED_METHODS[name][0]}: validation loss (row: after task, column: task)"
+        title = f"== {released_label(name)}: validation loss (row: after task, column: task)"
         print(run_report(s, title=title))
         print()
-    print(comparison_table([(RELEASED_METHODS[n][0], s) for n, s in results.items()]))
+    print(comparison_table([(released_label(n), s) for n, s in results.items()]))
     print()
     table = released_table(released_rows(results, merge))
     print(table)
@@ -471,6 +482,17 @@ def run_released_demo(
             f"Sequential: {RELEASED_EVAL_ONLY} loss {seq['loss_before'][RELEASED_EVAL_ONLY]:.3f}"
             f" → {seq['loss_matrix'][-1][len(RELEASED_TASKS)]:.3f} ({f:+.3f})."
         )
+    if seq is not None:
+        before = seq["loss_before"][RELEASED_EVAL_ONLY]
+        best = min(merge["rows"], key=lambda r: r["val_loss"][RELEASED_EVAL_ONLY])
+        if best["val_loss"][RELEASED_EVAL_ONLY] < before:
+            print(
+                f"Merge λ={best['lambda']:g}: {RELEASED_EVAL_ONLY} "
+                f"{best['val_loss'][RELEASED_EVAL_ONLY]:.3f}, below the starting model's "
+                f"{before:.3f}: a small move from the start helps English too (the weights' "
+                "quantization noise, documents framed by EOS for an instruct model), so "
+                "forgetting shows once training moves further."
+            )
     proxy, own = results.get("replay-25-proxy"), results.get("replay-25-self")
     if proxy is not None and own is not None:
         a = proxy["eval_only_forgetting"][RELEASED_EVAL_ONLY]
