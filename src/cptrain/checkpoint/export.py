@@ -13,7 +13,6 @@ import json
 import math
 import os
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -73,11 +72,10 @@ def export_model(
     card: str | None = None,
 ) -> None:
     """Write ``out`` atomically (temp sibling, then rename over any old copy); collective.
-    ``card`` (default: the one ``card_for(out, …)`` holds) becomes its ``README.md``."""
+    ``card``, when given, becomes its ``README.md``."""
     full = full_state_dict(model, env)
     if env.is_main:
         out = Path(out)
-        card = card if card is not None else _PENDING_CARDS.get(out)
         for stale in out.parent.glob(f".{out.name}.tmp-*"):
             shutil.rmtree(stale, ignore_errors=True)
         tmp = fsutil.temp_sibling(out)
@@ -123,18 +121,7 @@ def export_checkpoint(path: Path, out: Path) -> None:
 
 # --------------------------------------------------------------------------- model cards
 CARD = "README.md"
-_PENDING_CARDS: dict[Path, str] = {}
 _FULL_PRECISION = {"F32", "F16", "BF16", "F64"}
-
-
-@contextlib.contextmanager
-def card_for(out: Path, card: str) -> Iterator[None]:
-    """While open, an ``export_model`` to ``out`` (e.g. ``Trainer.export``) writes ``card``."""
-    _PENDING_CARDS[Path(out)] = card
-    try:
-        yield
-    finally:
-        _PENDING_CARDS.pop(Path(out), None)
 
 
 def model_card(config: dict[str, Any], trainer_state: dict[str, Any]) -> str:

@@ -174,10 +174,15 @@ class CheckpointInterval(Hook):
 
 
 class TaskExport(Hook):
-    """The weights after each task: ``models/after_<i>_<task>/`` (from_pretrained, lm-eval)."""
+    """The weights after each task: ``models/after_<i>_<task>/`` (from_pretrained, lm-eval),
+    with a Hugging Face model card (``README.md``: base model, data, method, loss matrix so
+    far) written inside the export's temporary directory, so it appears with the weights."""
 
     def on_task_end(self, trainer: Trainer, task: int, losses: dict[str, float]) -> None:
-        trainer.export(trainer.run_dir.task_model_dir(task, trainer.task_names[task]))
+        from cptrain.checkpoint.export import model_card
+
+        card = model_card(trainer.cfg.model_dump(mode="json"), trainer.state.state_dict())
+        trainer.export(trainer.run_dir.task_model_dir(task, trainer.task_names[task]), card)
 
 
 class ReptileBoundary(Hook):
@@ -238,17 +243,3 @@ class TensorBoard(Hook):
         if self._writer is not None:
             self._writer.close()
             self._writer = None
-
-
-class TaskExportWithCard(TaskExport):
-    """``TaskExport`` whose directory also holds a Hugging Face model card (``README.md``:
-    base model, data, method, loss matrix so far), written inside the export's temporary
-    directory, so it appears with the weights or not at all."""
-
-    def on_task_end(self, trainer: Trainer, task: int, losses: dict[str, float]) -> None:
-        from cptrain.checkpoint.export import card_for, model_card
-
-        out = trainer.run_dir.task_model_dir(task, trainer.task_names[task])
-        card = model_card(trainer.cfg.model_dump(mode="json"), trainer.state.state_dict())
-        with card_for(out, card):
-            super().on_task_end(trainer, task, losses)

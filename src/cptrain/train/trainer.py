@@ -167,7 +167,7 @@ class Trainer:
             H.ProgressBar(progress),
             H.PeriodicEval(self.cfg.eval.every),
             H.CheckpointInterval(),
-            H.TaskExportWithCard(),
+            H.TaskExport(),
         ]
 
     # ---------------------------------------------------------------- resume
@@ -363,8 +363,8 @@ class Trainer:
         self._wall_mark = now
         return self.checkpoints.save(self.state.step)
 
-    def export(self, out: Path) -> None:
-        export_model(self.model, self.env, out, self.data.tokenizer_dir)
+    def export(self, out: Path, card: str | None = None) -> None:
+        export_model(self.model, self.env, out, self.data.tokenizer_dir, card=card)
 
     def close(self) -> None:
         self.run_dir.metrics.close()
