@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sysconfig
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,14 @@ import pytest
 from cptrain.config import RunConfig
 from cptrain.config_base import build_config
 from cptrain.data.prepare import PrepareConfig, prepare
+
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    # xdist runs one worker per core: torch's default (one thread per core in every worker)
+    # would oversubscribe the machine
+    import torch
+
+    workers = int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 
 REPO = Path(__file__).resolve().parents[1]
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
