@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import read_metrics
+from conftest import read_metrics, tiny_run_config
 from safetensors.torch import load_file
 
 from cptrain.train import train
@@ -52,10 +52,49 @@ SETTINGS = dict(
 )
 
 
+REPLAY = {**SETTINGS, "replay": {"alpha": 0.25, "visibility_lag": 1}}
+
+
+@pytest.fixture(scope="module")
+def module_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("distributed")
+
+
+@pytest.fixture(scope="module")
+def single_runs(module_dir, prepared_dir):
+    """One-process references (without and with replay), shared by both strategies."""
+    runs = {}
+    for name, settings in (("plain", SETTINGS), ("replay", REPLAY)):
+        cfg = tiny_run_config(module_dir / f"single_{name}", prepared_dir, **settings)
+        runs[name] = (cfg, train(cfg, progress=False))
+    return runs
+
+
+def audited_torchrun(cfg, cfg_path: Path, audit: Path) -> subprocess.CompletedProcess:
+    """torchrun of dist_audit_train.py: `cptrain train` recording each rank's buffer writes."""
+    audit.mkdir()
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         str(Path(__file__).parent / "dist_audit_train.py"), "train",
+         str(write_cfg(cfg, cfg_path)), "--no-progress"],
+        env={**os.environ, "OMP_NUM_THREADS": "1", "AUDIT_DIR": str(audit)},
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def ddp_replay_run(module_dir, prepared_dir):
+    """Two DDP ranks with replay and Reptile, trained once: the replay test checks it against
+    one process, the kill test resumes a killed copy of it to the same weights."""
+    cfg = tiny_run_config(module_dir / "ddp_replay", prepared_dir, **REPLAY,
+                          distributed={"strategy": "ddp"})
+    proc = audited_torchrun(cfg, module_dir / "ddp_replay.yaml", module_dir / "audit_ddp")
+    return cfg, proc, module_dir / "audit_ddp"
+
+
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
-def test_two_ranks_match_one_process_without_replay(make_config, tmp_path, strategy):
-    single = make_config("single", **SETTINGS)
-    ref = train(single, progress=False)
+def test_two_ranks_match_one_process_without_replay(single_runs, make_config, tmp_path, strategy):
+    single, ref = single_runs["plain"]
     multi = make_config("multi", **SETTINGS, distributed={"strategy": strategy})
     proc = torchrun(write_cfg(multi, tmp_path / "multi.yaml"))
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -69,19 +108,16 @@ def test_two_ranks_match_one_process_without_replay(make_config, tmp_path, strat
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
-def test_replay_and_reptile_track_one_process(make_config, tmp_path, strategy):
-    extra = {**SETTINGS, "replay": {"alpha": 0.25, "visibility_lag": 1}}
-    ref = train(make_config("single", **extra), progress=False)
-    multi = make_config("multi", **extra, distributed={"strategy": strategy})
-    audit = tmp_path / "audit"
-    audit.mkdir()
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         str(Path(__file__).parent / "dist_audit_train.py"), "train",
-         str(write_cfg(multi, tmp_path / "m.yaml")), "--no-progress"],
-        env={**os.environ, "OMP_NUM_THREADS": "1", "AUDIT_DIR": str(audit)},
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+def test_replay_and_reptile_track_one_process(
+    single_runs, ddp_replay_run, make_config, tmp_path, strategy
+):
+    ref = single_runs["replay"][1]
+    if strategy == "ddp":
+        multi, proc, audit = ddp_replay_run
+    else:
+        multi = make_config("multi", **REPLAY, distributed={"strategy": strategy})
+        audit = tmp_path / "audit"
+        proc = audited_torchrun(multi, tmp_path / "m.yaml", audit)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     got = json.loads((Path(multi.run_dir) / "summary.json").read_text())
     # Each rank replays from its own buffer shard, so the replayed rows differ from the
@@ -96,12 +132,11 @@ def test_replay_and_reptile_track_one_process(make_config, tmp_path, strategy):
         assert all(f"/replay/rank_{r}/" in p for p in opened[r]), opened[r]
 
 
-def test_kill_and_resume_two_ranks_is_bit_identical(make_config, tmp_path):
-    extra = {**SETTINGS, "replay": {"alpha": 0.25, "visibility_lag": 1}}
-    full = make_config("full", **extra, distributed={"strategy": "ddp"})
-    assert torchrun(write_cfg(full, tmp_path / "full.yaml")).returncode == 0
+def test_kill_and_resume_two_ranks_is_bit_identical(ddp_replay_run, make_config, tmp_path):
+    full, proc, _ = ddp_replay_run
+    assert proc.returncode == 0, proc.stdout + proc.stderr
     part = make_config(
-        "part", **extra, distributed={"strategy": "ddp"}, checkpoint={"every": 2, "keep_last": 5}
+        "part", **REPLAY, distributed={"strategy": "ddp"}, checkpoint={"every": 2, "keep_last": 5}
     )
     cfg_path = write_cfg(part, tmp_path / "part.yaml")
     proc = torchrun(cfg_path, wait=False)
