@@ -33,8 +33,6 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
-
 from cptrain import fsutil
 from cptrain.data.demo_sources import (
     CODE_SOURCE,
@@ -49,6 +47,7 @@ from cptrain.data.demo_sources import (
     wiki_summaries,
 )
 from cptrain.errors import ConfigError, DataError, EnvironmentProblem
+from cptrain.progress import Progress, progress_bar
 
 ALL_LANGUAGES: tuple[str, ...] = ("en", "fr", "de", "es", "ar", "ja", "zh", "code")
 # Built only when asked for by name; evaluation-only (a val split, no train split).
@@ -530,7 +529,7 @@ def _check_tools(sources: Sequence[Source], languages: Sequence[str]) -> None:
 
 
 def _run_tasks(
-    pool: Any, tasks: list[DocTask], params: CleaningParams, bar: tqdm
+    pool: Any, tasks: list[DocTask], params: CleaningParams, bar: Progress
 ) -> Iterator[tuple[DocTask, list[str]]]:
     bar.total = (bar.total or 0) + len(tasks)
     bar.refresh()
@@ -558,11 +557,8 @@ def _collect(
     with (
         # spawn: the caller may hold threads (torch, tqdm) that a fork would copy mid-lock.
         get_context("spawn").Pool(workers) as pool,
-        # In a log file (CI, nohup) a bar is hundreds of carriage-return updates: none there.
-        tqdm(
-            desc="rendering documents", unit="doc", file=sys.stderr, total=0,
-            disable=not sys.stderr.isatty(),
-        ) as bar,
+        # In a log file (CI, nohup) this prints a line now and then, not a redrawn bar.
+        progress_bar(desc="rendering documents", unit="doc", file=sys.stderr, total=0) as bar,
     ):
         for package, users in packages.items():
             patterns = [p for source, lang in users for p in source.patterns(lang)]

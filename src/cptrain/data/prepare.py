@@ -488,10 +488,10 @@ def _encode_batch(batch: list[str], route: Callable[[str], ShardWriter], backend
 
 
 def _progress_bar(task: str, enabled: bool) -> Any:
-    from tqdm.auto import tqdm
+    from cptrain.progress import progress_bar
 
-    bar = tqdm(desc=f"prepare {task}", unit="B", unit_scale=True, disable=not enabled,
-               file=sys.stderr, dynamic_ncols=True)
+    bar = progress_bar(desc=f"prepare {task}", unit="B", unit_scale=True, disable=not enabled,
+                       file=sys.stderr, dynamic_ncols=True)
     bar.docs = 0
     return bar
 

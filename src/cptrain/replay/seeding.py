@@ -351,7 +351,7 @@ def generate_rows(
     ids of the model's logits are masked. Each finished batch is committed to work_dir (one
     directory per rank and origin); a rerun with the same arguments and model continues from
     them; anything else in it is deleted first. Delete work_dir once a checkpoint holds the
-    buffer. progress: a tqdm bar with tokens/s. decode and sample_path: write_sample() of the
+    buffer. progress: a bar with tokens/s. decode and sample_path: write_sample() of the
     rows. The model runs in eval mode and is handed back in the mode it came in; pass the bare
     model (not a DDP/FSDP wrapper)."""
     import torch
@@ -407,9 +407,9 @@ def generate_rows(
     new_per_row = row_len - p
     total = sum(len(batch_rows(b)) for b in mine) * new_per_row
     initial = sum(len(v) for v in done.values()) * new_per_row
-    from tqdm.auto import tqdm
+    from cptrain.progress import progress_bar
 
-    bar = tqdm(
+    bar = progress_bar(
         total=total,
         initial=initial,
         unit="tok",
