@@ -187,6 +187,37 @@ def test_hub_tasks_offline_are_one_line_errors(fake_run, tmp_path):
         run_downstream(fake_run, tasks=["cptrain_choice_xx"], out_dir=tmp_path)
 
 
+def test_evaluation_only_tasks_of_a_run_are_scored_too(fake_run, tmp_path):
+    """An evaluation-only task is what a released model knew: downstream scores it as well."""
+    run = tmp_path / "run"
+    shutil.copytree(fake_run / "models", run / "models")
+    cfg = yaml.safe_load((fake_run / "config.yaml").read_text())
+    # email moves from the trained tasks to the evaluation-only ones (the other two tasks hold
+    # too little validation text for choice items)
+    cfg["data"]["tasks"], cfg["data"]["eval_only"] = [], [TASK]
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    rec = run_downstream(run, tasks=[f"cptrain_choice_{TASK}"], limit=4, items=8, bpb_chars=300)
+    assert set(rec["tasks"]) == {f"cptrain_choice_{TASK}"}
+
+
+def test_before_after_scores_use_the_same_items_for_every_model(fake_run, prepared_dir, tmp_path):
+    from cptrain.downstream_table import before_after_scores, scores_table
+
+    model = fake_run / "models" / f"after_0_{TASK}"
+    run = tmp_path / "run"  # a copy, so its results land apart from the module's run
+    shutil.copytree(fake_run, run, ignore=shutil.ignore_patterns("downstream"))
+    rows = before_after_scores(model, {"after": run}, tasks=[TASK], data_dir=prepared_dir,
+                               out_dir=tmp_path / "ds", items=8, max_length=64)
+    assert [r["model"] for r in rows] == ["before", "after"]
+    # the same weights scored on the same items: equal to the last digit
+    strip = lambda r: {k: v for k, v in r.items() if k not in ("model", "model_dir")}  # noqa: E731
+    assert strip(rows[0]) == strip(rows[1]) and 0.0 <= rows[0][f"{TASK} acc"] <= 1.0
+    assert (tmp_path / "ds" / "before" / f"after_0_{TASK}.json").exists()
+    assert (run / "downstream" / f"after_0_{TASK}.json").exists()
+    lines = scores_table(rows, [TASK]).splitlines()
+    assert len(lines) == 3 and f"{TASK} bpb" in lines[0]
+
+
 def test_targets_resolve_to_model_directories(fake_run, tmp_path):
     model = fake_run / "models" / f"after_0_{TASK}"
     assert resolve_target(fake_run).model_dir == model

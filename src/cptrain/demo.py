@@ -213,6 +213,8 @@ RELEASED_REPTILE_K = 5
 RELEASED_REPTILE_EPSILON = 0.5
 RELEASED_ALPHA = 0.25
 MERGE_LAMBDAS = (0.0, 0.25, 0.5, 0.75, 1.0)
+# lm-eval on the starting model and each method's final model: items per local choice task
+RELEASED_DOWNSTREAM_ITEMS = 100
 
 PROXY_SEED: dict[str, Any] = {
     "source": "task",
@@ -416,6 +418,33 @@ def _released_merge(run: Path, runs_dir: Path) -> dict[str, Any]:
     return result
 
 
+def _released_downstream(
+    configs: dict[str, RunConfig], runs_dir: Path, data_dir: Path, model_dir: Path
+) -> Path:
+    """lm-eval's local tasks on the starting model and on each method's final model."""
+    from cptrain.downstream_table import before_after_scores, scores_table
+
+    tasks = [RELEASED_EVAL_ONLY, *RELEASED_TASKS]
+    print(f"\n== downstream (lm-eval, {RELEASED_DOWNSTREAM_ITEMS} choice items per task, "
+          "0-shot): the starting model, then each method's final model")
+    rows = before_after_scores(
+        model_dir,
+        {released_label(n): Path(c.run_dir) for n, c in configs.items()},
+        tasks=tasks,
+        data_dir=data_dir / "prepared" / RELEASED_PREPARED,
+        out_dir=runs_dir / "downstream",
+        items=RELEASED_DOWNSTREAM_ITEMS,
+        max_length=int(RELEASED_BASE_RUN["train"]["seq_len"]),
+    )
+    text = scores_table(rows, tasks)
+    print(text)
+    print("acc: 4-way choice of a held-out document's true continuation (chance 0.25, higher "
+          "is better); bpb: bits per byte of held-out text (lower is better)")
+    atomic_write_json(runs_dir / "downstream.json", {"rows": rows})
+    atomic_write_text(runs_dir / "downstream.txt", text + "\n")
+    return runs_dir / "downstream.txt"
+
+
 def _write_labels(runs_dir: Path) -> None:
     """Labels for `cptrain report` (read from sweep.json; it appends α): both replay runs are
     replay α=0.25, and the report would otherwise average them as two seeds of one method."""
@@ -508,8 +537,11 @@ def run_released_demo(
         )
     table_path = runs_dir / "table.txt"
     atomic_write_text(table_path, table + "\n")
+    scores = _released_downstream(configs, runs_dir, data_dir, model_dir)
     report = write_report([runs_dir], runs_dir / "report")
     print(f"released demo finished in {time.perf_counter() - t0:.0f} s; runs in {runs_dir}")
     print(f"table: {table_path}; merge curve: {Path(configs['sequential'].run_dir) / 'merge'}")
     print(f"report: {report}")
+    print(f"downstream scores: {scores}")
+    print(f"downstream: {scores}")
     return results

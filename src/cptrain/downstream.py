@@ -61,7 +61,10 @@ def held_out_documents(data_dir: Path, task: str) -> list[str]:
     docs, start = [], 0
     for end in [*cuts.tolist(), len(ids)]:
         if end > start:
-            text = tok.decode(ids[start:end].tolist()).strip()
+            doc = ids[start:end]
+            if shards.bos_id is not None and doc[0] == shards.bos_id:
+                doc = doc[1:]  # the framing BOS of a model tokenizer is no part of the text
+            text = tok.decode(doc.tolist()).strip()
             if text:
                 docs.append(text)
         start = end + 1
@@ -565,7 +568,12 @@ def run_downstream(
         max_length = int(cfg["train"]["seq_len"]) if cfg else model_max_length(tgt.model_dir)
     local: list[str] = []
     if data_dir is not None:
-        run_tasks = [t["name"] for t in cfg["data"]["tasks"]] if cfg else None
+        # evaluation-only tasks are what a released model knew: scored like trained ones
+        run_tasks = (
+            [t["name"] for t in cfg["data"]["tasks"]] + list(cfg["data"].get("eval_only") or [])
+            if cfg
+            else None
+        )
         local = build_local_tasks(data_dir, task_dir, tasks=run_tasks, items=items,
                                   bpb_chars=bpb_chars, seed=seed, max_tokens=max_length,
                                   count_tokens=token_counter(tgt.model_dir))
