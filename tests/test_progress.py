@@ -264,3 +264,23 @@ def test_train_with_progress_into_a_pipe(prepared_dir, tmp_path):
     assert "\r" not in proc.stdout + proc.stderr
     bar_lines = [x for x in proc.stderr.splitlines() if " step " in x]
     assert 2 <= len(bar_lines) <= 14, proc.stderr  # start, tenths, end (+ one per 30 s)
+
+
+def test_foreign_bars_print_one_line_each_where_ours_print_lines(monkeypatch) -> None:
+    import contextlib
+    import io
+
+    from tqdm import tqdm
+
+    from cptrain.progress import foreign_bars
+
+    monkeypatch.delenv("CPTRAIN_PROGRESS", raising=False)
+    log = io.StringIO()  # stderr of a job writing to a log file
+    with contextlib.redirect_stderr(log), foreign_bars():
+        for _ in tqdm(range(500), desc="Running requests", mininterval=0):
+            pass
+        print("a warning", file=sys.stderr)
+    lines = log.getvalue().splitlines()
+    assert "\r" not in log.getvalue()
+    assert len(lines) == 2 and "Running requests" in lines[0] and "500/500" in lines[0]
+    assert lines[1] == "a warning"

@@ -37,6 +37,7 @@ import yaml
 
 from cptrain.errors import CheckpointError, ConfigError, DataError, EnvironmentProblem
 from cptrain.fsutil import atomic_write_json, atomic_write_text
+from cptrain.progress import foreign_bars
 
 LOCAL_TAG = "cptrain_local"
 # The paper's downstream tasks and the hub datasets lm-eval reads them from.
@@ -625,7 +626,7 @@ def _evaluate(
     if max_length:
         kwargs["max_length"] = max_length
     lm = HFLM(**kwargs)
-    with _quiet("lm_eval"):
+    with _quiet("lm_eval"), foreign_bars():
         res = simple_evaluate(
             model=lm,
             tasks=[*local, *hub],

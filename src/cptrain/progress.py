@@ -9,6 +9,7 @@ starts, at each further tenth of its total, every ``interval`` seconds, and when
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 import sys
@@ -71,6 +72,45 @@ def progress_bar(
     if mode == "bar" or (mode == "auto" and _isatty(stream)):
         return tqdm(iterable, file=stream, **tqdm_kwargs)
     return LineProgress(iterable, file=stream, interval=interval, **tqdm_kwargs)
+
+
+@contextlib.contextmanager
+def foreign_bars() -> Iterator[None]:
+    """Other libraries' tqdm bars (lm-eval's) on stderr, as lines where ours print lines: each
+    redraw ('\r' + bar) is held back and only a bar's final state is written, as one line."""
+    mode = progress_mode()
+    if mode == "bar" or (mode == "auto" and _isatty(sys.stderr)):
+        yield
+        return
+    with contextlib.redirect_stderr(_BarFilter(sys.stderr, keep=mode != "off")):
+        yield
+
+
+class _BarFilter:
+    """A stderr stand-in: text passes, tqdm redraws are held until the bar's closing newline."""
+
+    def __init__(self, stream: TextIO, keep: bool):
+        self.stream, self.keep, self.held = stream, keep, ""
+
+    def write(self, text: str) -> int:
+        if text.startswith("\r"):
+            self.held = text[1:].rstrip()
+        elif text == "\n" and self.held:
+            if self.keep:
+                self.stream.write(self.held + "\n")
+            self.held = ""
+        else:
+            self.stream.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def isatty(self) -> bool:
+        return False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
 
 
 def _isatty(stream: Any) -> bool:
