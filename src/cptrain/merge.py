@@ -34,6 +34,14 @@ def parse_lambdas(text: str) -> list[float]:
     return values
 
 
+def _trained_precision(run: Path, cfg: RunConfig) -> str:
+    """The precision the run trained in: what `auto` resolved to is in summary.json."""
+    try:
+        return str(json.loads((run / "summary.json").read_text())["precision"])
+    except (OSError, ValueError, KeyError):
+        return cfg.train.precision
+
+
 def _final_model_dir(run: Path, cfg: RunConfig) -> Path:
     last = len(cfg.data.tasks) - 1
     out = run / "models" / f"after_{last}_{cfg.data.tasks[last].name}"
@@ -66,7 +74,7 @@ def merge_losses(run: Path, lambdas: list[float]) -> dict[str, Any]:
     )
     final = load_pretrained(_final_model_dir(run, cfg))
     a, b = start.state_dict(), final.state_dict()
-    autocast = torch.bfloat16 if cfg.train.precision == "bf16" else None
+    autocast = torch.bfloat16 if _trained_precision(run, cfg) == "bf16" else None
     rows = []
     for lam in lambdas:
         with torch.no_grad():

@@ -2,6 +2,12 @@
 
 ``L[i][j]`` is the validation loss on task ``j`` measured after training task ``i`` (row ``i``
 = after task ``i``). Lower loss is better, so forgetting is positive when a loss went *up*.
+
+Forgetting comes in two readings. The task-end one (``forgetting_per_task``) compares the final
+row with the earlier rows of the matrix only. The history one (``forgetting_per_task_history``,
+what summaries call ``forgetting``) also counts the periodic evaluations (``eval.every``) made
+after a task was trained: a task whose loss dipped between two task ends would otherwise look
+as if it had forgotten less than it did.
 """
 
 from __future__ import annotations
@@ -32,6 +38,42 @@ def forgetting_per_task(loss_matrix: Sequence[Sequence[float]]) -> list[float]:
 def average_forgetting(loss_matrix: Sequence[Sequence[float]]) -> float | None:
     """Mean forgetting over tasks before the last; None with a single row (nothing to forget)."""
     f = forgetting_per_task(loss_matrix)
+    return float(np.mean(f)) if f else None
+
+
+# A periodic evaluation: (tasks finished when it was measured, loss per loss-matrix column).
+Evaluation = tuple[int, Sequence[float]]
+
+
+def forgetting_per_task_history(
+    loss_matrix: Sequence[Sequence[float]], evaluations: Sequence[Evaluation]
+) -> list[float]:
+    """F_j = L_j(final) − the best L_j of every evaluation at or after the end of task j's
+    training and before the final one, for every task j before the last row.
+
+    "Final" is the last loss-matrix row. The evaluations counted for task j are the task-end
+    rows j … last − 1 and each periodic evaluation made while a later task, up to the last
+    row's, was being trained (``j < tasks finished ≤ last``); evaluations made during or before
+    task j's own training, and those after the final row, are not. Without periodic
+    evaluations this is ``forgetting_per_task``.
+    """
+    m = _as_matrix(loss_matrix)
+    last = m.shape[0] - 1
+    out = []
+    for j in range(last):
+        best = float(m[j:last, j].min())
+        for done, losses in evaluations:
+            if j < done <= last:
+                best = min(best, float(losses[j]))
+        out.append(float(m[last, j] - best))
+    return out
+
+
+def average_forgetting_history(
+    loss_matrix: Sequence[Sequence[float]], evaluations: Sequence[Evaluation]
+) -> float | None:
+    """Mean of ``forgetting_per_task_history``; None with a single row."""
+    f = forgetting_per_task_history(loss_matrix, evaluations)
     return float(np.mean(f)) if f else None
 
 
@@ -68,10 +110,16 @@ def forgetting_since_start(
     return {name: float(m[-1, first + k] - before[first + k]) for k, name in enumerate(eval_only)}
 
 
-def summarize(loss_matrix: Sequence[Sequence[float]]) -> dict[str, object]:
+def summarize(
+    loss_matrix: Sequence[Sequence[float]], evaluations: Sequence[Evaluation] = ()
+) -> dict[str, object]:
+    """The summary's metrics: ``forgetting`` over every evaluation (the loss matrix and
+    ``evaluations``), ``forgetting_task_end`` over the loss matrix alone."""
     return {
-        "forgetting": average_forgetting(loss_matrix),
-        "forgetting_per_task": forgetting_per_task(loss_matrix),
+        "forgetting": average_forgetting_history(loss_matrix, evaluations),
+        "forgetting_per_task": forgetting_per_task_history(loss_matrix, evaluations),
+        "forgetting_task_end": average_forgetting(loss_matrix),
+        "forgetting_task_end_per_task": forgetting_per_task(loss_matrix),
         "retained_loss": retained_loss(loss_matrix),
         "learned_loss": learned_loss(loss_matrix),
     }

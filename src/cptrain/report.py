@@ -526,17 +526,30 @@ def _compute_section(g: Groups) -> Section:
                 _count(float(np.mean([r.summary.get("fresh_tokens", 0) for r in runs]))),
                 _count(float(np.mean([r.summary.get("replay_tokens", 0) for r in runs]))),
                 f"{np.mean([r.summary.get('wall_s', 0.0) for r in runs]):.0f}",
+                _mfu(runs),
             ])
     conv = next((r.flops["convention"] for rs in g.by.values() for r in rs if r.flops), "")
     sec.blocks.append(Table(
         ["run group", "params", "FLOPs/token", "FLOPs/incoming token", "total FLOPs",
-         "Reptile FLOPs", "fresh tokens", "replayed tokens", "wall s"],
-        rows, f"Training compute per run (mean over seeds); {conv}; evaluation not counted."))
+         "Reptile FLOPs", "fresh tokens", "replayed tokens", "wall s", "MFU"],
+        rows, f"Training compute per run (mean over seeds); {conv}; evaluation not counted. "
+        "MFU: model FLOPs per second of training steps ÷ the matmul peak measured on the "
+        "run's machine at its precision (cptrain.hardware)."))
     missing = sum(r.flops is None for rs in g.by.values() for r in rs)
     if missing:
         sec.blocks.append(f"{missing} run(s) without compute figures: their summary.json was "
                           "written by an older cptrain; `cptrain train --resume` rewrites it.")
     return sec
+
+
+def _mfu(runs: list[Run]) -> str:
+    """Mean MFU over seeds, with the precision it was measured at ('–' for summaries written
+    before cptrain measured it)."""
+    found = [r.summary for r in runs if isinstance(r.summary.get("mfu"), int | float)]
+    if not found:
+        return "–"
+    dtypes = sorted({str(s.get("peak_dtype", "?")) for s in found})
+    return f"{100 * float(np.mean([s['mfu'] for s in found])):.1f}% {'/'.join(dtypes)}"
 
 
 def _scaling_section(done: list[Run], fig_dir: Path) -> Section | None:
@@ -646,8 +659,9 @@ def _alignment_section(g: Groups, fig_dir: Path) -> Section | None:
         return None
     sec = Section("Gradient alignment diagnostics")
     sec.blocks.append(g.metric_table(
-        "grad_cos_mean", "Mean cos(∇ fresh rows, ∇ replay rows — or a probe of earlier tasks "
-        "when nothing is replayed) after the first task; positive = aligned", signed=True))
+        "grad_cos_mean", "Mean cos(∇ fresh rows, ∇ replayed rows of earlier tasks — or a probe "
+        "of earlier tasks' data when none are replayed) after the first task; positive = aligned",
+        signed=True))
     panels = []
     for order in g.orders:
         for p in g.presets:
@@ -674,11 +688,15 @@ def _runs_table(runs: list[Run]) -> Section:
     for r in sorted(runs, key=lambda r: r.name):
         s = r.summary
         rows.append([r.name, r.group, r.preset, str(r.seed), "→".join(r.order),
-                     _fmt(s.get("forgetting"), signed=True), _fmt(s.get("retained_loss")),
+                     _fmt(s.get("forgetting"), signed=True),
+                     # summaries written before the history-based figure have only this one
+                     _fmt(s.get("forgetting_task_end", s.get("forgetting")), signed=True),
+                     _fmt(s.get("retained_loss")),
                      _fmt(s.get("learned_loss")), _fmt(s.get("union_loss")),
                      "yes" if r.complete else f"no ({len(s['loss_matrix'])} tasks)"])
     return Section("All runs", [Table(["run", "method", "preset", "seed", "order", "forgetting",
-                                       "retained", "learned", "union", "complete"], rows)])
+                                       "forgetting (task-end only)", "retained", "learned",
+                                       "union", "complete"], rows)])
 
 
 # ------------------------------------------------------------------------------- entry point

@@ -3,8 +3,15 @@
 Every ``k`` optimizer steps the weights are pulled back toward where they were ``k`` steps
 earlier, θ ← θ₀ + ε(θ − θ₀), and θ₀ ← θ. The update is applied, in place, to the very tensors
 the optimizer steps (fp32 masters, FSDP2 local shards), from an optimizer post-step hook, so
-the next step starts from the interpolated weights. The official code wrote bf16 module copies
-that the optimizer's master weights then overwrote, so its update never took effect.
+the next step starts from the interpolated weights (``variant: faithful``).
+
+The official code interpolated DeepSpeed's bf16 module weights: the next forward/backward ran
+on them, then the optimizer stepped its un-interpolated fp32 masters and overwrote them, so the
+meta-update reached the weights only through that one gradient. ``variant: official``
+reproduces this: the meta-update keeps an exact copy of the weights, interpolates, and an
+optimizer pre-step hook puts the copy back after the next backward, so that step lands on the
+old weights with the gradient of the interpolated ones. The anchor becomes the interpolated
+weights, as the official code re-reads it from the module after the update.
 
 Build Reptile after the model is final (after ``fully_shard``, after ``init_from`` weights are
 loaded) and after the optimizer, from the same parameter objects; ``attach`` checks this.
@@ -23,6 +30,9 @@ from cptrain.config_base import build_config
 from cptrain.errors import CheckpointError, ConfigError
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+# Version 1 also covers the official variant's keys: a checkpoint without them has nothing
+# pending, and a cptrain without them cannot resume such a run anyway (it refuses the
+# reptile.variant config key).
 STATE_VERSION = 1
 
 
@@ -59,7 +69,8 @@ def _replicas(p: torch.Tensor) -> int:
 
 
 class Reptile:
-    """One anchor copy of the trainable parameters and the every-k-steps meta-update."""
+    """One anchor copy of the trainable parameters and the every-k-steps meta-update (with
+    ``variant: official`` and ε < 1, one more exact copy: the weights the optimizer keeps)."""
 
     def __init__(
         self,
@@ -88,15 +99,22 @@ class Reptile:
         if track_displacement:
             self._prev_disp = [torch.zeros_like(a) for a in self._anchors]
         self._has_prev = False
+        # official: the weights the optimizer steps, from a meta-update until the next step puts
+        # them back. Exact (the parameters' dtype) and allocated up front, like _prev_disp.
+        self._masters: list[torch.Tensor] | None = None
+        if self.cfg.variant == "official" and self.cfg.epsilon < 1.0:
+            self._masters = [self._new_buffer(_local(p), exact=True) for p in self._params]
+        self.pending_restore = False
         self.steps_since_anchor = 0
         self.updates = 0
         self.last_displacement_cosine: float | None = None
-        self._handle: Any = None
+        self._handles: list[Any] = []
 
     # ---------------------------------------------------------------- buffers
-    def _new_buffer(self, local: torch.Tensor) -> torch.Tensor:
+    def _new_buffer(self, local: torch.Tensor, *, exact: bool = False) -> torch.Tensor:
         device = local.device if self.cfg.anchor_device == "same" else torch.device("cpu")
-        buf = torch.empty(local.shape, dtype=_DTYPES[self.cfg.anchor_dtype], device=device)
+        dtype = local.dtype if exact else _DTYPES[self.cfg.anchor_dtype]
+        buf = torch.empty(local.shape, dtype=dtype, device=device)
         if device.type == "cpu" and local.device.type == "cuda":
             buf = buf.pin_memory()  # host anchors of GPU weights: pinned for fast copies
         buf.copy_(local)
@@ -118,19 +136,25 @@ class Reptile:
         return sum(a.numel() * a.element_size() for a in self._anchors)
 
     def memory_bytes(self) -> int:
-        """All bytes Reptile holds: the anchor plus, when tracked, the last displacement."""
-        extra = sum(d.numel() * d.element_size() for d in self._prev_disp or [])
-        return self.anchor_bytes() + extra
+        """All bytes Reptile holds: the anchor plus, when tracked, the last displacement and,
+        with ``variant: official``, the kept weights."""
+        extra = [*(self._prev_disp or []), *(self._masters or [])]
+        return self.anchor_bytes() + sum(d.numel() * d.element_size() for d in extra)
 
     # ---------------------------------------------------------------- hook
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
-        """Run the meta-update after every k-th ``optimizer.step()``."""
-        register = getattr(optimizer, "register_step_post_hook", None)
-        if not callable(register):
-            raise ConfigError(
-                f"reptile: optimizer {type(optimizer).__name__} has no register_step_post_hook; "
-                "use a torch.optim optimizer or set reptile.enabled=false"
-            )
+        """Run the meta-update after every k-th ``optimizer.step()`` (official: and put the
+        kept weights back before the step that follows it)."""
+        hooks = ["register_step_post_hook"]
+        if self._masters is not None:
+            hooks.append("register_step_pre_hook")
+        registers = [getattr(optimizer, name, None) for name in hooks]
+        for name, register in zip(hooks, registers, strict=True):
+            if not callable(register):
+                raise ConfigError(
+                    f"reptile: optimizer {type(optimizer).__name__} has no {name}; "
+                    "use a torch.optim optimizer or set reptile.enabled=false"
+                )
         stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
         named = zip(self._names, self._params, strict=True)
         missing = [n for n, p in named if id(p) not in stepped]
@@ -140,12 +164,17 @@ class Reptile:
                 "optimizer; build Reptile from the same (sharded) model the optimizer was built on"
             )
         self.detach()
-        self._handle = register(self._post_step)
+        self._handles = [registers[0](self._post_step)]
+        if len(registers) > 1:
+            self._handles.append(registers[1](self._pre_step))
 
     def detach(self) -> None:
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        self.restore_masters()
 
     def _post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         self.steps_since_anchor += 1
@@ -155,16 +184,46 @@ class Reptile:
     # ---------------------------------------------------------------- the update
     @torch.no_grad()
     def meta_update(self, optimizer: torch.optim.Optimizer | None = None) -> None:
-        """θ ← θ₀ + ε(θ − θ₀), then θ₀ ← θ; called by the hook, public for tests and benches."""
+        """θ ← θ₀ + ε(θ − θ₀), then θ₀ ← θ; called by the hook, public for tests and benches.
+        Official: the weights before it are kept for ``restore_masters``."""
         locals_ = self._locals()
         self._record_displacement(locals_)
         if self.cfg.epsilon < 1.0:
+            self._keep_masters(locals_)
             self._interpolate(locals_)
         self._reanchor(locals_)
         if self.cfg.reset_optimizer_moments and optimizer is not None:
             self._reset_moments(optimizer)
         self.steps_since_anchor = 0
         self.updates += 1
+
+    def _keep_masters(self, locals_: list[torch.Tensor]) -> None:
+        # Already pending (a second meta-update before any step): the kept copy is still what
+        # the optimizer holds, as DeepSpeed's masters would be; the module weights move again.
+        if self._masters is None or self.pending_restore:
+            return
+        self._copy(self._masters, locals_)
+        self.pending_restore = True
+
+    @torch.no_grad()
+    def restore_masters(self) -> None:
+        """Official: put the kept (un-interpolated) weights back; the pre-step hook calls it
+        after the backward, so the gradients stay those of the interpolated weights."""
+        if not self.pending_restore or self._masters is None:
+            return
+        self._copy(self._locals(), self._masters)
+        self.pending_restore = False
+
+    @staticmethod
+    def _copy(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
+        same: list[int] = []
+        other: list[int] = []
+        for i, (d, s) in enumerate(zip(dst, src, strict=True)):
+            (same if d.device == s.device else other).append(i)
+        if same:
+            torch._foreach_copy_([dst[i] for i in same], [src[i] for i in same])
+        for i in other:  # host copies of GPU weights (anchor_device: cpu)
+            dst[i].copy_(src[i])
 
     def _interpolate(self, locals_: list[torch.Tensor]) -> None:
         eps = self.cfg.epsilon
@@ -269,6 +328,12 @@ class Reptile:
             "has_prev_displacement": self._has_prev,
             "prev_displacement": by_name(self._prev_disp) if self._prev_disp else None,
             "last_displacement_cosine": self.last_displacement_cosine,
+            "variant": self.cfg.variant,
+            # A checkpoint written between a meta-update and the next step (an interval or
+            # task-end save right after the meta-update's step) holds interpolated model
+            # weights; these are the ones the next step must put back.
+            "pending_restore": self.pending_restore,
+            "masters": by_name(self._masters) if self._masters is not None else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -291,6 +356,7 @@ class Reptile:
                     "is corrupt, resume from an earlier one"
                 )
         tensors = self._checked_tensors(state["anchor"], "anchor")
+        masters = self._saved_masters(state)
         prev_state = state.get("prev_displacement")
         prev = None
         has_prev = state.get("has_prev_displacement") is True and isinstance(prev_state, dict)
@@ -302,12 +368,38 @@ class Reptile:
             if prev is not None:
                 for buf, t in zip(self._prev_disp, prev, strict=True):
                     buf.copy_(t)
+            if masters is not None and self._masters is not None:
+                for buf, t in zip(self._masters, masters, strict=True):
+                    buf.copy_(t)
+        self.pending_restore = masters is not None
         # Tracking turned on at resume: the first period has nothing to compare with.
         self._has_prev = prev is not None
         self.steps_since_anchor = counters["steps_since_anchor"]
         self.updates = counters["updates"]
         cos = state.get("last_displacement_cosine")
         self.last_displacement_cosine = float(cos) if cos is not None else None
+
+    def _saved_masters(self, state: dict[str, Any]) -> list[torch.Tensor] | None:
+        """The kept weights of a checkpoint saved with a restore pending, else None."""
+        pending = state.get("pending_restore", False)
+        if not isinstance(pending, bool):
+            raise CheckpointError(
+                f"checkpoint Reptile state: pending_restore is {pending!r}, not a bool; the "
+                "checkpoint is corrupt, resume from an earlier one"
+            )
+        if not pending:
+            return None
+        if self._masters is None:
+            raise CheckpointError(
+                "checkpoint was saved by reptile.variant=official between a meta-update and the "
+                "next step; resume it with reptile.variant: official and epsilon < 1"
+            )
+        if not isinstance(state.get("masters"), dict):
+            raise CheckpointError(
+                "checkpoint Reptile state has a restore pending but no kept weights; the "
+                "checkpoint is corrupt, resume from an earlier one"
+            )
+        return self._checked_tensors(state["masters"], "masters")
 
     def _checked_tensors(self, saved: dict[str, Any], what: str) -> list[torch.Tensor]:
         names = set(self._names)

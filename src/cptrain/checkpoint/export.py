@@ -277,7 +277,8 @@ def _card_losses(config: dict[str, Any], st: dict[str, Any], tasks: list[str]) -
         before=dict(zip(columns, before, strict=False)) or None,
     )
     if matrix:
-        table += "\n" + metrics_line(metrics.summarize(matrix))
+        periodic = [(int(e["tasks_done"]), list(e["losses"])) for e in st.get("eval_history", [])]
+        table += "\n" + metrics_line(metrics.summarize(matrix, periodic))
     return [
         "## Loss matrix\n\nValidation loss (nats per token) on held-out windows of each task: "
         "row `before` is the starting model, row *t* the weights after task *t*.\n\n"

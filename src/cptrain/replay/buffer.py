@@ -86,6 +86,7 @@ class Drawn:
 
     rows: np.ndarray
     seed_counts: np.ndarray | None = None  # per origin, in add_seed() order; None: no seeds
+    tasks: np.ndarray | None = None  # each row's task id (seed rows: seed_task_id(origin))
 
     @property
     def nbytes(self) -> int:
@@ -153,6 +154,7 @@ class ReplayBuffer:
         self._fresh = True  # no checkpoint state loaded: what an earlier attempt left is void
         self._counters = DrawCounters()  # shared with the prefetcher, saved in the state
         self._last_draw: dict[str, Any] = {"step": None, "requested": 0, "returned": 0}
+        self._last_tasks: np.ndarray | None = None
         # Seed rows: one entry per add_seed() call, with its physical id range [first, end).
         self._seeds: list[dict[str, Any]] = []
         self._seed_ends = np.empty(0, dtype=np.int64)
@@ -389,11 +391,19 @@ class ReplayBuffer:
         c.rows_requested += n
         c.rows_drawn += len(rows)
         self._last_draw = {"step": step, "requested": n, "returned": len(rows)}
+        self._last_tasks = drawn.tasks
         if drawn.seed_counts is not None:
             for i, k in enumerate(drawn.seed_counts.tolist()):
                 self._seed_drawn[i] += k
             self._last_draw["seed"] = int(drawn.seed_counts.sum())
         return rows
+
+    def drawn_tasks(self, step: int) -> np.ndarray | None:
+        """The task id of each row that draw(step) returned, in its order (seed rows have
+        negative ids, see seed_task_id); None unless the latest draw was the one of ``step``."""
+        if self._last_draw["step"] != step or self._last_tasks is None:
+            return None
+        return self._last_tasks.copy()
 
     def _compute_draw(self, step: int, n: int, current_task: int) -> Drawn:
         exclude = current_task if self.cfg.replay_from == "previous_tasks" else None
@@ -401,15 +411,16 @@ class ReplayBuffer:
         with self._lock:
             self._check_usable()
             ids = self._policy.sample(rng, step - 1 - self.cfg.visibility_lag, n, exclude)
-        return Drawn(self._read(ids), self._seed_counts(ids))
+        rows, tasks = self._read(ids)
+        return Drawn(rows, self._seed_counts(ids), tasks)
 
-    def _read(self, ids: np.ndarray) -> np.ndarray:
+    def _read(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         records, meta = self._store.read(ids)
         tokens = records if self._resolver is None else self._resolve(ids, records[:, 0], meta)
         bad = np.flatnonzero(row_crcs(tokens) != meta["crc"])
         if len(bad):
             raise self._corrupt_row(int(ids[bad[0]]), meta[bad[0]], records[bad[0]])
-        return tokens.astype(np.int64)
+        return tokens.astype(np.int64), meta["task"].astype(np.int64)
 
     def _resolve(self, ids: np.ndarray, windows: np.ndarray, meta: np.ndarray) -> np.ndarray:
         assert self._resolver is not None

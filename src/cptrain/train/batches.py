@@ -1,13 +1,16 @@
 """What each optimizer step trains on: task streams, the batch plan, and the samplers.
 
-A task's windows come in a seeded random order (a pure function of seed, task and position),
-reshuffled every epoch. The batch plan says how many fresh and replayed rows a step holds and
-which contiguous slice of them is this rank's. Samplers own their cursors (windows consumed per
-task), so they checkpoint themselves.
+A task's windows come in a seeded random order (a pure function of seed, task name and
+position), reshuffled every epoch: keyed by the name, not the task's place in the order, so
+runs that train the same task at different positions of an order see the same windows. The
+batch plan says how many fresh and replayed rows a step holds and which contiguous slice of
+them is this rank's. Samplers own their cursors (windows consumed per task), so they checkpoint
+themselves. Method joint mixes the tasks by their budgets (``joint_weights``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,8 +27,15 @@ from cptrain.replay.mixer import mix_counts, split_for_rank
 Used = list[tuple[int, np.ndarray]]
 
 
+def task_key(name: str) -> int:
+    """A stable 63-bit integer for a task name (sha256 of its UTF-8): Python's hash() of a str
+    changes between processes, and the key must not."""
+    return int.from_bytes(hashlib.sha256(name.encode("utf-8")).digest()[:8], "big") >> 1
+
+
 class TaskStream:
-    """Windows of one task in a seeded random order, reshuffled every epoch."""
+    """Windows of one task in a seeded random order, reshuffled every epoch. ``task_idx`` is
+    kept for callers; the order depends on ``seed`` and ``name`` only."""
 
     def __init__(self, shard: ShardSet, task_idx: int, seed: int, window_len: int, name: str):
         self.shard = shard
@@ -36,7 +46,7 @@ class TaskStream:
                 f"task {name} has {shard.num_tokens} training tokens, fewer than one window of "
                 f"{window_len}; lower train.seq_len or add data"
             )
-        self._key = (seed, task_idx)
+        self._key = (seed, task_key(name))
         self._epoch = -1
         self._perm = np.empty(0, dtype=np.int64)
 
@@ -171,10 +181,21 @@ class JointSampler(SequentialSampler):
         return rows, used
 
 
+def joint_weights(cfg: RunConfig, plan: BatchPlan, sizes: list[int]) -> list[float]:
+    """Method joint's task mixture: ``data.joint_weights`` when given; else by budget (each
+    task's share of all steps, so joint sees each task as often as the sequential methods
+    do, whatever the shard sizes) or, with ``data.joint_weighting: size``, by training tokens."""
+    if cfg.data.joint_weights is not None:
+        return list(cfg.data.joint_weights)
+    if cfg.data.joint_weighting == "size":
+        return [float(n) for n in sizes]
+    return [float(n) for n in plan.task_steps]
+
+
 def make_sampler(
     cfg: RunConfig, streams: list[TaskStream], plan: BatchPlan, sizes: list[int]
 ) -> SequentialSampler:
     if cfg.sampler != "joint":
         return SequentialSampler(streams, plan)
-    w = cfg.data.joint_weights or sizes
+    w = joint_weights(cfg, plan, sizes)
     return JointSampler(streams, plan, np.array(w, dtype=np.float64), cfg.seed)

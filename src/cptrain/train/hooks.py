@@ -15,7 +15,10 @@ The trainer calls every hook, in the order given, at these moments:
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +28,7 @@ from tqdm import tqdm
 
 from cptrain import metrics
 from cptrain.errors import ConfigError
+from cptrain.progress import Progress, progress_bar
 
 if TYPE_CHECKING:
     from cptrain.train.trainer import Trainer
@@ -64,21 +68,155 @@ def is_log_step(trainer: Trainer, record: dict[str, Any]) -> bool:
 
 
 class Throughput(Hook):
-    """tokens/s over the steps since the last logged one."""
+    """Where a run's time goes, and how fast it trains. The trainer times its parts with
+    ``timed(kind)``: ``step`` (one optimizer step: drawing rows, forward, backward, optimizer,
+    buffer add), ``diagnostics`` (the hooks' ``before_step`` inside it: gradient alignment),
+    ``eval`` (every evaluation) and ``checkpoint`` (checkpoint writes). Each log line gets,
+    over the steps since the previous one:
+
+    * ``tokens_per_s``: tokens processed ÷ training-step time (steps less diagnostics);
+    * ``wall_tokens_per_s``: the same tokens ÷ all the wall time that passed;
+    * ``eval_s``, ``checkpoint_s``: seconds spent evaluating and writing checkpoints;
+    * ``mfu``: model FLOPs/s (``flops.flops_per_token`` × tokens_per_s) ÷ the peak matmul
+      FLOP/s of every process's device at the dtype the matmuls run in (measured once per
+      machine: ``cptrain.hardware``); rank 0 only.
+
+    Run totals survive a resume (a checkpointed component); ``summary()`` reports them."""
+
+    KINDS = ("step", "diagnostics", "eval", "checkpoint")
+    VERSION = 1
+
+    def __init__(self) -> None:
+        self.totals = dict.fromkeys(self.KINDS, 0.0)  # whole run, across resumes
+        self.counts = dict.fromkeys(self.KINDS, 0)
+        self._since = dict.fromkeys(self.KINDS, 0.0)  # since the last log line
+        self._process = dict.fromkeys(self.KINDS, 0.0)  # this process, for the ETA
+        self.tokens = 0  # processed in the timed steps, whole run
+        self.peak_flops: float | None = None
+        self.peak_dtype = "fp32"
+        self._start = self._t = time.perf_counter()
+        self._tokens = self._process_steps = 0
+        self._flops_per_token = 0
+        self._device: torch.device | None = None
+        self._rechecked = False
+
+    @contextlib.contextmanager
+    def timed(self, kind: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            dt = time.perf_counter() - t0
+            for acc in (self.totals, self._since, self._process):
+                acc[kind] += dt
+            self.counts[kind] += 1
 
     def on_run_start(self, trainer: Trainer) -> None:
-        self._t = time.perf_counter()
-        self._steps = 0
+        from cptrain import hardware
+        from cptrain.flops import flops_per_token, shape_from_hf_config
+
+        self._start = self._t = time.perf_counter()
+        self._since = dict.fromkeys(self.KINDS, 0.0)
+        self._process = dict.fromkeys(self.KINDS, 0.0)
+        self._tokens = self._process_steps = 0
+        shape = shape_from_hf_config(trainer.model.config.to_dict())
+        self._flops_per_token = flops_per_token(shape, trainer.plan.seq_len)
+        device = self._device = trainer.env.device
+        self.peak_dtype = hardware.compute_precision(trainer.cfg, device, trainer.precision)
+        if trainer.env.is_main:
+            self.peak_flops = hardware.peak_flops(device, self.peak_dtype)
 
     def on_step_end(self, trainer: Trainer, record: dict[str, Any]) -> None:
-        self._steps += 1
+        tokens = (trainer.plan.n_fresh + record["replay_rows"]) * trainer.plan.seq_len
+        self._tokens += tokens
+        self.tokens += tokens
+        self._process_steps += 1
         if not is_log_step(trainer, record):
             return
         now = time.perf_counter()
-        rows = trainer.plan.n_fresh + record["replay_rows"]
-        elapsed = max(now - self._t, 1e-9)
-        record["tokens_per_s"] = self._steps * rows * trainer.plan.seq_len / elapsed
-        self._t, self._steps = now, 0
+        s = self._since
+        train_s = max(s["step"] - s["diagnostics"], 1e-9)
+        record["tokens_per_s"] = self._tokens / train_s
+        record["wall_tokens_per_s"] = self._tokens / max(now - self._t, 1e-9)
+        record["eval_s"], record["checkpoint_s"] = s["eval"], s["checkpoint"]
+        if self.peak_flops and self._device is not None:
+            flops = self._flops_per_token * record["tokens_per_s"] / trainer.env.world_size
+            if flops > self.peak_flops:  # a peak measured on a busy machine: measure again
+                from cptrain import hardware
+
+                self.peak_flops = hardware.peak_flops(
+                    self._device, self.peak_dtype, at_least=flops, measure=not self._rechecked
+                )
+                self._rechecked = True
+            record["mfu"] = flops / self.peak_flops
+        self._t, self._tokens = now, 0
+        self._since = dict.fromkeys(self.KINDS, 0.0)
+
+    def eta(self, trainer: Trainer) -> float | None:
+        """Seconds left: remaining steps × this process's mean step time (everything but
+        evaluations and checkpoints), plus remaining evaluations and checkpoints × their
+        mean times over the run."""
+        if not self._process_steps:
+            return None
+        p = self._process
+        elapsed = time.perf_counter() - self._start - p["eval"] - p["checkpoint"]
+        step, total, cfg = trainer.state.step, trainer.plan.total_steps, trainer.cfg
+        # Evaluations and checkpoints still to come, this step's included (they follow it).
+        ends = [e for e in itertools.accumulate(trainer.plan.task_steps) if e >= step]
+        evals = len(ends) + _multiples_left(step, total, cfg.eval.every, ends)
+        saves = len(ends) + _multiples_left(step, total, cfg.checkpoint.every, ends)
+        steps = (total - step) * elapsed / self._process_steps
+        return steps + evals * self.mean("eval") + saves * self.mean("checkpoint")
+
+    def mean(self, kind: str) -> float:
+        return self.totals[kind] / self.counts[kind] if self.counts[kind] else 0.0
+
+    def summary(self, world_size: int) -> dict[str, Any]:
+        """Run totals for ``summary.json``: seconds by kind, and training tokens/s and MFU over
+        every timed step of the run (a resume of a checkpoint from before these were kept
+        counts from the resume on)."""
+        train_s = self.totals["step"] - self.totals["diagnostics"]
+        out: dict[str, Any] = {
+            "train_s": train_s,
+            "tokens_per_s": self.tokens / train_s if train_s > 0 else None,
+            "eval_s": self.totals["eval"],
+            "checkpoint_s": self.totals["checkpoint"],
+            "diagnostics_s": self.totals["diagnostics"],
+            "peak_dtype": self.peak_dtype,
+        }
+        if self.peak_flops and train_s > 0:
+            out["peak_flops"] = self.peak_flops
+            flops = self._flops_per_token * self.tokens
+            out["mfu"] = flops / train_s / (self.peak_flops * world_size)
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "version": self.VERSION,
+            "seconds": dict(self.totals),
+            "counts": dict(self.counts),
+            "tokens": self.tokens,
+        }
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        try:
+            assert state is not None and state["version"] == self.VERSION
+            seconds = {k: float(state["seconds"][k]) for k in self.KINDS}
+            counts = {k: int(state["counts"][k]) for k in self.KINDS}
+            tokens = int(state["tokens"])
+        except (AssertionError, KeyError, TypeError, ValueError):
+            # Timings change no number a run produces: a damaged record restarts them.
+            return
+        self.totals, self.counts, self.tokens = seconds, counts, tokens
+
+
+def _multiples_left(step: int, total: int, every: int, ends: list[int]) -> int:
+    """Steps in [step, total] that are multiples of ``every`` and not a task end."""
+    if not every or step > total:
+        return 0
+    # counted, not enumerated: the bar asks every step, and a run may have 10⁵ of them
+    multiples = total // every - (step - 1) // every
+    return multiples - sum(1 for e in ends if step <= e <= total and e % every == 0)
 
 
 class MetricsLogger(Hook):
@@ -88,6 +226,7 @@ class MetricsLogger(Hook):
         if not is_log_step(trainer, record):
             return
         record.update(type="train", step=trainer.state.step, task=trainer.task_name)
+        record["precision"] = trainer.precision
         if trainer.env.device.type == "cuda":
             record["cuda_max_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
         if trainer.buffer is not None:
@@ -108,31 +247,41 @@ class MetricsLogger(Hook):
 
 
 class ProgressBar(Hook):
-    """A tqdm bar of steps; without one (``progress=False``), a line per finished task."""
+    """A tqdm bar of steps showing training tokens/s (``Throughput``'s) and an ETA that counts
+    the evaluations and checkpoints still to come (tqdm's own would spread their pauses over
+    the steps); without a bar (``progress=False``), a line per finished task."""
+
+    FORMAT = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]"
 
     def __init__(self, enabled: bool):
         self.enabled = enabled
-        self._bar: tqdm | None = None
+        self._bar: Progress | None = None
+        self._text = ""
 
     def on_run_start(self, trainer: Trainer) -> None:
-        self._bar = tqdm(
+        self._bar = progress_bar(
             total=trainer.plan.total_steps,
             initial=trainer.state.step,
             unit="step",
             disable=not self.enabled,
             dynamic_ncols=True,
             mininterval=1.0,
+            bar_format=self.FORMAT,
         )
 
     def on_step_end(self, trainer: Trainer, record: dict[str, Any]) -> None:
         if self._bar is None:
             return
         if "tokens_per_s" in record:
-            self._bar.set_postfix_str(
+            self._text = (
                 f"{trainer.task_name} loss {record['loss']:.3f} "
-                f"{record['tokens_per_s']:,.0f} tok/s",
-                refresh=False,
+                f"{record['tokens_per_s']:,.0f} tok/s"
             )
+        if self.enabled:
+            eta = trainer.clock.eta(trainer)
+            left = f"ETA {tqdm.format_interval(eta)}" if eta is not None else ""
+            postfix = ", ".join(x for x in (left, self._text) if x)
+            self._bar.set_postfix_str(postfix, refresh=False)
         self._bar.update(1)
 
     def on_eval(self, trainer: Trainer, losses: dict[str, float], kind: str) -> None:
@@ -155,14 +304,16 @@ def _losses(losses: dict[str, float]) -> str:
 
 
 class PeriodicEval(Hook):
-    """``eval.every``: extra evaluations inside tasks (task ends are always evaluated)."""
+    """``eval.every``: extra evaluations inside tasks (task ends are always evaluated). Each
+    is kept in the trainer state's ``eval_history``, which forgetting counts."""
 
     def __init__(self, every: int):
         self.every = every
 
     def on_step_end(self, trainer: Trainer, record: dict[str, Any]) -> None:
         if self.every and not trainer.at_task_end and trainer.state.step % self.every == 0:
-            trainer.evaluate("eval")
+            losses = trainer.evaluate("eval")
+            trainer.state.record_eval([losses[n] for n in trainer.data.columns])
 
 
 class CheckpointInterval(Hook):

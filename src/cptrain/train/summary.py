@@ -36,10 +36,13 @@ def run_summary(trainer: Trainer) -> dict[str, Any]:
             trainer.reptile.updates if trainer.reptile is not None else 0,
         ),
         "wall_s": state.wall_s,
+        "precision": trainer.precision,  # what train.precision (maybe auto) resolved to
         "complete": trainer.finished,
     }
     if lm:
-        out.update(metrics.summarize(lm))
+        # forgetting: every evaluation after a task was trained (periodic ones too);
+        # forgetting_task_end: the loss-matrix rows alone.
+        out.update(metrics.summarize(lm, state.periodic_evaluations()))
         out["union_loss"] = metrics.union_loss(lm[-1][: len(trainer.task_names)])
         if state.loss_before and trainer.data.eval_only:
             out["eval_only_forgetting"] = metrics.forgetting_since_start(
@@ -48,5 +51,7 @@ def run_summary(trainer: Trainer) -> dict[str, Any]:
     if trainer.buffer is not None:
         out["replay"] = trainer.buffer.stats()
     out["flops"] = run_flops(out)
+    # train_s, eval_s, checkpoint_s, tokens_per_s, mfu, peak_flops, peak_dtype
+    out.update(trainer.clock.summary(trainer.env.world_size))
     out.update(trainer.diagnostics.summary())
     return out

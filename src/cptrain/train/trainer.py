@@ -27,6 +27,7 @@ from cptrain.diagnostics import GradientDiagnostics
 from cptrain.distributed import init_distributed, set_grad_sync, shutdown, wrap_model
 from cptrain.errors import DataError
 from cptrain.evaluate import evaluate_tasks, token_loss
+from cptrain.hardware import resolved_config, run_precision
 from cptrain.model import count_parameters, model_for_run
 from cptrain.schedule import Schedule
 from cptrain.train import hooks as H
@@ -76,6 +77,8 @@ class Trainer:
         )
         resume_from = self._check_resumable(allow_config_change) if resume else None
         run_id = resume_from[1] if resume_from else self._start_fresh()
+        saved = resume_from[2] if resume_from else None  # a resume keeps the run's precision
+        self.precision, self.autocast = run_precision(cfg, self.env, self.model, saved)
         self.state = TrainerState(run_id=run_id)
         self._build_components()
         self.hooks: list[H.Hook] = [*self._builtin_hooks(progress and self.env.is_main), *hooks]
@@ -111,13 +114,13 @@ class Trainer:
         self.forward_model: torch.nn.Module = (
             torch.compile(wrapped) if cfg.train.compile else wrapped  # type: ignore[assignment]
         )
-        self.autocast = torch.bfloat16 if cfg.train.precision == "bf16" else None
         self.n_params = count_parameters(model)
 
     def _build_components(self) -> None:
         cfg = self.cfg
         self.buffer = None
         self.reptile = None
+        self.clock = H.Throughput()
         if self.plan.n_replay > 0:
             from cptrain.replay.buffer import ReplayBuffer
 
@@ -146,12 +149,13 @@ class Trainer:
         )
         ck = self.checkpoints
         ck.meta = {
-            "config": cfg.model_dump(mode="json"),
+            "config": resolved_config(cfg, self.precision),
             "tokenizer_sha256": self.data.tokenizer_sha256,
         }
         ck.register("trainer", self.state, required=True)
         ck.register("sampler", self.sampler, required=True)
         ck.register("diagnostics", self.diagnostics)
+        ck.register("throughput", self.clock)
         if self.reptile is not None:
             ck.register("reptile", self.reptile, required=True)
         if self.buffer is not None:
@@ -161,7 +165,7 @@ class Trainer:
         return [
             self.diagnostics,
             H.ReptileBoundary(),
-            H.Throughput(),
+            self.clock,
             H.MetricsLogger(),
             H.TensorBoard(self.cfg.logging.tensorboard, self.env.is_main),
             H.ProgressBar(progress),
@@ -179,8 +183,8 @@ class Trainer:
         self.run_dir.metrics.clear()
         return run_id
 
-    def _check_resumable(self, allow_config_change: bool) -> tuple[Path, str]:
-        """The checkpoint to resume and its run id, after every compatibility check."""
+    def _check_resumable(self, allow_config_change: bool) -> tuple[Path, str, str]:
+        """The checkpoint to resume, its run id and precision, after every compatibility check."""
         path, state = self.checkpoints.resume_point(
             config=self.cfg.model_dump(mode="json"),
             model_vocab=self.model.config.vocab_size,
@@ -188,7 +192,7 @@ class Trainer:
             data_dir=self.data.dir,
             allow_config_change=allow_config_change,
         )
-        return path, str(state["trainer"]["run_id"])
+        return path, str(state["trainer"]["run_id"]), state["config"]["train"]["precision"]
 
     def _restore(self, path: Path) -> None:
         self.checkpoints.restore(path)
@@ -256,7 +260,8 @@ class Trainer:
 
     def step(self, task_idx: int) -> dict[str, Any]:
         """One optimizer step and what the hooks do after it (log, progress, eval, save)."""
-        record = self.train_step(task_idx)
+        with self.clock.timed("step"):
+            record = self.train_step(task_idx)
         self._fire("on_step_end", record)
         return record
 
@@ -279,8 +284,9 @@ class Trainer:
                 f"({self.model.config.vocab_size}); the shards do not match the model's tokenizer"
             )
         extra: dict[str, Any] = {}
-        for hook in self.hooks:
-            extra.update(hook.before_step(self, H.Batch(task_idx, fresh, replay)))
+        with self.clock.timed("diagnostics"):  # measurements, not training: timed apart
+            for hook in self.hooks:
+                extra.update(hook.before_step(self, H.Batch(task_idx, fresh, replay)))
         n_rep_local = 0 if replay is None else len(replay)
         n_rep = int(round(self.env.sum_scalar(n_rep_local))) if self.env.active else n_rep_local
         loss, gnorm = self._forward_backward_step(torch.from_numpy(rows_np), n_rep)
@@ -293,14 +299,8 @@ class Trainer:
         self.state.replay_tokens += n_rep * self.plan.seq_len
         self.state.step += 1
         self.state.task_step += 1
-        rec: dict[str, Any] = {
-            "loss": loss,
-            "lr": lr,
-            "grad_norm": gnorm,
-            "replay_rows": n_rep,
-            "effective_alpha": n_rep / n_global,
-            **extra,
-        }
+        rec: dict[str, Any] = {"loss": loss, "lr": lr, "grad_norm": gnorm, "replay_rows": n_rep,
+                               "effective_alpha": n_rep / n_global, **extra}
         if (cos := getattr(self.reptile, "last_displacement_cosine", None)) is not None:
             rec["reptile_displacement_cos"] = cos
         return rec
@@ -334,15 +334,12 @@ class Trainer:
     def evaluate(self, kind: str | None = None) -> dict[str, float]:
         """Every task's validation loss (evaluation-only tasks too); with ``kind``, hooks see
         it (and log it)."""
-        losses = evaluate_tasks(
-            self.model,
-            self.data.val_sets,
-            window_len=self.data.window_len,
-            windows=self.cfg.eval.windows,
-            batch_size=self.cfg.eval.batch_size,
-            autocast=self.autocast,
-            device=self.env.device,
-        )
+        with self.clock.timed("eval"):
+            losses = evaluate_tasks(
+                self.model, self.data.val_sets, window_len=self.data.window_len,
+                windows=self.cfg.eval.windows, batch_size=self.cfg.eval.batch_size,
+                autocast=self.autocast, device=self.env.device,
+            )
         if kind is not None:
             self._fire("on_eval", losses, kind)
         return losses
@@ -361,7 +358,8 @@ class Trainer:
         now = time.perf_counter()
         self.state.wall_s += now - self._wall_mark
         self._wall_mark = now
-        return self.checkpoints.save(self.state.step)
+        with self.clock.timed("checkpoint"):
+            return self.checkpoints.save(self.state.step)
 
     def export(self, out: Path, card: str | None = None) -> None:
         export_model(self.model, self.env, out, self.data.tokenizer_dir, card=card)

@@ -1,0 +1,267 @@
+"""``reptile.variant: official``: the interpolated weights feed one forward/backward, and the
+optimizer keeps stepping the un-interpolated ones (what the paper's DeepSpeed code did)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from conftest import tiny_run_config
+from safetensors.torch import load_file
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+from cptrain.config_base import build_config
+from cptrain.errors import CheckpointError
+from cptrain.reptile import Reptile, ReptileConfig
+from cptrain.train import Trainer, train
+
+EPS = 0.5
+OFFICIAL = {"enabled": True, "k": 2, "epsilon": EPS, "variant": "official"}
+# Two tasks of 6 steps, a meta-update and a checkpoint every 3: each checkpoint (the task ends
+# included) is written right after a meta-update, with a restore pending.
+TWO_TASKS = {
+    "data": {"tasks": ["email", "xml"], "tokens_per_task": 8 * 32 * 6},
+    "reptile": {**OFFICIAL, "k": 3},
+    "train": {"threads": 1},
+    "checkpoint": {"every": 3, "keep_last": 10},
+}
+
+
+Capture = dict[str, Any]
+
+
+@contextmanager
+def capture_steps(trainer: Trainer) -> Iterator[list[Capture]]:
+    """What each of the trainer's optimizer steps starts from: the weights, the (clipped)
+    gradients and the optimizer state, seen before any hook of the optimizer itself runs (global
+    pre-hooks run before per-optimizer ones, so Reptile has not restored anything yet)."""
+    seen: list[Capture] = []
+
+    def hook(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if opt is not trainer.optimizer:
+            return
+        params = [p for g in opt.param_groups for p in g["params"]]
+        seen.append(
+            {
+                "params": [p.detach().clone() for p in params],
+                "grads": [p.grad.detach().clone() for p in params],
+                "state": copy.deepcopy(opt.state_dict()),
+                "sizes": [len(g["params"]) for g in opt.param_groups],
+            }
+        )
+
+    handle = register_optimizer_step_pre_hook(hook)
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+def replay_step(step: Capture, start: list[torch.Tensor]) -> list[torch.Tensor]:
+    """An independent AdamW step from ``start`` with the captured gradients and state."""
+    params = [torch.nn.Parameter(w.clone()) for w in start]
+    groups, at = [], 0
+    for n in step["sizes"]:
+        groups.append({"params": params[at : at + n]})
+        at += n
+    opt = torch.optim.AdamW(groups, foreach=True)
+    opt.load_state_dict(copy.deepcopy(step["state"]))  # lr, betas, decay, moments, step count
+    for p, g in zip(params, step["grads"], strict=True):
+        p.grad = g.clone()
+    opt.step()
+    return [p.detach() for p in params]
+
+
+def stepped_weights(trainer: Trainer) -> list[torch.Tensor]:
+    return [p.detach().clone() for g in trainer.optimizer.param_groups for p in g["params"]]
+
+
+def run_steps(cfg, n: int) -> tuple[list[Capture], list[torch.Tensor], Trainer]:
+    trainer = Trainer(cfg, progress=False, stop_after=n)
+    trainer.start()
+    try:
+        with capture_steps(trainer) as seen:
+            for _ in range(n):
+                trainer.step(0)
+    finally:
+        trainer.stop()
+    return seen, stepped_weights(trainer), trainer
+
+
+def all_equal(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+@pytest.fixture(scope="module")
+def three_steps(prepared_dir, tmp_path_factory):
+    """variant -> (captures, weights after step 3) for k=2: the meta-update follows step 2."""
+    root = tmp_path_factory.mktemp("official")
+    out = {}
+    for variant in ("official", "faithful"):
+        reptile = {**OFFICIAL, "variant": variant}
+        cfg = tiny_run_config(root / variant, prepared_dir, reptile=reptile)
+        seen, after, trainer = run_steps(cfg, 3)
+        assert trainer.reptile is not None and trainer.reptile.updates == 1
+        out[variant] = (seen, after)
+    return out
+
+
+def test_step_after_meta_update_lands_on_the_uninterpolated_weights(three_steps):
+    seen, after = three_steps["official"]
+    start, step2, step3 = seen
+    # The weights after step 2, before the meta-update, replayed independently; the anchor is
+    # the initial weights (the first period).
+    w2 = replay_step(step2, step2["params"])
+    interpolated = [torch.lerp(a, w, EPS) for a, w in zip(start["params"], w2, strict=True)]
+    # Step 3's forward/backward ran on the interpolated weights ...
+    for got, want in zip(step3["params"], interpolated, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-7)
+    assert not all_equal(step3["params"], w2)
+    # ... and its update landed on the un-interpolated ones: the meta-update reached the
+    # weights only through that one gradient.
+    assert all_equal(after, replay_step(step3, w2))
+    assert not all_equal(after, replay_step(step3, step3["params"]))
+
+
+def test_faithful_steps_from_the_interpolated_weights(three_steps):
+    seen, after = three_steps["faithful"]
+    assert all_equal(after, replay_step(seen[2], seen[2]["params"]))
+    official_seen, official_after = three_steps["official"]
+    # Same first two steps and meta-update, so the same forward at step 3; different masters.
+    assert all_equal(seen[2]["params"], official_seen[2]["params"])
+    assert not all_equal(after, official_after)
+
+
+def test_official_with_epsilon_one_is_bit_identical_to_no_reptile(make_config):
+    off = make_config("off", reptile={**OFFICIAL, "epsilon": 1.0})
+    _, official, trainer = run_steps(off, 4)
+    assert trainer.reptile is not None and trainer.reptile.updates == 2
+    assert trainer.reptile.memory_bytes() == trainer.reptile.anchor_bytes()  # nothing kept
+    _, plain, _ = run_steps(make_config("plain"), 4)
+    assert all_equal(official, plain)
+
+
+def model_after(run_dir, task: int) -> dict[str, torch.Tensor]:
+    (model_dir,) = sorted((Path(run_dir) / "models").glob(f"after_{task}_*"))
+    return load_file(model_dir / "model.safetensors")
+
+
+def test_resume_between_meta_update_and_next_step_is_bit_identical(make_config):
+    # In process: without the one-thread setting meant for torchrun ranks.
+    settings = {k: v for k, v in TWO_TASKS.items() if k != "train"}
+    ref = train(make_config("ref", **settings), progress=False)
+    part = make_config("part", **settings)
+    stopped = Trainer(part, progress=False, stop_after=9)
+    stopped.run()
+    # Step 9's meta-update fired and its checkpoint was written before step 10 restored anything.
+    assert stopped.state.step == 9 and stopped.reptile is not None
+    assert stopped.reptile.pending_restore
+    del stopped
+    resumed = Trainer(part, resume=True, progress=False)
+    assert resumed.state.step == 9 and resumed.reptile is not None
+    assert resumed.reptile.pending_restore
+    summary = resumed.run()
+    assert summary["loss_matrix"] == ref["loss_matrix"]
+    for task in range(2):
+        got, want = model_after(part.run_dir, task), model_after(make_config("ref").run_dir, task)
+        for name in want:
+            assert torch.equal(got[name], want[name]), (task, name)
+
+
+def reptile_cfg(**over: Any) -> ReptileConfig:
+    return build_config(ReptileConfig, {**OFFICIAL, **over}, "reptile")
+
+
+def test_sgd_step_after_meta_update_by_hand():
+    p = torch.nn.Parameter(torch.tensor([0.0, 0.0]))
+    reptile = Reptile([("w", p)], reptile_cfg())
+    opt = torch.optim.SGD([p], lr=0.1)
+    reptile.attach(opt)
+    with torch.no_grad():
+        p.copy_(torch.tensor([4.0, -2.0]))  # as if k steps had moved it
+    reptile.meta_update(opt)
+    assert torch.equal(p.detach(), torch.tensor([2.0, -1.0])) and reptile.pending_restore
+    (p**2).sum().backward()  # gradient at the interpolated point: 2p = (4, -2)
+    opt.step()
+    # kept weights (4, -2) minus lr · (4, -2); the anchor is the interpolated weights
+    torch.testing.assert_close(p.detach(), torch.tensor([3.6, -1.8]))
+    assert torch.equal(reptile.state_dict()["anchor"]["w"], torch.tensor([2.0, -1.0]))
+    assert not reptile.pending_restore
+
+
+def test_pending_checkpoint_needs_the_official_variant():
+    p = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+    official = Reptile([("w", p)], reptile_cfg())
+    official.meta_update()
+    saved = copy.deepcopy(official.state_dict())
+    assert saved["pending_restore"] and saved["variant"] == "official"
+    faithful = Reptile([("w", p)], reptile_cfg(variant="faithful"))
+    with pytest.raises(CheckpointError, match="resume it with reptile.variant: official"):
+        faithful.load_state_dict(saved)
+    for bad in (dict(saved, pending_restore="yes"), dict(saved, masters=None)):
+        with pytest.raises(CheckpointError, match="corrupt"):
+            official.load_state_dict(bad)
+    fresh = Reptile([("w", p)], reptile_cfg())
+    fresh.load_state_dict(saved)
+    assert fresh.pending_restore
+    not_pending = dict(saved, pending_restore=False)
+    faithful.load_state_dict(not_pending)  # nothing to restore: any variant resumes it
+    old = {k: v for k, v in saved.items() if k not in ("pending_restore", "masters", "variant")}
+    fresh.load_state_dict(old)  # a checkpoint from before the variant existed
+    assert not fresh.pending_restore
+
+
+# ---------------------------------------------------------------- FSDP2 (torchrun, gloo)
+def torchrun(cfg, cfg_path: Path, *extra: str) -> subprocess.CompletedProcess:
+    cfg_path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "-m", "cptrain.cli", "train", str(cfg_path), "--no-progress", *extra],
+        env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_fsdp2_official_tracks_one_process_and_resumes_bit_identically(make_config, tmp_path):
+    single = make_config("single", **TWO_TASKS)
+    ref = train(single, progress=False)
+    multi = make_config("multi", **TWO_TASKS, distributed={"strategy": "fsdp2"})
+    proc = torchrun(multi, tmp_path / "multi.yaml")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    got = json.loads((Path(multi.run_dir) / "summary.json").read_text())
+    # Gradients are all-reduced, so equal up to float re-association.
+    torch.testing.assert_close(
+        torch.tensor(got["loss_matrix"]), torch.tensor(ref["loss_matrix"]), rtol=1e-4, atol=0
+    )
+    a, b = model_after(single.run_dir, 1), model_after(multi.run_dir, 1)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-4)
+    # Resume the sharded run from its step-6 checkpoint (task end, right after a meta-update,
+    # so a restore is pending in every rank's shard) in a copy with the later steps removed.
+    part = make_config("part", **TWO_TASKS, distributed={"strategy": "fsdp2"})
+    shutil.copytree(multi.run_dir, part.run_dir, symlinks=True)
+    run = Path(part.run_dir)
+    (run / "summary.json").unlink()
+    later = [p for p in run.glob("checkpoints/step_*") if int(p.name[5:]) > 6]
+    assert len(later) == 2  # steps 9 and 12
+    for path in [*later, *run.glob("models/after_1_*")]:
+        shutil.rmtree(path)
+    (step6,) = [p for p in run.glob("checkpoints/step_*") if int(p.name[5:]) == 6]
+    state = json.loads((step6 / "state.json").read_text())
+    assert state["reptile"]["pending_restore"] is True
+    proc = torchrun(part, tmp_path / "part.yaml", "--resume")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    a, b = model_after(multi.run_dir, 1), model_after(part.run_dir, 1)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
