@@ -29,7 +29,7 @@ SHAPES: dict[str, tuple[dict[str, Any], int]] = {
     "demo": (
         {"model": {"preset": "tiny"}, "data": {"dir": "data/prepared/demo", "tasks": ["en"]},
          "train": {"seq_len": 128, "batch_size": 32}},
-        3 * 123,  # one demo method: 3 tasks × 123 steps
+        3 * 74,  # one demo method: 3 tasks × 74 steps
     ),
     "smollm2": (
         {"model": {"init_from": "models/smollm2-135m"},

@@ -313,3 +313,73 @@ def test_downstream_of_a_short_context_run_sizes_items_in_the_models_tokens(
     assert max(_longest(r, count=count) for r in rows) <= 96  # every item fits the window
     for r in rows:  # passages are still whole words of the document
         assert f"{r['ctx']} {r['endings'][r['label']]}" in " ".join(docs[r["doc"]].split())
+
+
+ZH_PHRASES = [
+    "今天的天气很好", "我们在图书馆里读书", "这个城市有很多古老的建筑",
+    "火车站离这里不远", "他每天早上喝一杯茶", "学生们正在准备考试",
+    "公园里有很多人在散步", "这本书讲的是历史", "妈妈在厨房里做饭",
+    "我想去山上看日出", "电脑的程序需要更新", "朋友们一起吃晚饭",
+]
+
+
+@pytest.fixture(scope="module")
+def code_and_chinese_run(fake_run, tmp_path_factory):
+    """A run whose tasks are Python code (email) and Chinese text, prepared with the model's
+    own tokenizer (byte-level BPE learnt on code, so a Chinese character costs several tokens)."""
+    import numpy as np
+
+    from cptrain.config_base import build_config
+    from cptrain.data.prepare import PrepareConfig, prepare
+
+    root = tmp_path_factory.mktemp("dszh")
+    model = fake_run / "models" / f"after_0_{TASK}"
+    rng = np.random.default_rng(0)
+    docs = ["，".join(rng.choice(ZH_PHRASES, 30).tolist()) + "。" for _ in range(60)]
+    code = held_out_documents(Path(yaml.safe_load((fake_run / "config.yaml").read_text())
+                                   ["data"]["dir"]), TASK)
+    tasks = []
+    for name, texts in (("code", code), ("zh", docs)):
+        for split in ("train", "val"):
+            f = root / "text" / name / f"{split}.jsonl"
+            f.parent.mkdir(parents=True, exist_ok=True)
+            f.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts),
+                         encoding="utf-8")
+        tasks.append({"name": name, "train": [str(root / "text" / name / "train.jsonl")],
+                      "val": [str(root / "text" / name / "val.jsonl")]})
+    prepared = prepare(build_config(PrepareConfig, {
+        "out_dir": str(root / "prepared"), "tokenizer": {"path": str(model)}, "tasks": tasks,
+    }), progress=False)
+    run = root / "run"
+    shutil.copytree(fake_run / "models", run / "models")
+    cfg = {"data": {"dir": str(prepared), "tasks": [{"name": "code"}, {"name": "zh"}]},
+           "train": {"seq_len": 64}}
+    return run, cfg
+
+
+@pytest.mark.slow  # six lm-eval runs
+@pytest.mark.parametrize("seq_len", [64, 96, 256])
+def test_downstream_fits_code_and_chinese_items_at_any_context(code_and_chinese_run, seq_len):
+    run, cfg = code_and_chinese_run
+    cfg = {**cfg, "train": {"seq_len": seq_len}}
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg, allow_unicode=True))
+    rec = run_downstream(run, out_dir=run / f"downstream_{seq_len}", items=20, bpb_chars=300,
+                         limit=8)
+    assert rec["max_length"] == seq_len
+    count = token_counter(run / "models" / f"after_0_{TASK}")
+    for name in ("code", "zh"):
+        assert 0.0 <= rec["tasks"][f"cptrain_choice_{name}"]["acc"] <= 1.0
+        assert rec["tasks"][f"cptrain_bpb_{name}"]["bits_per_byte"] > 0
+        path = run / f"downstream_{seq_len}" / "tasks" / f"cptrain_choice_{name}.jsonl"
+        rows = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines()]
+        delim = "" if name == "zh" else " "
+        assert max(_longest(r, delim=delim, count=count) for r in rows) <= seq_len
+
+
+def test_a_failure_inside_lm_eval_is_one_line_naming_the_tasks():
+    from cptrain.downstream import _one_line
+
+    wanted = r"lm-eval failed on cptrain_bpb_zh: OverflowError: math range error"
+    with pytest.raises(EnvironmentProblem, match=wanted) as e, _one_line(["cptrain_bpb_zh"]):
+        raise OverflowError("math range error\nsecond line")
+    assert "\n" not in str(e.value)

@@ -337,6 +337,8 @@ def build_local_tasks(
                 for m, agg in (("bits_per_byte", "bits_per_byte"),
                                ("byte_perplexity", "weighted_perplexity"),
                                ("word_perplexity", "weighted_perplexity"))
+                # a text without spaces is one "word" per document: exp() of its loss overflows
+                if not (m == "word_perplexity" and _spaceless(docs))
             ],
         }
         atomic_write_text(out_dir / f"{name}.yaml", _task_yaml(name, out_dir / f"{name}.jsonl",
@@ -610,6 +612,21 @@ def run_downstream(
     return record
 
 
+@contextlib.contextmanager
+def _one_line(tasks: list[str]) -> Iterator[None]:
+    """A failure inside lm-eval as one line naming the tasks, not a traceback."""
+    try:
+        yield
+    except (ConfigError, EnvironmentProblem):
+        raise
+    except Exception as exc:  # noqa: BLE001 - lm-eval raises anything from asserts to math
+        what = str(exc).splitlines()[0] if str(exc) else ""
+        raise EnvironmentProblem(
+            f"lm-eval failed on {', '.join(tasks)}: {type(exc).__name__}"
+            f"{': ' + what if what else ''}; rerun with fewer tasks (--tasks) to find the one"
+        ) from exc
+
+
 def _evaluate(
     model_dir: Path, local: list[str], hub: list[str], task_dir: Path, *, online: bool,
     limit: int | None, num_fewshot: int, batch_size: int, max_length: int | None, device: str,
@@ -626,7 +643,7 @@ def _evaluate(
     if max_length:
         kwargs["max_length"] = max_length
     lm = HFLM(**kwargs)
-    with _quiet("lm_eval"), foreign_bars():
+    with _quiet("lm_eval"), foreign_bars(), _one_line(local + hub):
         res = simple_evaluate(
             model=lm,
             tasks=[*local, *hub],
