@@ -13,6 +13,7 @@ as if it had forgotten less than it did.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -43,6 +44,12 @@ def average_forgetting(loss_matrix: Sequence[Sequence[float]]) -> float | None:
 
 # A periodic evaluation: (tasks finished when it was measured, loss per loss-matrix column).
 Evaluation = tuple[int, Sequence[float]]
+
+
+def evaluations_from_history(history: Sequence[dict[str, Any]]) -> list[Evaluation]:
+    """(tasks finished, losses) of each periodic evaluation in a trainer state's
+    ``eval_history``, as the forgetting functions take them."""
+    return [(int(e["tasks_done"]), list(e["losses"])) for e in history]
 
 
 def forgetting_per_task_history(

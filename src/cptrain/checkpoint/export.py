@@ -277,7 +277,7 @@ def _card_losses(config: dict[str, Any], st: dict[str, Any], tasks: list[str]) -
         before=dict(zip(columns, before, strict=False)) or None,
     )
     if matrix:
-        periodic = [(int(e["tasks_done"]), list(e["losses"])) for e in st.get("eval_history", [])]
+        periodic = metrics.evaluations_from_history(st.get("eval_history", []))
         table += "\n" + metrics_line(metrics.summarize(matrix, periodic))
     return [
         "## Loss matrix\n\nValidation loss (nats per token) on held-out windows of each task: "

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from cptrain import metrics
 from cptrain.errors import CheckpointError
 
 
@@ -31,7 +32,7 @@ class TrainerState:
 
     def periodic_evaluations(self) -> list[tuple[int, list[float]]]:
         """(tasks finished, losses) of each periodic evaluation, as ``metrics`` takes them."""
-        return [(int(e["tasks_done"]), list(e["losses"])) for e in self.eval_history]
+        return metrics.evaluations_from_history(self.eval_history)
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self)
