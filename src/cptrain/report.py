@@ -61,6 +61,8 @@ class Run:
     preset: str
     seed: int
     order: tuple[str, ...]
+    axes: dict[str, Any] = field(default_factory=dict)  # sweep axis label → value
+    axis_keys: dict[str, str] = field(default_factory=dict)  # sweep axis label → config key
 
     @property
     def complete(self) -> bool:
@@ -71,7 +73,10 @@ class Run:
         """Method label with its replay fraction, e.g. ``mer α=0.25``."""
         mode = self.summary["config"].get("replay", {}).get("mode", "substitute")
         suffix = f" α={self.alpha:g}" if self.alpha else ""
-        return f"{self.label}{suffix}{' additive' if self.alpha and mode == 'additive' else ''}"
+        suffix += " additive" if self.alpha and mode == "additive" else ""
+        suffix += "".join(f" {k}={v:g}" if isinstance(v, int | float) and not isinstance(v, bool)
+                          else f" {k}={v}" for k, v in self.axes.items())
+        return f"{self.label}{suffix}"
 
     @cached_property
     def flops(self) -> dict[str, Any] | None:
@@ -152,11 +157,21 @@ def _summary_files(root: Path) -> Iterator[Path]:
             dirnames.sort()
 
 
-def _sweep_labels(root: Path) -> dict[str, dict[str, Any]]:
+def _sweep_manifest(root: Path) -> dict[str, Any]:
     with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
         data = json.loads((root / "sweep.json").read_text(encoding="utf-8"))
-        return {r["name"]: r for r in data["runs"]}
+        if isinstance(data, dict) and isinstance(data.get("runs"), list):
+            return data
     return {}
+
+
+def _sweep_labels(root: Path) -> dict[str, dict[str, Any]]:
+    return {r["name"]: r for r in _sweep_manifest(root).get("runs", []) if "name" in r}
+
+
+def sweep_baseline(dirs: Sequence[Path]) -> str | None:
+    """The method label a sweep named as its ``grid.baseline`` (the first one found)."""
+    return next((b for d in dirs if (b := _sweep_manifest(Path(d)).get("baseline"))), None)
 
 
 def collect_runs(dirs: Sequence[Path]) -> tuple[list[Run], list[str]]:
@@ -177,13 +192,15 @@ def collect_runs(dirs: Sequence[Path]) -> tuple[list[Run], list[str]]:
                 continue
             method = _infer_method(cfg)
             name = f.parent.name
+            coords = labels.get(name, {})
             runs.append(Run(
                 name=name, dir=f.parent, summary=s,
-                label=str(labels.get(name, {}).get("label") or _method_label(method)),
+                label=str(coords.get("label") or _method_label(method)),
                 method=method,
                 alpha=float(cfg.get("replay", {}).get("alpha", 0.0)),
                 preset=str(cfg.get("model", {}).get("preset", "?")), seed=int(cfg.get("seed", 0)),
                 order=tuple(s["tasks"]),
+                axes=dict(coords.get("axes") or {}), axis_keys=dict(coords.get("axis_keys") or {}),
             ))
     if not runs:
         raise ConfigError(
@@ -397,7 +414,41 @@ def _metric_tables(g: Groups) -> Section:
     sec.blocks.append(g.metric_table("learned_loss", "Table 4 — learned loss (loss on each task "
                                      "right after training it; lower is better)"))
     sec.blocks.append(g.metric_table("union_loss", "Union loss after the last task"))
+    for key, name in (("forgetting", "forgetting"), ("retained_loss", "retained loss"),
+                      ("learned_loss", "learned loss")):
+        sec.blocks += overlap_words(g, key, name)
     return sec
+
+
+def overlap_words(g: Groups, key: str, name: str) -> list[str]:
+    """Which methods the lowest one is not distinguishable from: 95% intervals that overlap
+    are called "no significant difference" rather than ranked."""
+    out = []
+    for order in g.orders:
+        for p in g.presets:
+            stats_ = {grp: mean_ci([r.summary.get(key) for r in g.by.get((grp, p, order), [])])
+                      for grp in g.groups if (grp, p, order) in g.by}
+            stats_ = {k: v for k, v in stats_.items() if v[0] is not None}
+            if len(stats_) < 2:
+                continue
+            where = p + ("" if len(g.orders) == 1 else f" [{'→'.join(order)}]")
+            if any(not math.isfinite(h) for _, h in stats_.values()):
+                out.append(f"{name.capitalize()}, {where}: some methods have one seed, so no "
+                           "interval and no ranking is claimed.")
+                continue
+            best = min(stats_, key=lambda k: stats_[k][0])  # type: ignore[arg-type, return-value]
+            bm, bh = stats_[best]
+            same = [k for k, (m, h) in stats_.items()
+                    if k != best and abs(m - bm) <= h + bh]  # type: ignore[operator]
+            worse = len(stats_) - 1 - len(same)
+            shown = ", ".join(same[:8]) + (f" and {len(same) - 8} more" if len(same) > 8 else "")
+            out.append(
+                f"{name.capitalize()}, {where}: lowest mean {best} ({bm:.3f}); "
+                + (f"no significant difference (95% intervals overlap) from {shown}; "
+                   if same else "")
+                + f"{worse} method(s) significantly higher."
+            )
+    return out
 
 
 def _forgetting_figure(g: Groups, fig_dir: Path) -> Figure | None:
@@ -711,7 +762,14 @@ def build_sections(dirs: Sequence[Path], fig_dir: Path) -> list[Section]:
         if fig:
             sections[-1].blocks.insert(1, fig)
         sections.append(_curve_sections(g, fig_dir))
-        optional = [_scaling_section(done, fig_dir), _downstream_section(g),
+        from cptrain import report_studies as studies  # imports this module's blocks
+
+        baseline = sweep_baseline(dirs)
+        optional = [studies.paired_section(done, baseline),
+                    studies.reptile_map_section(done, baseline, fig_dir),
+                    studies.replay_ratio_section(done, fig_dir),
+                    studies.size_vs_replay_section(done),
+                    _scaling_section(done, fig_dir), _downstream_section(g),
                     _alignment_section(g, fig_dir)]
         sections += [s for s in optional if s is not None]
         sections += [_compute_section(g), _loss_matrices(g)]

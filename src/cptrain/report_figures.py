@@ -172,3 +172,78 @@ def scaling_figure(
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def heatmap_figure(
+    grids: Mapping[str, Mapping[str, tuple[np.ndarray, np.ndarray]]],
+    row_ticks: Sequence[str],
+    col_ticks: Sequence[str],
+    path: Path,
+    *,
+    row_label: str,
+    col_label: str,
+) -> Path | None:
+    """One heatmap per (metric, panel): ``grids[metric][panel] = (means, significant)``; a
+    diverging scale centred on 0 per metric, each cell annotated, * where significant."""
+    metrics = [m for m, panels in grids.items() if panels]
+    if not metrics:
+        return None
+    panels = list(grids[metrics[0]])
+    fig, axes = _grid(len(metrics) * len(panels), len(panels), width=3.4, height=2.7)
+    for mi, metric in enumerate(metrics):
+        finite = [np.abs(m[np.isfinite(m)]) for m, _ in grids[metric].values()]
+        lim = max((float(f.max()) for f in finite if f.size), default=0.0) or 1e-9
+        for pi, panel in enumerate(panels):
+            ax = axes[mi * len(panels) + pi]
+            mean, sig = grids[metric][panel]
+            im = ax.imshow(mean, cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto")
+            for i in range(mean.shape[0]):
+                for j in range(mean.shape[1]):
+                    if np.isfinite(mean[i, j]):
+                        ax.text(j, i, f"{mean[i, j]:+.3f}{' *' if sig[i, j] else ''}",
+                                ha="center", va="center", fontsize=7,
+                                fontweight="bold" if sig[i, j] else "normal")
+            ax.set_xticks(range(len(col_ticks)), col_ticks, fontsize=7)
+            ax.set_yticks(range(len(row_ticks)), row_ticks, fontsize=7)
+            ax.set_xlabel(col_label, fontsize=8)
+            ax.set_ylabel(row_label, fontsize=8)
+            ax.set_title(f"Δ {metric} · {panel}", fontsize=8)
+            fig.colorbar(im, ax=ax, shrink=0.8).ax.tick_params(labelsize=6)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def ratio_figure(
+    series: Mapping[str, Mapping[str, Sequence[tuple[float, float | None, float]]]], path: Path
+) -> Path | None:
+    """Old-task and new-task loss against the replay fraction, one line per setting:
+    ``series[setting]["old" | "new"] = [(α, mean, half width)]``; ``["joint"]`` holds the
+    (nan, mean, half) of the union-trained baseline for the old and the new task."""
+    if not series:
+        return None
+    alphas = sorted({a for s in series.values() for a, _, _ in s["old"]})
+    pos = {a: i for i, a in enumerate(alphas)}
+    fig, axes = _grid(2, 2, width=4.6, height=3.4)
+    for ax, (key, title) in zip(axes, (("old", "old task"), ("new", "new task")), strict=True):
+        for j, (name, s) in enumerate(series.items()):
+            pts = [(pos[a], m, h) for a, m, h in s[key] if m is not None]
+            color = plt.cm.tab10(j % 10)
+            ax.errorbar([p[0] for p in pts], [p[1] for p in pts],
+                        yerr=[h if math.isfinite(h) else 0.0 for _, _, h in pts],
+                        marker="o", capsize=3, label=name, color=color)
+        joint = next((s["joint"] for s in series.values() if "joint" in s), None)
+        if joint is not None:
+            _, m, h = joint[0 if key == "old" else 1]
+            if m is not None:
+                ax.axhline(m, color="0.3", linestyle="--", linewidth=1.0, label="joint (union)")
+                if math.isfinite(h):
+                    ax.axhspan(m - h, m + h, color="0.5", alpha=0.15)
+        ax.set_xticks(range(len(alphas)), [f"{100 * a:g}%" for a in alphas], fontsize=7)
+        ax.set_xlabel("replay fraction α", fontsize=8)
+        ax.set_ylabel("final validation loss", fontsize=8)
+        ax.set_title(title, fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.tick_params(labelsize=7)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    return _save(fig, path)

@@ -1,10 +1,14 @@
-"""`cptrain sweep SWEEP.yaml`: a grid of runs (methods × α × presets × seeds × task orders).
+"""`cptrain sweep SWEEP.yaml`: a grid of runs (methods × α × axes × presets × seeds × task orders).
 
 Every run of the grid is validated before the first one trains, gets a readable directory name
 under ``out_dir`` (``mer-a0.25_tiny_s1_en-fr-de``) and trains after the previous one finished.
 Re-running the same command continues the sweep: complete runs are skipped (after checking that
 their config still matches the sweep file), interrupted runs resume from their last checkpoint.
 ``out_dir/sweep.json`` lists the runs with their grid coordinates; ``cptrain report`` reads it.
+
+``grid.axes`` add any config key as a grid dimension (``reptile.k: [5, 20, 80]``), optionally
+for some methods only; ``grid.baseline`` names the method the report compares every other one
+with, run by run (same seed, preset, order and shared axis values).
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import fcntl
+import itertools
 import json
 import math
 import time
@@ -57,6 +62,24 @@ class MethodSpec(StrictModel):
         return v
 
 
+class Axis(StrictModel):
+    """One extra grid dimension: a dotted config key and its values."""
+
+    key: str = Field(description="dotted run-config key, e.g. reptile.epsilon")
+    values: list[Any] = Field(min_length=1)
+    label: str | None = Field(default=None, description="in run names (default: last key part)")
+    methods: list[str] | None = Field(
+        default=None, description="method names or labels it applies to (default: all)"
+    )
+
+    @property
+    def name(self) -> str:
+        return self.label or self.key.rsplit(".", 1)[-1]
+
+    def applies(self, spec: MethodSpec) -> bool:
+        return self.methods is None or bool({spec.method, spec.name} & set(self.methods))
+
+
 class SweepGrid(StrictModel):
     methods: list[str | MethodSpec] = Field(min_length=1)
     alphas: list[float] = Field(default=[0.25], min_length=1, description="for replay and mer")
@@ -66,6 +89,22 @@ class SweepGrid(StrictModel):
     )
     seeds: list[int] = Field(default=[0], min_length=1)
     task_orders: list[list[str]] | None = Field(default=None, description="default: base order")
+    axes: list[Axis] = Field(default_factory=list, description="extra dimensions: config keys")
+    baseline: str | None = Field(
+        default=None, description="method label the report pairs every other run with"
+    )
+
+    @field_validator("axes")
+    @classmethod
+    def _axes(cls, v: list[Axis]) -> list[Axis]:
+        names = [a.name for a in v]
+        for a in v:
+            if names.count(a.name) > 1:
+                raise ValueError(f"axis label {a.name!r} is used twice; give each axis a label")
+            if not a.name or any(c in a.name for c in "/_ -=\\"):
+                raise ValueError(f"axis label {a.name!r} must not contain '/', '_', '-', '=' "
+                                 "or spaces")
+        return v
 
     @field_validator("methods", mode="after")
     @classmethod
@@ -156,9 +195,33 @@ def _alphas(spec: MethodSpec, grid: SweepGrid) -> list[float]:
     return alphas
 
 
-def run_name(label: str, alpha: float, preset: str, seed: int, order: list[str]) -> str:
+def _axis_text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return f"{value:g}" if isinstance(value, int | float) else str(value)
+
+
+def run_name(
+    label: str, alpha: float, preset: str, seed: int, order: list[str],
+    axes: dict[str, Any] | None = None,
+) -> str:
     a = f"-a{alpha:g}" if alpha else ""
+    a += "".join(f"-{k}{_axis_text(v)}" for k, v in (axes or {}).items())
     return f"{label}{a}_{preset}_s{seed}_{'-'.join(order)}"
+
+
+def _axis_points(spec: MethodSpec, grid: SweepGrid) -> Iterator[dict[str, tuple[str, Any]]]:
+    """label → (key, value) for every combination of the axes that apply to ``spec``."""
+    axes = [a for a in grid.axes if a.applies(spec)]
+    for combo in itertools.product(*(a.values for a in axes)):
+        yield {a.name: (a.key, v) for a, v in zip(axes, combo, strict=True)}
+
+
+def _dotted(key: str, value: Any) -> dict[str, Any]:
+    out: Any = value
+    for part in reversed(key.split(".")):
+        out = {part: out}
+    return out
 
 
 def _grid_points(cfg: SweepConfig, base: dict[str, Any]) -> Iterator[tuple[Any, ...]]:
@@ -172,8 +235,9 @@ def _grid_points(cfg: SweepConfig, base: dict[str, Any]) -> Iterator[tuple[Any, 
             for spec in g.methods:
                 assert isinstance(spec, MethodSpec)
                 for alpha in _alphas(spec, g):
-                    for seed in g.seeds:
-                        yield spec, alpha, preset, seed, order
+                    for axes in _axis_points(spec, g):
+                        for seed in g.seeds:
+                            yield spec, alpha, preset, seed, order, axes
 
 
 def expand_sweep(cfg: SweepConfig) -> list[SweepRun]:
@@ -184,14 +248,17 @@ def expand_sweep(cfg: SweepConfig) -> list[SweepRun]:
     out_dir = Path(cfg.out_dir)
     runs: list[SweepRun] = []
     seen: set[str] = set()
-    for spec, alpha, preset, seed, order in _grid_points(cfg, base):
+    for spec, alpha, preset, seed, order, axes in _grid_points(cfg, base):
         method = METHODS[spec.method]
-        name = run_name(spec.name or spec.method, alpha, preset, seed, order)
+        values = {label: v for label, (_, v) in axes.items()}
+        name = run_name(spec.name or spec.method, alpha, preset, seed, order, values)
         if name in seen:
             raise ConfigError(f"grid: run {name} appears twice; give repeated methods a name")
         seen.add(name)
         raw = _merge(base, spec.set)
         raw = _merge(raw, cfg.grid.preset_settings.get(preset, {}))
+        for key, value in axes.values():
+            raw = _merge(raw, _dotted(key, value))
         raw = _merge(
             raw,
             {
@@ -207,9 +274,23 @@ def expand_sweep(cfg: SweepConfig) -> list[SweepRun]:
         raw["data"]["tasks"] = _task_specs(base, order)
         run_cfg = build_config(RunConfig, raw, source=f"sweep run {name}")
         coords = {"label": spec.name or method.label, "method": spec.method, "alpha": alpha,
-                  "preset": preset, "seed": seed, "order": list(order)}
+                  "preset": preset, "seed": seed, "order": list(order), "axes": values,
+                  "axis_keys": {label: key for label, (key, _) in axes.items()}}
         runs.append(SweepRun(name, run_cfg, coords))
+    _check_labels(cfg.grid, {r.coords["label"] for r in runs} | {r.coords["method"] for r in runs})
     return runs
+
+
+def _check_labels(grid: SweepGrid, labels: set[str]) -> None:
+    known = ", ".join(sorted(labels))
+    if grid.baseline is not None and grid.baseline not in labels:
+        raise ConfigError(f"grid.baseline: {grid.baseline!r} is not a method of the grid "
+                          f"({known}); name one of them")
+    for a in grid.axes:
+        unknown = sorted(set(a.methods or []) - labels)
+        if unknown:
+            raise ConfigError(f"grid.axes {a.name}: methods {', '.join(unknown)} are not in the "
+                              f"grid ({known}); name methods of grid.methods")
 
 
 def _check_unchanged(run: SweepRun) -> None:
@@ -244,12 +325,15 @@ def _fmt_s(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
-def _write_manifest(out_dir: Path, source: str, runs: list[SweepRun]) -> None:
+def _write_manifest(
+    out_dir: Path, source: str, runs: list[SweepRun], baseline: str | None
+) -> None:
     atomic_write_json(
         out_dir / MANIFEST,
         {
             "format": "cptrain-sweep-v1",
             "source": source,
+            "baseline": baseline,
             "runs": [{"name": r.name, "run_dir": r.name, **r.coords} for r in runs],
         },
     )
@@ -305,7 +389,7 @@ def run_sweep(
         for r in runs:
             if r.status() == "done":
                 _check_unchanged(r)
-        _write_manifest(out_dir, source, runs)
+        _write_manifest(out_dir, source, runs, cfg.grid.baseline)
         _train_all(runs, progress)
     return [r.run_dir for r in runs]
 

@@ -1,0 +1,225 @@
+"""Study sweeps: grid axes over any config key, paired differences against a baseline, the
+Reptile map heatmaps, the replay-ratio curve, size against replay, and the report's words for
+overlapping intervals."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from cptrain.errors import ConfigError
+from cptrain.report import write_report
+from cptrain.report_studies import IBRAHIM, pairs, verdict
+from cptrain.sweep import expand_sweep, load_sweep
+
+
+def _sweep(tmp_path: Path, grid: dict, prepared_dir: Path) -> Path:
+    base = {"data": {"dir": str(prepared_dir), "tasks": ["en", "fr"], "tokens_per_task": 4096},
+            "model": {"preset": "tiny"}, "train": {"seq_len": 32, "batch_size": 8}}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump({"out_dir": str(tmp_path / "out"), "base": base,
+                                    "grid": grid}))
+    return path
+
+
+def test_axes_expand_per_method_and_set_config_keys(tmp_path, prepared_dir):
+    path = _sweep(tmp_path, {
+        "methods": ["replay", "mer"], "baseline": "replay", "seeds": [0, 1],
+        "axes": [{"key": "train.lr", "values": [0.001, 0.003]},
+                 {"key": "reptile.k", "label": "k", "values": [5, 20], "methods": ["mer"]}],
+    }, prepared_dir)
+    runs = expand_sweep(load_sweep(path))
+    assert len(runs) == 2 * 2 + 2 * 2 * 2  # replay: lr × seeds; mer: lr × k × seeds
+    by = {r.name: r for r in runs}
+    mer = by["mer-a0.25-lr0.003-k20_tiny_s1_en-fr"]
+    assert mer.config.train.lr == 0.003 and mer.config.reptile.k == 20
+    assert mer.coords["axes"] == {"lr": 0.003, "k": 20}
+    assert mer.coords["axis_keys"] == {"lr": "train.lr", "k": "reptile.k"}
+    rep = by["replay-a0.25-lr0.001_tiny_s0_en-fr"]
+    assert rep.coords["axes"] == {"lr": 0.001} and rep.config.reptile.k == 500  # default
+
+
+@pytest.mark.parametrize("grid, message", [
+    ({"methods": ["replay"], "baseline": "mer"}, "grid.baseline: 'mer' is not a method"),
+    ({"methods": ["replay"], "axes": [{"key": "reptile.k", "values": [5], "methods": ["mer"]}]},
+     "methods mer are not in the grid"),
+    ({"methods": ["replay"], "axes": [{"key": "train.nope", "values": [1]}]}, "nope"),
+])
+def test_bad_axes_and_baselines_are_one_line_errors(tmp_path, prepared_dir, grid, message):
+    with pytest.raises(ConfigError, match=message) as err:
+        expand_sweep(load_sweep(_sweep(tmp_path, grid, prepared_dir)))
+    assert "\n" not in str(err.value)
+
+
+def test_repeated_axis_label_is_refused(tmp_path, prepared_dir):
+    grid = {"methods": ["replay"], "axes": [{"key": "train.lr", "values": [1e-3]},
+                                            {"key": "eval.lr", "label": "lr", "values": [1]}]}
+    with pytest.raises(ConfigError, match="used twice"):
+        load_sweep(_sweep(tmp_path, grid, prepared_dir))
+
+
+def test_verdict_words():
+    assert verdict(-0.2, 0.1) == "significantly lower"
+    assert verdict(0.2, 0.1) == "significantly higher"
+    assert verdict(0.05, 0.1) == "no significant difference"
+    assert verdict(0.05, float("nan")) == "one pair, no interval"
+
+
+# ---------------------------------------------------------------- report from run directories
+def _write_run(root: Path, name: str, *, method: str, alpha: float, seed: int, lm: list,
+               axes: dict | None = None, preset: str = "tiny", rewarm: bool = False,
+               params: int = 1000, fpt: float = 6000.0, coords: list | None = None) -> None:
+    d = root / name
+    d.mkdir(parents=True)
+    order = ["en", "de"][: len(lm[0])]
+    learned = float(np.mean([lm[i][i] for i in range(len(lm))]))
+    retained = float(np.mean(lm[-1]))
+    forgetting = float(np.mean([lm[-1][j] - lm[j][j] for j in range(len(lm) - 1)]))
+    summary = {
+        "complete": True, "tasks": order, "loss_matrix": lm, "task_steps": [10] * len(lm),
+        "config": {"method": method, "seed": seed, "model": {"preset": preset},
+                   "replay": {"alpha": alpha}, "train": {"rewarm_each_task": rewarm},
+                   "reptile": {"enabled": method == "mer"}},
+        "retained_loss": retained, "learned_loss": learned, "forgetting": forgetting,
+        "union_loss": retained, "params": params,
+        "flops": {"flops_per_incoming_token": fpt, "flops_per_token": fpt, "total_flops": 1e9,
+                  "reptile_flops": 0, "convention": "test"},
+    }
+    (d / "summary.json").write_text(json.dumps(summary))
+    if coords is not None:
+        coords.append({"name": name, "run_dir": name, "label": method, "method": method,
+                       "alpha": alpha, "preset": preset, "seed": seed, "order": order,
+                       "axes": axes or {}, "axis_keys": {k: {"k": "reptile.k",
+                                                             "e": "reptile.epsilon",
+                                                             "lr": "train.lr"}[k]
+                                                         for k in (axes or {})}})
+
+
+def _manifest(root: Path, coords: list, baseline: str | None) -> None:
+    (root / "sweep.json").write_text(json.dumps({"format": "cptrain-sweep-v1", "source": "t",
+                                                 "baseline": baseline, "runs": coords}))
+
+
+def test_reptile_map_marks_only_cells_whose_interval_excludes_zero(tmp_path):
+    root, coords = tmp_path / "map", []
+    rng = np.random.default_rng(0)
+    # MER at k=5, ε=0.9 lowers the final en loss by 0.3 on every seed; every other cell adds
+    # noise of mean zero. Paired differences must find exactly that cell.
+    for seed in range(3):
+        base_en = 6.0 + 0.5 * seed  # large seed-to-seed spread that pairing removes
+        _write_run(root, f"replay_s{seed}", method="replay", alpha=0.25, seed=seed,
+                   lm=[[5.0, 9.0], [base_en, 5.5]], axes={"lr": 0.003}, coords=coords)
+        for k in (5, 20):
+            for e in (0.1, 0.9):
+                noise = float(rng.normal(0, 0.05))
+                shift = -0.3 + noise / 10 if (k, e) == (5, 0.9) else noise
+                _write_run(root, f"mer-k{k}-e{e}_s{seed}", method="mer", alpha=0.25, seed=seed,
+                           lm=[[5.0, 9.0], [base_en + shift, 5.5]],
+                           axes={"lr": 0.003, "k": k, "e": e}, coords=coords)
+    _manifest(root, coords, "replay")
+    out = tmp_path / "report"
+    write_report([root], out)
+    md = (out / "report.md").read_text()
+    assert (out / "figures" / "reptile_map.png").stat().st_size > 10_000
+    section = md.split("## The Reptile map")[1].split("\n## ")[0]
+    forget_table = section.split("Δ forgetting (MER − replay)")[1].split("\n\n")[1]
+    k5 = next(line for line in forget_table.splitlines() if "k=5 " in line)
+    cells = [c.strip() for c in k5.strip("|").split("|")][1:]
+    assert cells[0].startswith(("+", "-")) and not cells[0].endswith("*")
+    assert cells[1].startswith("-0.3") and cells[1].endswith("*")
+    assert "1 of 4 cells significantly lower, 0 significantly higher" in section
+    paired = md.split("## Paired differences against replay")[1].split("\n## ")[0]
+    assert "significantly lower" in paired and "no significant difference" in paired
+
+
+def test_pairs_match_seed_and_the_baselines_axis_values(tmp_path):
+    from cptrain.report import collect_runs
+
+    root, coords = tmp_path / "p", []
+    for lr in (0.001, 0.003):
+        for seed in (0, 1):
+            _write_run(root, f"replay-{lr}-{seed}", method="replay", alpha=0.25, seed=seed,
+                       lm=[[5.0, 9.0], [6.0, 5.5]], axes={"lr": lr}, coords=coords)
+            _write_run(root, f"mer-{lr}-{seed}", method="mer", alpha=0.25, seed=seed,
+                       lm=[[5.0, 9.0], [6.0, 5.5]], axes={"lr": lr, "k": 5}, coords=coords)
+    _manifest(root, coords, "replay")
+    runs, _ = collect_runs([root])
+    found = pairs(runs, "replay")
+    assert len(found) == 2
+    for ps in found.values():
+        for r, b in ps:
+            assert (r.seed, r.axes["lr"]) == (b.seed, b.axes["lr"]) and b.label == "replay"
+
+
+def test_replay_ratio_curve_table_and_shape_words(tmp_path):
+    root = tmp_path / "ratio"
+    alphas = [0.0, 0.01, 0.05, 0.1, 0.25, 0.5]
+    for rewarm in (False, True):
+        for seed in range(3):
+            for a in alphas:
+                old = 7.5 - 2 * a + (0.2 if rewarm else 0) + 0.01 * seed
+                new = 6.0 + 0.4 * a
+                method = "replay" if a else "sequential"
+                _write_run(root, f"{method}-{a}-{rewarm}-{seed}", method=method, alpha=a,
+                           seed=seed, lm=[[5.0, 9.0], [old, new]], rewarm=rewarm)
+    for seed in range(3):
+        _write_run(root, f"joint-{seed}", method="joint", alpha=0.0, seed=seed,
+                   lm=[[5.0, 9.0], [5.9, 6.3]])
+    out = tmp_path / "report"
+    write_report([root], out)
+    md = (out / "report.md").read_text()
+    section = md.split("## Replay-ratio curve")[1].split("\n## ")[0]
+    assert (out / "figures" / "replay_ratio.png").is_file()
+    assert section.count("falls monotonically") == 2
+    assert "tiny en→de no re-warm: old-task (en) loss falls monotonically" in section
+    assert f"{IBRAHIM[0.25][0]:.2f} / {IBRAHIM[0.25][1]:.2f}" in section
+    assert "joint (union)" in section and "6.300" in section
+
+
+def test_size_vs_replay_is_void_unless_the_larger_model_learns_better(tmp_path):
+    def build(root: Path, large_learned: float) -> str:
+        for seed in range(3):
+            j = 0.01 * seed
+            _write_run(root, f"seq-tiny-{seed}", method="sequential", alpha=0.0, seed=seed,
+                       lm=[[5.0 + j, 9.0], [6.5 + j, 5.0 + j]], params=1000, fpt=6000.0)
+            _write_run(root, f"rep-tiny-{seed}", method="replay", alpha=0.5, seed=seed,
+                       lm=[[5.0 + j, 9.0], [5.6 + j, 5.2 + j]], params=1000, fpt=12000.0)
+            _write_run(root, f"seq-mid-{seed}", method="sequential", alpha=0.0, seed=seed,
+                       preset="small", lm=[[large_learned + j, 9.0],
+                                           [6.0 + j, large_learned + j]],
+                       params=2000, fpt=12000.0)
+        write_report([root], root / "report")
+        md = (root / "report" / "report.md").read_text()
+        return md.split("## Replay or a bigger model? (equal")[1].split("\n## ")[0]
+
+    void = build(tmp_path / "void", large_learned=5.2)
+    assert "comparison is void" in void and "Δ retained" not in void
+    real = build(tmp_path / "real", large_learned=4.6)
+    assert "comparison is void" not in real
+    assert "2.00× the parameters" in real and "(significantly lower)" in real
+    row = next(line for line in real.splitlines() if line.startswith("| tiny α=0.5"))
+    # retained (5.6 + 5.2) / 2 − (6.0 + 4.6) / 2; forgetting (5.6 − 5.0) − (6.0 − 4.6)
+    assert "| 2.00× | 2.00× | +0.100 ± " in row and "| significantly higher |" in row
+    assert "-0.800" in row
+
+
+def test_metric_tables_say_no_significant_difference_where_intervals_overlap(tmp_path):
+    root = tmp_path / "o"
+    for seed in range(3):
+        j = 0.05 * seed
+        _write_run(root, f"seq-{seed}", method="sequential", alpha=0.0, seed=seed,
+                   lm=[[5.0, 9.0], [7.0 + j, 5.0]])
+        _write_run(root, f"rep-{seed}", method="replay", alpha=0.25, seed=seed,
+                   lm=[[5.0, 9.0], [5.5 + j, 5.0]])
+        _write_run(root, f"mer-{seed}", method="mer", alpha=0.25, seed=seed,
+                   lm=[[5.0, 9.0], [5.52 + j, 5.0]])
+    write_report([root], root / "report")
+    md = (root / "report" / "report.md").read_text()
+    line = next(s for s in md.splitlines() if s.startswith("Forgetting, tiny:"))
+    assert "lowest mean replay α=0.25" in line
+    assert "no significant difference (95% intervals overlap) from MER α=0.25" in line
+    assert "1 method(s) significantly higher" in line
