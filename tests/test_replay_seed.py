@@ -326,3 +326,26 @@ def test_generated_rows_seed_a_reference_buffer(tiny_model, tmp_path):
     buf.add_seed(rows, origin=0, name="self")
     got = buf.draw(0, 100, current_task=0)
     assert sorted(map(tuple, got.tolist())) == sorted(map(tuple, rows.tolist()))
+
+
+def test_nucleus_sampling_draws_only_the_nucleus_in_proportion():
+    import torch
+
+    from cptrain.replay.seeding import NUCLEUS_K, _sample_next
+
+    probs = torch.tensor([0.05, 0.4, 0.0, 0.3, 0.1, 0.15, 0.0, 0.0])  # ids 6, 7: outside vocab
+    logits = probs.clamp_min(1e-12).log().expand(40_000, -1).clone()
+    logits[:, 6:] = 5.0  # would dominate if the vocabulary mask were missing
+    g = torch.Generator().manual_seed(0)
+    got = _sample_next(logits, temperature=1.0, top_p=0.8, vocab_size=6, generator=g)
+    counts = torch.bincount(got, minlength=8).double() / len(got)
+    # Sorted 0.4, 0.3, 0.15 (cumulative 0.85 ≥ 0.8): ids 1, 3, 5 renormalised; nothing else.
+    want = torch.zeros(8, dtype=torch.float64)
+    want[[1, 3, 5]] = torch.tensor([0.4, 0.3, 0.15], dtype=torch.float64) / 0.85
+    assert torch.allclose(counts, want, atol=0.01)
+    assert counts[[0, 2, 4, 6, 7]].sum() == 0
+    # A flat distribution whose nucleus is larger than the first top-k still samples all of it.
+    flat = torch.zeros(4, 8 * NUCLEUS_K)
+    ids = _sample_next(flat.repeat(500, 1), temperature=1.0, top_p=0.99,
+                       vocab_size=8 * NUCLEUS_K, generator=g)
+    assert ids.max() > 4 * NUCLEUS_K and len(ids.unique()) > 1000
