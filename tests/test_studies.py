@@ -223,3 +223,14 @@ def test_metric_tables_say_no_significant_difference_where_intervals_overlap(tmp
     assert "lowest mean replay α=0.25" in line
     assert "no significant difference (95% intervals overlap) from MER α=0.25" in line
     assert "1 method(s) significantly higher" in line
+
+
+def test_a_method_can_be_limited_to_some_presets(tmp_path, prepared_dir):
+    grid = {"presets": ["tiny", "mini"], "alphas": [0.5], "seeds": [0],
+            "methods": ["sequential", {"method": "replay", "presets": ["tiny"]}]}
+    names = [r.name for r in expand_sweep(load_sweep(_sweep(tmp_path, grid, prepared_dir)))]
+    assert names == ["sequential_tiny_s0_en-fr", "replay-a0.5_tiny_s0_en-fr",
+                     "sequential_mini_s0_en-fr"]
+    grid["methods"][1]["presets"] = ["small"]
+    with pytest.raises(ConfigError, match="presets small are not in grid.presets"):
+        expand_sweep(load_sweep(_sweep(tmp_path, grid, prepared_dir)))

@@ -17,9 +17,12 @@ class Shape:
     ffn: int
 
 
-# The paper's shapes (DESIGN.md §3) plus two CPU-sized ones whose MLP follows Llama's 8/3·d rule.
+# The paper's shapes (DESIGN.md §3) plus three CPU-sized ones whose MLP follows Llama's 8/3·d
+# rule; mini has ~2× tiny's parameters (with the demo's 4,096-token vocabulary), for size
+# against replay at equal FLOPs.
 PRESETS: dict[str, Shape] = {
     "tiny": Shape(layers=2, hidden=128, heads=4, ffn=344),
+    "mini": Shape(layers=4, hidden=176, heads=4, ffn=472),
     "small": Shape(layers=4, hidden=256, heads=4, ffn=688),
     "99m": Shape(layers=16, hidden=512, heads=8, ffn=1280),
     "560m": Shape(layers=24, hidden=1024, heads=16, ffn=2560),
@@ -30,6 +33,7 @@ PRESETS: dict[str, Shape] = {
 # Peak learning rates: the paper's per size (DESIGN.md §3); CPU presets measured on the demo.
 DEFAULT_LR: dict[str, float] = {
     "tiny": 2e-3,
+    "mini": 2e-3,
     "small": 1e-3,
     "99m": 4e-4,
     "560m": 2.8e-4,

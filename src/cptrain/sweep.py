@@ -46,6 +46,9 @@ class MethodSpec(StrictModel):
     )
     alphas: list[float] | None = None
     set: dict[str, Any] = Field(default_factory=dict, description="config keys for this method")
+    presets: list[str] | None = Field(
+        default=None, description="only at these of the grid's presets (default: all)"
+    )
 
     @field_validator("method")
     @classmethod
@@ -234,6 +237,8 @@ def _grid_points(cfg: SweepConfig, base: dict[str, Any]) -> Iterator[tuple[Any, 
         for preset in presets:
             for spec in g.methods:
                 assert isinstance(spec, MethodSpec)
+                if spec.presets is not None and preset not in spec.presets:
+                    continue
                 for alpha in _alphas(spec, g):
                     for axes in _axis_points(spec, g):
                         for seed in g.seeds:
@@ -286,6 +291,13 @@ def _check_labels(grid: SweepGrid, labels: set[str]) -> None:
     if grid.baseline is not None and grid.baseline not in labels:
         raise ConfigError(f"grid.baseline: {grid.baseline!r} is not a method of the grid "
                           f"({known}); name one of them")
+    presets = set(grid.presets or [])
+    for spec in grid.methods:
+        assert isinstance(spec, MethodSpec)
+        extra = sorted(set(spec.presets or []) - presets) if grid.presets else []
+        if extra:
+            raise ConfigError(f"grid.methods {spec.name or spec.method}: presets "
+                              f"{', '.join(extra)} are not in grid.presets; list them there")
     for a in grid.axes:
         unknown = sorted(set(a.methods or []) - labels)
         if unknown:
