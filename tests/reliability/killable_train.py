@@ -1,8 +1,11 @@
 """`cptrain train` that SIGKILLs itself at a named moment: the subprocess of the kill tests.
 
-Usage: python killable_train.py CONFIG [--resume]    (the arguments of `cptrain train`)
+Usage: python killable_train.py CONFIG [--resume]    (the arguments of `cptrain train`), or
+child(argv, kill_at, log_path) in a process forked from a server that imported torch and
+cptrain once (test_kill_anywhere.py): a dozen runs then do not pay a dozen imports.
 
-CPTRAIN_KILL_AT=<point>:<step> picks the moment; without it the run is left alone. Points:
+CPTRAIN_KILL_AT=<point>:<step> (or kill_at) picks the moment; without it the run is left alone.
+Points:
   step            inside optimizer step <step> (0-based step count when it starts): after the
                   weights, Adam moments and Reptile anchor changed, before the step's rows
                   enter the replay buffer and before the counters advance
@@ -167,13 +170,27 @@ def announce_start() -> None:
     Trainer.run = run  # type: ignore[method-assign]
 
 
-def main(argv: list[str]) -> int:
-    spec = os.environ.get("CPTRAIN_KILL_AT")
+def main(argv: list[str], spec: str | None = None) -> int:
+    spec = spec if spec is not None else os.environ.get("CPTRAIN_KILL_AT")
     if spec:
         point, step = spec.rsplit(":", 1)
         install(point, int(step))
     announce_start()
     return cli.main(["train", *argv, "--no-progress"])
+
+
+def child(argv: list[str], kill_at: str | None, log_path: str) -> None:
+    """Entry point of a forked child: stdout and stderr go to ``log_path``."""
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    rc = main(argv, kill_at or "")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    sys.exit(rc)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 ends bit-identical to the run that was never interrupted.
 
 The run (tiny preset, replay α=0.25, Reptile k=3 ε=0.5, a checkpoint every 2 steps, evaluation
-every 3, three tasks) is a subprocess (killable_train.py). Kill moments come from a seeded RNG:
+every 3, three tasks) is a process of its own (killable_train.py, forked from a server that
+imported torch once). Kill moments come from a seeded RNG:
 named phases (inside a step, a buffer append, an evaluation, the buffer's manifest write, and
 four places inside a checkpoint write) at a step drawn just ahead of the newest checkpoint, and
 timer kills at a random offset after the training loop starts.
@@ -10,12 +11,11 @@ timer kills at a random offset after the training loop starts.
 
 from __future__ import annotations
 
+import itertools
 import json
-import os
+import multiprocessing as mp
 import random
 import re
-import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,10 +28,15 @@ from safetensors.torch import load_file
 
 from cptrain import checkpoint as ckpt
 
+from . import killable_train
+
 pytestmark = pytest.mark.slow
 
-HELPER = Path(__file__).with_name("killable_train.py")
-SRC = Path(__file__).resolve().parents[2] / "src"
+# Children fork from one server that imported torch, transformers and cptrain once (~5 s), not
+# from this process (whose OpenMP threads a fork would copy in a broken state).
+CTX = mp.get_context("forkserver")
+CTX.set_forkserver_preload(["torch", "transformers", "cptrain.cli", "cptrain.train",
+                            killable_train.__name__])
 SEED = 20261128
 STEPS_PER_TASK, TASKS, CKPT_EVERY, EVAL_EVERY = 6, 3, 2, 3
 TOTAL = STEPS_PER_TASK * TASKS
@@ -66,16 +71,40 @@ def run_config(make_config, name: str) -> Path:
     return path
 
 
-def launch(config: Path, *, resume: bool, kill_at: str | None = None) -> subprocess.Popen:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(SRC), env.get("PYTHONPATH", "")])
-    env.pop("CPTRAIN_KILL_AT", None)
-    if kill_at:
-        env["CPTRAIN_KILL_AT"] = kill_at
-    args = [sys.executable, str(HELPER), str(config), *(["--resume"] if resume else [])]
-    return subprocess.Popen(
-        args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
+class Child:
+    """One training process: a forked killable_train.child whose output goes to a file."""
+
+    _n = itertools.count()
+
+    def __init__(self, config: Path, *, resume: bool, kill_at: str | None = None):
+        self.log = config.with_name(f"{config.stem}.out{next(self._n)}.log")
+        argv = [str(config), *(["--resume"] if resume else [])]
+        self.proc = CTX.Process(target=killable_train.child, args=(argv, kill_at, str(self.log)))
+        self.proc.start()
+
+    def wait_ready(self, timeout: float = PROCESS_TIMEOUT) -> None:
+        """Until the training loop has started (or the process ended)."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end and self.proc.is_alive():
+            if self.log.is_file() and "HARNESS-READY" in self.log.read_text(errors="replace"):
+                return
+            time.sleep(0.01)
+
+    def kill(self) -> None:
+        self.proc.kill()
+
+    def communicate(self, timeout: float = PROCESS_TIMEOUT) -> tuple[str, None]:
+        self.proc.join(timeout)
+        assert self.proc.exitcode is not None, f"still running after {timeout} s"
+        return (self.log.read_text(errors="replace") if self.log.is_file() else ""), None
+
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.exitcode
+
+
+def launch(config: Path, *, resume: bool, kill_at: str | None = None) -> Child:
+    return Child(config, resume=resume, kill_at=kill_at)
 
 
 def newest_step(run_dir: Path) -> int | None:
@@ -108,16 +137,10 @@ def run_segment(config: Path, run_dir: Path, point: str, rng: random.Random) -> 
         offset = rng.uniform(0.05, 0.6)
         seg = Segment(f"timer:{offset:.2f}s", start)
         proc = launch(config, resume=start is not None)
-        lines = []
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.append(line)
-            if line.startswith("HARNESS-READY"):
-                break
+        proc.wait_ready()
         time.sleep(offset)
         proc.kill()
-        rest, _ = proc.communicate(timeout=PROCESS_TIMEOUT)
-        seg.output = "".join(lines) + rest
+        seg.output, _ = proc.communicate(timeout=PROCESS_TIMEOUT)
     else:
         target = pick_target(point, start or 0, rng)
         seg = Segment(f"{point}:{target}", start)
