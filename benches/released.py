@@ -6,6 +6,10 @@ both alike; medians and ratios are printed. Fetches the model and prepares Engli
 with its tokenizer on first use.
 
     .venv/bin/python benches/released.py [--seq-len 256] [--batch-size 8] [--precision fp32]
+
+``--gen-options`` instead measures what makes self-seed generation faster: cptrain's sampler at
+batch 8 / 16 / 32 / 64 in fp32 and in bf16 autocast, and plain ``generate`` with its static KV
+cache against its dynamic one (same batch and length), side by side.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from throughput import bare_loop
@@ -123,6 +128,57 @@ def generation(args, model_dir: Path) -> tuple[list[float], list[float]]:
     return ours, plain
 
 
+def _ours(model, batch: int, new: int, seed: int, autocast) -> float:
+    eos = model.config.eos_token_id
+    bos = eos[0] if isinstance(eos, list) else eos
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        generate_rows(
+            model, tokens=batch * new, row_len=new + 1, batch_size=batch, temperature=1.0,
+            top_p=0.95, seed=seed, prompts=None, bos_id=bos, work_dir=Path(tmp), progress=False,
+            vocab_size=model.config.vocab_size, autocast=autocast,
+        )
+    return batch * new / (time.perf_counter() - t0)
+
+
+def _plain(model, batch: int, new: int, cache: str | None) -> float:
+    eos = model.config.eos_token_id
+    bos = eos[0] if isinstance(eos, list) else eos
+    start = torch.full((batch, 1), bos, dtype=torch.long)
+    extra = {"cache_implementation": cache} if cache else {}
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        model.generate(start, do_sample=True, temperature=1.0, top_p=0.95, max_new_tokens=new,
+                       min_new_tokens=new, pad_token_id=bos, **extra)
+    return batch * new / (time.perf_counter() - t0)
+
+
+def generation_options(args, model_dir: Path) -> None:
+    model = load_pretrained(model_dir)
+    model.eval()
+    new = args.gen_len
+    variants: dict[str, Any] = {}
+    for b in (8, 16, 32, 64):
+        variants[f"cptrain b{b} fp32"] = lambda r, b=b: _ours(model, b, new, r, None)
+        variants[f"cptrain b{b} bf16"] = lambda r, b=b: _ours(model, b, new, r, torch.bfloat16)
+    variants["generate b16 dynamic cache"] = lambda r: _plain(model, 16, new, None)
+    variants["generate b16 static cache"] = lambda r: _plain(model, 16, new, "static")
+    results: dict[str, list[float]] = {k: [] for k in variants}
+    for r in range(args.gen_rounds):
+        names = list(variants) if r % 2 == 0 else list(reversed(variants))
+        for name in names:
+            try:
+                results[name].append(variants[name](r))
+            except Exception as exc:  # noqa: BLE001 - a variant this transformers lacks
+                print(f"{name}: failed ({type(exc).__name__}: {str(exc)[:120]})")
+                results[name].append(float("nan"))
+    base = statistics.median(results["cptrain b16 fp32"])
+    print(f"self-seed generation options, {new} new tokens per row, {args.gen_rounds} rounds")
+    for name, vals in results.items():
+        med = statistics.median(vals)
+        print(f"  {name:28s} median {med:7,.0f} tok/s  ×{med / base:.2f} vs cptrain b16 fp32")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seq-len", type=int, default=256)
@@ -135,9 +191,14 @@ def main() -> None:
     ap.add_argument("--gen-rounds", type=int, default=4)
     ap.add_argument("--data-dir", default="data")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--gen-options", action="store_true",
+                    help="only compare generation batch sizes, precisions and KV caches")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model_dir = fetch_model("smollm2-135m")
+    if args.gen_options:
+        generation_options(args, model_dir)
+        return
     prepared = prepared_english(Path(args.data_dir), model_dir)
 
     ours, bare = training(args, model_dir, prepared)
