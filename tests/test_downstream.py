@@ -216,6 +216,12 @@ def test_before_after_scores_use_the_same_items_for_every_model(fake_run, prepar
     assert (run / "downstream" / f"after_0_{TASK}.json").exists()
     lines = scores_table(rows, [TASK]).splitlines()
     assert len(lines) == 3 and f"{TASK} bpb" in lines[0]
+    # the released demo's choice-only rows: no bpb requested, none shown
+    quick = before_after_scores(model, {"after": run}, tasks=[TASK], data_dir=prepared_dir,
+                                out_dir=tmp_path / "ds2", items=8, max_length=64, bpb=False)
+    assert all(f"{TASK} bpb" not in r for r in quick)
+    assert quick[0][f"{TASK} acc"] == rows[0][f"{TASK} acc"]
+    assert "bpb" not in scores_table(quick, [TASK])
 
 
 def test_targets_resolve_to_model_directories(fake_run, tmp_path):

@@ -23,10 +23,12 @@ def before_after_scores(
     items: int,
     max_length: int,
     batch_size: int = 16,
+    bpb: bool = True,
 ) -> list[dict[str, Any]]:
     """One row per model ("before" = ``start_model``, then each run's final model): choice
-    accuracy and bits per byte on every prepared task in ``tasks``."""
-    names = [f(t) for t in tasks for f in (choice_task_name, bpb_task_name)]
+    accuracy and (with ``bpb``) bits per byte on every prepared task in ``tasks``."""
+    kinds = (choice_task_name, bpb_task_name) if bpb else (choice_task_name,)
+    names = [f(t) for t in tasks for f in kinds]
     common = {"tasks": names, "items": items, "max_length": max_length,
               "batch_size": batch_size}
     records = [("before", run_downstream(start_model, data_dir=data_dir,
@@ -37,14 +39,16 @@ def before_after_scores(
         row: dict[str, Any] = {"model": label, "model_dir": rec["model_dir"]}
         for t in tasks:
             row[f"{t} acc"] = rec["tasks"][choice_task_name(t)]["acc"]
-            row[f"{t} bpb"] = rec["tasks"][bpb_task_name(t)]["bits_per_byte"]
+            if bpb:
+                row[f"{t} bpb"] = rec["tasks"][bpb_task_name(t)]["bits_per_byte"]
         rows.append(row)
     return rows
 
 
 def scores_table(rows: Sequence[dict[str, Any]], tasks: Sequence[str]) -> str:
     """Plain-text table: accuracy (higher is better) then bits per byte (lower is better)."""
-    heads = [f"{t} acc" for t in tasks] + [f"{t} bpb" for t in tasks]
+    heads = [h for h in [f"{t} acc" for t in tasks] + [f"{t} bpb" for t in tasks]
+             if all(h in r for r in rows)]
     name_w = max(8, *(len(r["model"]) + 2 for r in rows))
     widths = [max(len(h), 6) + 2 for h in heads]
     lines = ["model".ljust(name_w) + "".join(h.rjust(w) for h, w in zip(heads, widths,
