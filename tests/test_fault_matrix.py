@@ -579,3 +579,33 @@ def test_a_legacy_pickle_optimizer_file_is_never_executed(tmp_path, small_model)
         ckpt.load_checkpoint(path).optimizer_blob()
     assert "unreadable (UnpicklingError)" in str(err.value)
     assert not marker.exists()
+
+
+def test_a_built_directory_replaces_the_old_one_or_leaves_it_untouched(tmp_path):
+    import errno
+
+    from cptrain import fsutil
+    from cptrain.errors import EnvironmentProblem
+
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "weights").write_text("old")
+    with (pytest.raises(EnvironmentProblem) as err,
+          fsutil.built_dir(out, what=f"exporting {out}", fix="free space") as tmp):
+        tmp.mkdir()
+        (tmp / "weights").write_text("half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    assert str(err.value) == (f"disk full while exporting {out} (No space left on device); "
+                              "free space")
+    assert (out / "weights").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temporary left
+    # any other error: cleaned up and passed on as it was
+    with pytest.raises(ValueError), fsutil.built_dir(out, what="x", fix="y") as tmp:
+        tmp.mkdir()
+        raise ValueError("boom")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    with fsutil.built_dir(out, what="x", fix="y") as tmp:
+        tmp.mkdir()
+        (tmp / "weights").write_text("new")
+    assert (out / "weights").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
