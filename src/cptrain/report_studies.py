@@ -122,10 +122,13 @@ def reptile_map_section(done: Sequence[Run], baseline: str | None, fig_dir: Path
         return None
     k_lab, e_lab = labels
     cells: dict[tuple[Any, ...], list[tuple[Run, Run]]] = defaultdict(list)
+    panel_keys: dict[str, tuple[Any, ...]] = {}
     for r, b in mapped:
         if k_lab in r.axes and e_lab in r.axes:
-            cells[(_axes_str(b.axes), r.axes[k_lab], r.axes[e_lab])].append((r, b))
-    panels = sorted({c[0] for c in cells})
+            panel = _axes_str(b.axes)
+            panel_keys[panel] = tuple(b.axes.values())  # sort panels by value, not by text
+            cells[(panel, r.axes[k_lab], r.axes[e_lab])].append((r, b))
+    panels = sorted(panel_keys, key=panel_keys.__getitem__)
     ks = sorted({c[1] for c in cells})
     es = sorted({c[2] for c in cells})
     sec = Section("The Reptile map: MER − replay over k × ε")
