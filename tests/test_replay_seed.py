@@ -345,7 +345,6 @@ def test_nucleus_sampling_draws_only_the_nucleus_in_proportion():
     assert torch.allclose(counts, want, atol=0.01)
     assert counts[[0, 2, 4, 6, 7]].sum() == 0
     # A flat distribution whose nucleus is larger than the first top-k still samples all of it.
-    flat = torch.zeros(4, 8 * NUCLEUS_K)
-    ids = _sample_next(flat.repeat(500, 1), temperature=1.0, top_p=0.99,
-                       vocab_size=8 * NUCLEUS_K, generator=g)
-    assert ids.max() > 4 * NUCLEUS_K and len(ids.unique()) > 1000
+    flat = torch.zeros(3000, 2 * NUCLEUS_K)
+    ids = _sample_next(flat, temperature=1.0, top_p=0.99, vocab_size=2 * NUCLEUS_K, generator=g)
+    assert ids.max() > 1.5 * NUCLEUS_K and len(ids.unique()) > NUCLEUS_K
