@@ -74,8 +74,8 @@ class Run:
         mode = self.summary["config"].get("replay", {}).get("mode", "substitute")
         suffix = f" α={self.alpha:g}" if self.alpha else ""
         suffix += " additive" if self.alpha and mode == "additive" else ""
-        suffix += "".join(f" {k}={v:g}" if isinstance(v, int | float) and not isinstance(v, bool)
-                          else f" {k}={v}" for k, v in self.axes.items())
+        if self.axes:
+            suffix += f" {axes_text(self.axes)}"
         return f"{self.label}{suffix}"
 
     @cached_property
@@ -122,6 +122,12 @@ class Run:
             "retained_loss": s.get("retained_loss"), "learned_loss": s.get("learned_loss"),
             "union_loss": s.get("union_loss"), "grad_cos_mean": s.get("grad_cos_mean"),
         }
+
+
+def axes_text(axes: dict[str, Any]) -> str:
+    """Sweep axis values as ``lr=0.003 k=5``: in group names and Reptile-map panels."""
+    return " ".join(f"{k}={v:g}" if isinstance(v, int | float) and not isinstance(v, bool)
+                    else f"{k}={v}" for k, v in axes.items())
 
 
 def _task_index(stem: str) -> int:

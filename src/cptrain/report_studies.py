@@ -20,7 +20,7 @@ from scipy import stats
 
 from cptrain.config import METHODS
 from cptrain.presets import PRESETS
-from cptrain.report import Figure, Run, Section, Table, _fmt, mean_ci
+from cptrain.report import Figure, Run, Section, Table, _fmt, axes_text, mean_ci
 from cptrain.report_figures import heatmap_figure, ratio_figure
 
 METRICS = (("retained_loss", "retained"), ("learned_loss", "learned"), ("forgetting", "forgetting"))
@@ -42,11 +42,6 @@ def verdict(mean: float | None, half: float) -> str:
     if abs(mean) <= half:
         return "no significant difference"
     return "significantly lower" if mean < 0 else "significantly higher"
-
-
-def _axes_str(axes: dict[str, Any]) -> str:
-    return " ".join(f"{k}={v:g}" if isinstance(v, int | float) else f"{k}={v}"
-                    for k, v in axes.items())
 
 
 def pairs(runs: Sequence[Run], baseline: str) -> dict[str, list[tuple[Run, Run]]]:
@@ -125,7 +120,7 @@ def reptile_map_section(done: Sequence[Run], baseline: str | None, fig_dir: Path
     panel_keys: dict[str, tuple[Any, ...]] = {}
     for r, b in mapped:
         if k_lab in r.axes and e_lab in r.axes:
-            panel = _axes_str(b.axes)
+            panel = axes_text(b.axes)
             panel_keys[panel] = tuple(b.axes.values())  # sort panels by value, not by text
             cells[(panel, r.axes[k_lab], r.axes[e_lab])].append((r, b))
     panels = sorted(panel_keys, key=panel_keys.__getitem__)
@@ -251,12 +246,10 @@ def _welch(a: list[float], b: list[float]) -> tuple[float | None, float]:
     d = float(np.mean(a) - np.mean(b))
     if len(a) < 2 or len(b) < 2:
         return d, math.nan
-    va, vb = np.var(a, ddof=1) / len(a), np.var(b, ddof=1) / len(b)
-    se = math.sqrt(va + vb)
-    if se == 0:
+    if np.var(a) == 0 and np.var(b) == 0:
         return d, 0.0
-    df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
-    return d, float(stats.t.ppf(0.975, df) * se)
+    ci = stats.ttest_ind(a, b, equal_var=False).confidence_interval(0.95)
+    return d, float(ci.high - ci.low) / 2
 
 
 def size_vs_replay_section(done: Sequence[Run]) -> Section | None:
