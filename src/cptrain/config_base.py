@@ -48,19 +48,25 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
+def set_path(data: dict[str, Any], path: list[str], value: Any, *, where: str) -> None:
+    """``data[path[0]]…[path[-1]] = value``, creating missing sections; ``where`` names the
+    setting in the error when a part of the path is not a section."""
+    node: Any = data
+    for part in path[:-1]:
+        if not isinstance(node, dict):
+            raise ConfigError(f"{where}: {part} is not a section")
+        if node.get(part) is None:
+            node[part] = {}
+        node = node[part]
+    if not isinstance(node, dict):
+        raise ConfigError(f"{where}: {'.'.join(path[:-1])} is not a section")
+    node[path[-1]] = value
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     for item in overrides:
         path, value = parse_override(item)
-        node: Any = data
-        for part in path[:-1]:
-            if not isinstance(node, dict):
-                raise ConfigError(f"--set {item!r}: {part} is not a section")
-            if node.get(part) is None:
-                node[part] = {}
-            node = node[part]
-        if not isinstance(node, dict):
-            raise ConfigError(f"--set {item!r}: {'.'.join(path[:-1])} is not a section")
-        node[path[-1]] = value
+        set_path(data, path, value, where=f"--set {item!r}")
     return data
 
 

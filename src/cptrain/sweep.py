@@ -28,7 +28,7 @@ from typing import Any
 from pydantic import Field, field_validator
 
 from cptrain.config import METHODS, RunConfig, config_differences
-from cptrain.config_base import StrictModel, apply_overrides, build_config, read_yaml
+from cptrain.config_base import StrictModel, apply_overrides, build_config, read_yaml, set_path
 from cptrain.errors import ConfigError
 from cptrain.fsutil import atomic_write_json
 from cptrain.presets import PRESETS
@@ -220,13 +220,6 @@ def _axis_points(spec: MethodSpec, grid: SweepGrid) -> Iterator[dict[str, tuple[
         yield {a.name: (a.key, v) for a, v in zip(axes, combo, strict=True)}
 
 
-def _dotted(key: str, value: Any) -> dict[str, Any]:
-    out: Any = value
-    for part in reversed(key.split(".")):
-        out = {part: out}
-    return out
-
-
 def _grid_points(cfg: SweepConfig, base: dict[str, Any]) -> Iterator[tuple[Any, ...]]:
     g = cfg.grid
     presets = g.presets or [base.get("model", {}).get("preset", "tiny")]
@@ -262,8 +255,8 @@ def expand_sweep(cfg: SweepConfig) -> list[SweepRun]:
         seen.add(name)
         raw = _merge(base, spec.set)
         raw = _merge(raw, cfg.grid.preset_settings.get(preset, {}))
-        for key, value in axes.values():
-            raw = _merge(raw, _dotted(key, value))
+        for label, (key, value) in axes.items():
+            set_path(raw, key.split("."), copy.deepcopy(value), where=f"grid.axes {label}")
         raw = _merge(
             raw,
             {
