@@ -133,3 +133,18 @@ def test_export_newest_checkpoint(prepared_dir, tmp_path, capsys):
     assert model.config.vocab_size == 512
     missing = in_process(capsys, "export", str(tmp_path / "nothing"))
     assert_one_line_error(missing, "no complete checkpoint")
+
+
+def test_output_into_a_closed_pipe_stops_quietly():
+    """`cptrain ... | head` closes the pipe early: exit 141 as other tools do, no traceback."""
+    import os
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the first write
+    try:
+        proc = subprocess.run([sys.executable, "-m", "cptrain.cli", "models", "list"],
+                              stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 141, proc.stderr
+    assert proc.stderr == ""

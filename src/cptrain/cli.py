@@ -339,7 +339,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # a reader that left (`| head`) shows up here, not at interpreter exit
+        return code
+    except BrokenPipeError:
+        # as other command-line tools do: stop quietly; the rest of the output has nowhere to go
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except CptrainError as exc:
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         print(f"cptrain: error: {msg}", file=sys.stderr)
