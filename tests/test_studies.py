@@ -72,7 +72,8 @@ def test_verdict_words():
 # ---------------------------------------------------------------- report from run directories
 def _write_run(root: Path, name: str, *, method: str, alpha: float, seed: int, lm: list,
                axes: dict | None = None, preset: str = "tiny", rewarm: bool = False,
-               params: int = 1000, fpt: float = 6000.0, coords: list | None = None) -> None:
+               params: int = 1000, fpt: float = 6000.0, coords: list | None = None,
+               precision: str = "fp32") -> None:
     d = root / name
     d.mkdir(parents=True)
     order = ["en", "de"][: len(lm[0])]
@@ -85,7 +86,7 @@ def _write_run(root: Path, name: str, *, method: str, alpha: float, seed: int, l
                    "replay": {"alpha": alpha}, "train": {"rewarm_each_task": rewarm},
                    "reptile": {"enabled": method == "mer"}},
         "retained_loss": retained, "learned_loss": learned, "forgetting": forgetting,
-        "union_loss": retained, "params": params,
+        "union_loss": retained, "params": params, "precision": precision,
         "flops": {"flops_per_incoming_token": fpt, "flops_per_token": fpt, "total_flops": 1e9,
                   "reptile_flops": 0, "convention": "test"},
     }
@@ -181,7 +182,7 @@ def test_replay_ratio_curve_table_and_shape_words(tmp_path):
 
 
 def test_size_vs_replay_is_void_unless_the_larger_model_learns_better(tmp_path):
-    def build(root: Path, large_learned: float) -> str:
+    def build(root: Path, large_learned: float, large_precision: str = "fp32") -> str:
         for seed in range(3):
             j = 0.01 * seed
             _write_run(root, f"seq-tiny-{seed}", method="sequential", alpha=0.0, seed=seed,
@@ -191,7 +192,7 @@ def test_size_vs_replay_is_void_unless_the_larger_model_learns_better(tmp_path):
             _write_run(root, f"seq-mid-{seed}", method="sequential", alpha=0.0, seed=seed,
                        preset="small", lm=[[large_learned + j, 9.0],
                                            [6.0 + j, large_learned + j]],
-                       params=2000, fpt=12000.0)
+                       params=2000, fpt=12000.0, precision=large_precision)
         write_report([root], root / "report")
         md = (root / "report" / "report.md").read_text()
         return md.split("## Replay or a bigger model? (equal")[1].split("\n## ")[0]
@@ -205,6 +206,12 @@ def test_size_vs_replay_is_void_unless_the_larger_model_learns_better(tmp_path):
     # retained (5.6 + 5.2) / 2 − (6.0 + 4.6) / 2; forgetting (5.6 − 5.0) − (6.0 − 4.6)
     assert "| 2.00× | 2.00× | +0.100 ± " in row and "| significantly higher |" in row
     assert "-0.800" in row
+    # learned (5.0 + 5.2) / 2 − 4.6 (unpaired: the interval is the retained one's, same spread)
+    assert row.endswith("| +0.500 ± 0.023 | significantly higher |")
+    assert "different precisions" not in real
+    # `precision: auto` can pick bf16 for one size only: the report says size is confounded
+    mixed = build(tmp_path / "mixed", large_learned=4.6, large_precision="bf16")
+    assert "different precisions (tiny sequential: fp32, small sequential: bf16, tiny " in mixed
 
 
 def test_metric_tables_say_no_significant_difference_where_intervals_overlap(tmp_path):

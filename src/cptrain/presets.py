@@ -17,10 +17,13 @@ class Shape:
     ffn: int
 
 
-# The paper's shapes (DESIGN.md §3) plus three CPU-sized ones whose MLP follows Llama's 8/3·d
-# rule; mini has ~2× tiny's parameters (with the demo's 4,096-token vocabulary), for size
-# against replay at equal FLOPs.
+# The paper's shapes (DESIGN.md §3) plus CPU-sized ones whose MLP follows Llama's 8/3·d rule.
+# With the demo's 4,096-token vocabulary mini has ~2× tiny's parameters and micro ~2× nano's:
+# pairs for size against replay at equal FLOPs (recipes/study-size-vs-replay*.yaml). nano is
+# small enough to be capacity-bound within a million tokens, a budget 2 CPU cores train quickly.
 PRESETS: dict[str, Shape] = {
+    "nano": Shape(layers=2, hidden=32, heads=2, ffn=88),
+    "micro": Shape(layers=2, hidden=60, heads=2, ffn=160),
     "tiny": Shape(layers=2, hidden=128, heads=4, ffn=344),
     "mini": Shape(layers=4, hidden=176, heads=4, ffn=472),
     "small": Shape(layers=4, hidden=256, heads=4, ffn=688),
@@ -32,6 +35,8 @@ PRESETS: dict[str, Shape] = {
 
 # Peak learning rates: the paper's per size (DESIGN.md §3); CPU presets measured on the demo.
 DEFAULT_LR: dict[str, float] = {
+    "nano": 4e-3,
+    "micro": 4e-3,
     "tiny": 2e-3,
     "mini": 2e-3,
     "small": 1e-3,

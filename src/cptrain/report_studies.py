@@ -280,6 +280,15 @@ def size_vs_replay_section(done: Sequence[Run]) -> Section | None:
                 [r.summary["params"] for r in s0])
             d, h = _welch(vals(l0, "learned_loss"), vals(s0, "learned_loss"))
             valid = d is not None and d < 0 and (not math.isfinite(h) or abs(d) > h)
+            compared = [*s0, *l0, *(r for (p, o, a), rs in by.items()
+                                    if p == small and o == order and a for r in rs)]
+            precision = {f"{r.preset} {r.group}": r.summary.get("precision") for r in compared}
+            if len(set(precision.values()) - {None}) > 1:
+                each = ", ".join(f"{k}: {v}" for k, v in precision.items())
+                sec.blocks.append(
+                    f"Caution: these runs trained at different precisions ({each}), so size is "
+                    "confounded with precision; set train.precision for all of them."
+                )
             sec.blocks.append(
                 f"{large} ({n_ratio:.2f}× the parameters, {fpt(l0) / fpt(s0):.2f}× the FLOPs "
                 f"per incoming token of {small}) trained sequentially: learned loss "
@@ -297,13 +306,15 @@ def size_vs_replay_section(done: Sequence[Run]) -> Section | None:
                     continue
                 dd, hh = _welch(vals(runs, "retained_loss"), vals(l0, "retained_loss"))
                 df_, hf = _welch(vals(runs, "forgetting"), vals(l0, "forgetting"))
+                dl, hl = _welch(vals(runs, "learned_loss"), vals(l0, "learned_loss"))
                 rows.append([f"{small} α={a:g}", f"{fpt(runs) / fpt(s0):.2f}×",
                              f"{fpt(l0) / fpt(s0):.2f}×", _fmt(dd, hh, signed=True),
-                             verdict(dd, hh), _fmt(df_, hf, signed=True), verdict(df_, hf)])
+                             verdict(dd, hh), _fmt(df_, hf, signed=True), verdict(df_, hf),
+                             _fmt(dl, hl, signed=True), verdict(dl, hl)])
             if rows:
                 sec.blocks.append(Table(
                     ["replay run", "its FLOPs/incoming token", f"{large}'s", "Δ retained vs "
-                     f"{large} sequential", "", "Δ forgetting", ""], rows,
+                     f"{large} sequential", "", "Δ forgetting", "", "Δ learned", ""], rows,
                     f"{'→'.join(order)}: replay on {small} minus {large} trained sequentially; "
                     "Welch 95% intervals (unpaired: different models). Negative = replay "
                     "better."))
