@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import sysconfig
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,13 @@ import pytest
 from cptrain.config import RunConfig
 from cptrain.config_base import build_config
 from cptrain.data.prepare import PrepareConfig, prepare
+
+# Where the environment sets PYTHONDONTWRITEBYTECODE (this project's machines do), every process
+# the tests start (torchrun ranks, the CLI, lm-eval) would compile cptrain from source again
+# (~0.8 s each) and pytest would re-rewrite every test module in every worker. Bytecode goes to
+# the __pycache__ folders git ignores.
+sys.dont_write_bytecode = False
+os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
 
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     # xdist runs one worker per core: torch's default (one thread per core in every worker)
