@@ -604,6 +604,7 @@ def test_a_built_directory_replaces_the_old_one_or_leaves_it_untouched(tmp_path)
         tmp.mkdir()
         raise ValueError("boom")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    (tmp_path / ".model.tmp-1-dead").mkdir()  # what a build killed mid-way leaves behind
     with fsutil.built_dir(out, what="x", fix="y") as tmp:
         tmp.mkdir()
         (tmp / "weights").write_text("new")

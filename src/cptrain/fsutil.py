@@ -146,10 +146,14 @@ def replace_dir(src: Path, dst: Path, *, aside: Path | None = None) -> None:
 @contextlib.contextmanager
 def built_dir(out: Path, *, what: str, fix: str, tag: str = "tmp") -> Iterator[Path]:
     """A directory built at a temporary sibling of ``out`` (yielded, not yet created), fsynced
-    and renamed over ``out`` when the block ends. On any error the half-built one is removed,
-    and a full disk becomes one line: "disk full while <what> (…); <fix>"."""
+    and renamed over ``out`` when the block ends. Siblings a killed build of ``out`` left are
+    removed first. On any error the half-built one is removed, and a full disk becomes one line:
+    "disk full while <what> (…); <fix>"."""
     from cptrain.errors import EnvironmentProblem
 
+    out = Path(out)
+    for stale in out.parent.glob(f".{out.name}.{tag}-*"):
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = temp_sibling(out, tag)
     try:
         yield tmp

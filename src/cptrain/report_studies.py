@@ -280,8 +280,9 @@ def size_vs_replay_section(done: Sequence[Run]) -> Section | None:
                 [r.summary["params"] for r in s0])
             d, h = _welch(vals(l0, "learned_loss"), vals(s0, "learned_loss"))
             valid = d is not None and d < 0 and (not math.isfinite(h) or abs(d) > h)
-            compared = [*s0, *l0, *(r for (p, o, a), rs in by.items()
-                                    if p == small and o == order and a for r in rs)]
+            replays = {a: runs for (p, o, a), runs in sorted(by.items())
+                       if p == small and o == order and a}
+            compared = [*s0, *l0, *(r for runs in replays.values() for r in runs)]
             precision = {f"{r.preset} {r.group}": r.summary.get("precision") for r in compared}
             if len(set(precision.values()) - {None}) > 1:
                 each = ", ".join(f"{k}: {v}" for k, v in precision.items())
@@ -301,9 +302,7 @@ def size_vs_replay_section(done: Sequence[Run]) -> Section | None:
                 )
                 continue
             rows = []
-            for (p, o, a), runs in sorted(by.items()):
-                if p != small or o != order or not a:
-                    continue
+            for a, runs in replays.items():
                 dd, hh = _welch(vals(runs, "retained_loss"), vals(l0, "retained_loss"))
                 df_, hf = _welch(vals(runs, "forgetting"), vals(l0, "forgetting"))
                 dl, hl = _welch(vals(runs, "learned_loss"), vals(l0, "learned_loss"))

@@ -73,9 +73,6 @@ def export_model(
     ``card``, when given, becomes its ``README.md``."""
     full = full_state_dict(model, env)
     if env.is_main:
-        out = Path(out)
-        for stale in out.parent.glob(f".{out.name}.tmp-*"):
-            shutil.rmtree(stale, ignore_errors=True)
         with fsutil.built_dir(out, what=f"exporting {out}",
                               fix="free space, then resume with --resume") as tmp:
             write_model_dir(model, tmp, tokenizer_dir, full)

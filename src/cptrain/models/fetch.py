@@ -200,8 +200,6 @@ def fetch_model(
 
     require_gguf()
     out.parent.mkdir(parents=True, exist_ok=True)
-    for stale in out.parent.glob(f".{out.name}.{_TMP_TAG}-*"):  # left by a killed fetch
-        shutil.rmtree(stale, ignore_errors=True)
     with fsutil.built_dir(out, what=f"fetching {name} into {out}", fix="free space and re-run",
                           tag=_TMP_TAG) as tmp:
         tmp.mkdir()
