@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ from cptrain.errors import ConfigError
 from cptrain.model import build_model
 from cptrain.models.fetch import FORMAT, MANIFEST
 from cptrain.train import Trainer, train
-from cptrain.train.hooks import TensorBoard
+from cptrain.train.hooks import TensorBoard, after_the_newest_event_file
 from cptrain.train.state import TrainerState
 
 TRAIN_FIELDS = ("loss", "lr", "grad_norm", "tokens_per_s", "effective_alpha", "grad_cos")
@@ -68,6 +69,21 @@ def test_tensorboard_mirrors_metrics_jsonl_and_a_resume_repeats_no_step(make_con
         assert [s for s, _ in got] == [r["step"] for r in evals]
         assert [v for _, v in got] == pytest.approx([r["val_loss"][task] for r in evals])
     assert [v for _, v in tb["union_loss"]] == pytest.approx([r["union_loss"] for r in evals])
+
+
+def test_a_new_event_file_sorts_after_one_opened_in_the_same_second(tmp_path):
+    now = int(time.time())
+    # what an attempt earlier in this second left, with a name that sorts after this process's
+    (tmp_path / f"events.out.tfevents.{now}.host.99999.9").write_bytes(b"")
+    after_the_newest_event_file(tmp_path)
+    assert int(time.time()) > now
+    skewed = tmp_path / "skewed"  # written by a clock an hour ahead: no point in waiting
+    skewed.mkdir()
+    (skewed / f"events.out.tfevents.{now + 3600}.host.1.0").write_bytes(b"")
+    start = time.monotonic()
+    after_the_newest_event_file(skewed)
+    after_the_newest_event_file(tmp_path / "nothing-yet")
+    assert time.monotonic() - start < 0.5
 
 
 def test_tensorboard_can_be_switched_off(make_config):

@@ -20,6 +20,7 @@ import itertools
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -344,6 +345,26 @@ class ReptileBoundary(Hook):
             trainer.reptile.on_task_boundary(trainer.optimizer)
 
 
+def after_the_newest_event_file(log_dir: Path, max_wait_s: float = 1.5) -> None:
+    """Waits, if need be, until a new event file's name sorts after every one in ``log_dir``.
+
+    TensorBoard reads a folder's event files in name order, and a name starts with the second
+    its writer opened, then host, pid and a per-process counter. A resume in the same second as
+    the attempt before it (in one process: counter 10 sorts before 9) would be read first, and
+    the older file's step-0 events would then purge it as out of order. A newest name more than
+    ``max_wait_s`` ahead of the clock is clock skew, not a same-second start: no wait then."""
+    stamps = [
+        int(parts[3])
+        for f in log_dir.glob("events.out.tfevents.*")
+        if len(parts := f.name.split(".")) > 3 and parts[3].isdigit()
+    ]
+    if not stamps:
+        return
+    wait = max(stamps) + 1 - time.time()
+    if 0 < wait <= max_wait_s:
+        time.sleep(wait)
+
+
 class TensorBoard(Hook):
     """``logging.tensorboard``: what ``metrics.jsonl`` gets, as TensorBoard scalars under
     ``<run_dir>/tensorboard/`` (rank 0): each numeric field of a logged train record as
@@ -370,9 +391,9 @@ class TensorBoard(Hook):
         from torch.utils.tensorboard import SummaryWriter
 
         step = trainer.state.step
-        self._writer = SummaryWriter(
-            log_dir=str(trainer.run_dir.path / "tensorboard"), purge_step=step + 1 if step else 0
-        )
+        log_dir = trainer.run_dir.path / "tensorboard"
+        after_the_newest_event_file(log_dir)
+        self._writer = SummaryWriter(log_dir=str(log_dir), purge_step=step + 1 if step else 0)
 
     def on_step_end(self, trainer: Trainer, record: dict[str, Any]) -> None:
         if self._writer is None or not is_log_step(trainer, record):
