@@ -41,15 +41,15 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
 # them up when the other is nearly done. Measured with `--durations=0` on 2 cores; a file
 # missing here only runs later, nothing else changes.
 HEAVY_FIRST = (
-    "test_distributed.py",  # 92 s of the 359 s the files take together
+    "test_distributed.py",  # 61 s of the 327 s the files take together
     "test_downstream.py",
     "test_demo_corpus.py",
-    "test_reptile_official.py",
-    "test_released_models.py",
     "test_trainer.py",
     "test_fault_matrix.py",
-    "test_reptile.py",
     "reliability/test_kill_anywhere.py",
+    "test_reptile.py",
+    "test_report.py",
+    "test_progress.py",
 )
 
 

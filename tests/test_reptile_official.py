@@ -1,14 +1,10 @@
 """``reptile.variant: official``: the interpolated weights feed one forward/backward, and the
-optimizer keeps stepping the un-interpolated ones (what the paper's DeepSpeed code did)."""
+optimizer keeps stepping the un-interpolated ones (what the paper's DeepSpeed code did). Its
+two-rank FSDP2 run and resume are in test_distributed.py, which shares torchrun launches."""
 
 from __future__ import annotations
 
 import copy
-import json
-import os
-import shutil
-import subprocess
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,7 +12,6 @@ from typing import Any
 
 import pytest
 import torch
-import yaml
 from conftest import tiny_run_config
 from safetensors.torch import load_file
 from torch.optim.optimizer import register_optimizer_step_pre_hook
@@ -33,7 +28,6 @@ OFFICIAL = {"enabled": True, "k": 2, "epsilon": EPS, "variant": "official"}
 TWO_TASKS = {
     "data": {"tasks": ["email", "xml"], "tokens_per_task": 8 * 32 * 6},
     "reptile": {**OFFICIAL, "k": 3},
-    "train": {"threads": 1},
     "checkpoint": {"every": 3, "keep_last": 10},
 }
 
@@ -158,10 +152,8 @@ def model_after(run_dir, task: int) -> dict[str, torch.Tensor]:
 
 
 def test_resume_between_meta_update_and_next_step_is_bit_identical(make_config):
-    # In process: without the one-thread setting meant for torchrun ranks.
-    settings = {k: v for k, v in TWO_TASKS.items() if k != "train"}
-    ref = train(make_config("ref", **settings), progress=False)
-    part = make_config("part", **settings)
+    ref = train(make_config("ref", **TWO_TASKS), progress=False)
+    part = make_config("part", **TWO_TASKS)
     stopped = Trainer(part, progress=False, stop_after=9)
     stopped.run()
     # Step 9's meta-update fired and its checkpoint was written before step 10 restored anything.
@@ -220,48 +212,3 @@ def test_pending_checkpoint_needs_the_official_variant():
     old = {k: v for k, v in saved.items() if k not in ("pending_restore", "masters", "variant")}
     fresh.load_state_dict(old)  # a checkpoint from before the variant existed
     assert not fresh.pending_restore
-
-
-# ---------------------------------------------------------------- FSDP2 (torchrun, gloo)
-def torchrun(cfg, cfg_path: Path, *extra: str) -> subprocess.CompletedProcess:
-    cfg_path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
-    return subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "-m", "cptrain.cli", "train", str(cfg_path), "--no-progress", *extra],
-        env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-
-
-@pytest.mark.slow
-def test_fsdp2_official_tracks_one_process_and_resumes_bit_identically(make_config, tmp_path):
-    single = make_config("single", **TWO_TASKS)
-    ref = train(single, progress=False)
-    multi = make_config("multi", **TWO_TASKS, distributed={"strategy": "fsdp2"})
-    proc = torchrun(multi, tmp_path / "multi.yaml")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    got = json.loads((Path(multi.run_dir) / "summary.json").read_text())
-    # Gradients are all-reduced, so equal up to float re-association.
-    torch.testing.assert_close(
-        torch.tensor(got["loss_matrix"]), torch.tensor(ref["loss_matrix"]), rtol=1e-4, atol=0
-    )
-    a, b = model_after(single.run_dir, 1), model_after(multi.run_dir, 1)
-    for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-4)
-    # Resume the sharded run from its step-6 checkpoint (task end, right after a meta-update,
-    # so a restore is pending in every rank's shard) in a copy with the later steps removed.
-    part = make_config("part", **TWO_TASKS, distributed={"strategy": "fsdp2"})
-    shutil.copytree(multi.run_dir, part.run_dir, symlinks=True)
-    run = Path(part.run_dir)
-    (run / "summary.json").unlink()
-    later = [p for p in run.glob("checkpoints/step_*") if int(p.name[5:]) > 6]
-    assert len(later) == 2  # steps 9 and 12
-    for path in [*later, *run.glob("models/after_1_*")]:
-        shutil.rmtree(path)
-    (step6,) = [p for p in run.glob("checkpoints/step_*") if int(p.name[5:]) == 6]
-    state = json.loads((step6 / "state.json").read_text())
-    assert state["reptile"]["pending_restore"] is True
-    proc = torchrun(part, tmp_path / "part.yaml", "--resume")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    a, b = model_after(multi.run_dir, 1), model_after(part.run_dir, 1)
-    for k in a:
-        assert torch.equal(a[k], b[k]), k

@@ -2,7 +2,9 @@
 
 ``cptrain train`` launched by ``torchrun`` finds RANK / WORLD_SIZE / LOCAL_RANK in the
 environment, initialises the default process group (nccl on GPU, gloo on CPU) and wraps the
-model: DDP, or FSDP2 ``fully_shard`` on every decoder layer and then the root module.
+model: DDP, or FSDP2 ``fully_shard`` on every decoder layer and then the root module. A program
+that set up the process group itself (to train several runs in one launch) keeps it: training
+ends without destroying it.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ class DistEnv:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    # a process group the caller set up before training stays theirs: shutdown leaves it open
+    owns_group: bool = False
 
     @property
     def is_main(self) -> bool:
@@ -86,9 +90,13 @@ def init_distributed(cfg: DistributedConfig) -> DistEnv:
     device = torch.device("cuda", local) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
-    if not dist.is_initialized():
+    owns_group = not dist.is_initialized()
+    if owns_group:
         dist.init_process_group(backend=backend)
-    return DistEnv(cfg.strategy, rank=rank, world_size=world, local_rank=local, device=device)
+    return DistEnv(
+        cfg.strategy, rank=rank, world_size=world, local_rank=local, device=device,
+        owns_group=owns_group,
+    )  # fmt: skip
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -162,4 +170,5 @@ def set_grad_sync(forward_model: torch.nn.Module, env: DistEnv, enabled: bool) -
 def shutdown(env: DistEnv) -> None:
     if env.active and dist.is_initialized():
         dist.barrier()  # a rank leaving early aborts the other's pending gloo work
-        dist.destroy_process_group()
+        if env.owns_group:
+            dist.destroy_process_group()
