@@ -139,6 +139,19 @@ def read_metrics(run_dir: Path | str, kind: str | None = None) -> list[dict[str,
     return [r for r in records if kind is None or r.get("type") == kind]
 
 
+def read_summary(run_dir: Path | str) -> dict[str, Any]:
+    """A run's summary.json."""
+    return json.loads((Path(run_dir) / "summary.json").read_text(encoding="utf-8"))
+
+
+def model_after(run_dir: Path | str, task: int) -> dict[str, Any]:
+    """The weights a run exported after its task number ``task`` (name -> tensor)."""
+    from safetensors.torch import load_file
+
+    (model_dir,) = sorted((Path(run_dir) / "models").glob(f"after_{task}_*"))
+    return load_file(model_dir / "model.safetensors")
+
+
 def flip(path: Path, offset: int | None = None, mask: int = 0xFF) -> None:
     """XOR one byte of a file (by default in its middle)."""
     offset = path.stat().st_size // 2 if offset is None else offset

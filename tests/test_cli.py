@@ -1,12 +1,12 @@
 """The command line as a user meets it: exit codes and one-line errors."""
 
-import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from conftest import read_summary
 
 
 def cptrain(*args, cwd=None):
@@ -79,7 +79,7 @@ def test_prepare_train_eval_round_trip(prepared_dir, tmp_path, capsys):
     proc = in_process(capsys, "train", str(p), "--no-progress")
     assert proc.returncode == 0, proc.stderr
     assert "forgetting" in proc.stdout and "retained" in proc.stdout
-    summary = json.loads((run_dir / "summary.json").read_text())
+    summary = read_summary(run_dir)
     assert len(summary["loss_matrix"]) == 2
     shown = in_process(capsys, "eval", str(run_dir))
     assert shown.returncode == 0

@@ -19,8 +19,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import read_metrics, tiny_run_config
-from safetensors.torch import load_file
+from conftest import model_after, read_metrics, read_summary, tiny_run_config
 from test_released_models import tiny_model
 
 from cptrain.config import RunConfig
@@ -77,11 +76,6 @@ def launch_jobs(root: Path, jobs: dict[str, list[str]], audit: dict[str, Path]) 
     done_file = root / "DONE.json"
     done = json.loads(done_file.read_text()) if done_file.exists() else []
     return Launch(proc, {names[i] for i in done})
-
-
-def weights(run_dir, task_idx) -> dict[str, torch.Tensor]:
-    (d,) = (Path(run_dir) / "models").glob(f"after_{task_idx}_*")
-    return load_file(d / "model.safetensors")
 
 
 SETTINGS = dict(
@@ -154,20 +148,16 @@ def multi(module_dir, prepared_dir, qwen2_dir) -> tuple[dict[str, RunConfig], La
     return cfgs, launch_jobs(module_dir / "multi", jobs, audit)
 
 
-def summary(cfg: RunConfig) -> dict:
-    return json.loads((Path(cfg.run_dir) / "summary.json").read_text())
-
-
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
 def test_two_ranks_match_one_process_without_replay(single_runs, multi, strategy):
     single, ref = single_runs["plain"]
     cfgs, launch = multi
     launch.check(f"plain-{strategy}")
-    got = summary(cfgs[f"plain-{strategy}"])
+    got = read_summary(cfgs[f"plain-{strategy}"].run_dir)
     # Same global batch, same windows, gradients averaged over ranks: equal up to float
     # re-association in the all-reduce (stated tolerance 1e-4 relative on losses).
     np.testing.assert_allclose(got["loss_matrix"], ref["loss_matrix"], rtol=1e-4)
-    a, b = weights(single.run_dir, 1), weights(cfgs[f"plain-{strategy}"].run_dir, 1)
+    a, b = model_after(single.run_dir, 1), model_after(cfgs[f"plain-{strategy}"].run_dir, 1)
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-4)
 
@@ -177,7 +167,7 @@ def test_replay_and_reptile_track_one_process(single_runs, multi, module_dir, st
     ref = single_runs["replay"][1]
     cfgs, launch = multi
     launch.check(f"replay-{strategy}")
-    got = summary(cfgs[f"replay-{strategy}"])
+    got = read_summary(cfgs[f"replay-{strategy}"].run_dir)
     # Each rank replays from its own buffer shard, so the replayed rows differ from the
     # single process's: losses agree to a statistical tolerance, not bit for bit.
     np.testing.assert_allclose(got["loss_matrix"], ref["loss_matrix"], atol=0.1)
@@ -197,12 +187,12 @@ def test_fsdp2_official_reptile_tracks_one_process(single_runs, multi):
     single, ref = single_runs["official"]
     cfgs, launch = multi
     launch.check("official-fsdp2")
-    got = summary(cfgs["official-fsdp2"])
+    got = read_summary(cfgs["official-fsdp2"].run_dir)
     # Gradients are all-reduced, so equal up to float re-association.
     torch.testing.assert_close(
         torch.tensor(got["loss_matrix"]), torch.tensor(ref["loss_matrix"]), rtol=1e-4, atol=0
     )
-    a, b = weights(single.run_dir, 1), weights(cfgs["official-fsdp2"].run_dir, 1)
+    a, b = model_after(single.run_dir, 1), model_after(cfgs["official-fsdp2"].run_dir, 1)
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-4)
 
@@ -211,9 +201,9 @@ def test_fsdp2_two_ranks_train_a_tied_qwen2_like_one_process(single_runs, multi)
     single, ref = single_runs["tied"]
     cfgs, launch = multi
     launch.check("tied-fsdp2")
-    got = summary(cfgs["tied-fsdp2"])
+    got = read_summary(cfgs["tied-fsdp2"].run_dir)
     np.testing.assert_allclose(got["loss_matrix"], ref["loss_matrix"], rtol=1e-4)
-    a, b = weights(single.run_dir, 1), weights(cfgs["tied-fsdp2"].run_dir, 1)
+    a, b = model_after(single.run_dir, 1), model_after(cfgs["tied-fsdp2"].run_dir, 1)
     # the gathered (FSDP2) export writes the tied head out as well; it is the embedding
     assert set(b) - set(a) <= {"lm_head.weight"} and set(a) <= set(b)
     if "lm_head.weight" in b:
@@ -292,7 +282,7 @@ def test_kill_and_resume_two_ranks_is_bit_identical(multi, resumed):
     assert resumed.wrong_world.returncode == 2
     assert "written by 2 process(es) but this run has 1" in resumed.wrong_world.stderr
     resumed.launch.check("killed")
-    a, b = weights(cfgs["replay-ddp"].run_dir, 1), weights(resumed.killed.run_dir, 1)
+    a, b = model_after(cfgs["replay-ddp"].run_dir, 1), model_after(resumed.killed.run_dir, 1)
     for k in a:
         assert torch.equal(a[k], b[k]), k
     steps = [r["step"] for r in read_metrics(resumed.killed.run_dir, "train")]
@@ -304,6 +294,6 @@ def test_fsdp2_official_reptile_resumes_bit_identically(multi, resumed):
     launch.check("official-fsdp2")
     assert resumed.official_pending
     resumed.launch.check("official")
-    a, b = weights(cfgs["official-fsdp2"].run_dir, 1), weights(resumed.official.run_dir, 1)
+    a, b = model_after(cfgs["official-fsdp2"].run_dir, 1), model_after(resumed.official.run_dir, 1)
     for k in a:
         assert torch.equal(a[k], b[k]), k

@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import flip, read_metrics, tiny_run_config
+from conftest import flip, read_metrics, read_summary, tiny_run_config
 from safetensors.torch import load_file
 
 from cptrain import checkpoint as ckpt
@@ -103,7 +103,7 @@ def world_once(prepared_dir, tmp_path_factory) -> World:
         pristine_data=root / "pristine_data",
         source_data=prepared_dir,
         ref_weights=load_file(run / FINAL_MODEL),
-        ref_summary=json.loads((run / "summary.json").read_text()),
+        ref_summary=read_summary(run),
         ref_train_steps=train_steps(run),
     )
 
@@ -152,7 +152,7 @@ def assert_resumed_like_the_reference(world: World) -> None:
     got = load_file(world.run / FINAL_MODEL)
     differ = [k for k in world.ref_weights if not torch.equal(got[k], world.ref_weights[k])]
     assert set(got) == set(world.ref_weights) and not differ, f"weights differ: {differ}"
-    summary = json.loads((world.run / "summary.json").read_text())
+    summary = read_summary(world.run)
     assert summary["loss_matrix"] == world.ref_summary["loss_matrix"] and summary["complete"]
     assert train_steps(world.run) == world.ref_train_steps, "missing or repeated train steps"
 
@@ -400,7 +400,7 @@ def test_changed_config_is_accepted_with_the_override(world, capsys, change):
     out = capsys.readouterr().out
     assert rc == 0
     assert re.search("warning: resuming with a changed config: " + CHANGES[change], out), out
-    assert json.loads((world.run / "summary.json").read_text())["complete"]
+    assert read_summary(world.run)["complete"]
 
 
 def test_override_cannot_reuse_a_buffer_of_another_seq_len(world, capsys):

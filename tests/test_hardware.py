@@ -8,8 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import read_metrics, tiny_run_config
-from safetensors.torch import load_file
+from conftest import model_after, read_metrics, tiny_run_config
 
 from cptrain import hardware
 from cptrain.checkpoint import compat
@@ -275,10 +274,6 @@ def test_the_checkpoint_records_what_auto_resolved_to(auto_run):
 def test_resume_with_auto_keeps_the_runs_precision_bit_for_bit(
     monkeypatch, prepared_dir, tmp_path
 ):
-    def model_after(run_dir, task: int) -> dict[str, torch.Tensor]:
-        (model_dir,) = sorted((Path(run_dir) / "models").glob(f"after_{task}_*"))
-        return load_file(model_dir / "model.safetensors")
-
     def config(name):
         return tiny_run_config(
             tmp_path / name, prepared_dir, data={"tasks": ["email"]}, checkpoint={"every": 2},

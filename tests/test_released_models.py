@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_run_config
+from conftest import model_after, tiny_run_config
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -85,11 +85,6 @@ def uninterrupted(saved, prepared_dir, tmp_path_factory):
         return done[arch]
 
     return get
-
-
-def model_after(run_dir, task: int) -> dict[str, torch.Tensor]:
-    (model_dir,) = sorted((Path(run_dir) / "models").glob(f"after_{task}_*"))
-    return load_file(model_dir / "model.safetensors")
 
 
 def one_line_error(exc_info) -> str:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import read_summary
 from matplotlib.image import imread
 from scipy import stats
 
@@ -120,7 +121,7 @@ def test_sweep_report_has_every_table_and_figure(tmp_path):
                     "scaling_flops.png", "scaling_params.png", "grad_alignment.png"}
 
     # The forgetting cell of replay on tiny is the t-interval over its three seeds.
-    values = [json.loads((r / "summary.json").read_text())["forgetting"] for r in runs
+    values = [read_summary(r)["forgetting"] for r in runs
               if r.name.startswith("replay-a0.25_tiny")]
     half = stats.t.ppf(0.975, 2) * np.std(values, ddof=1) / math.sqrt(3)
     cells = _md_row(md, "Forgetting by method", "replay α=0.25")
@@ -151,7 +152,7 @@ def test_single_run_report_shows_what_applies(tmp_path):
     run = make_run(tmp_path, "sequential")
     write_report([run], tmp_path / "out")
     md = (tmp_path / "out" / "report.md").read_text()
-    s = json.loads((run / "summary.json").read_text())
+    s = read_summary(run)
     assert _md_row(md, "Forgetting by method", "sequential")[1] == f"{s['forgetting']:+.3f} (n=1)"
     assert "Scaling" not in md and "Downstream" not in md and "Gradient alignment" not in md
     assert (tmp_path / "out" / "figures" / "val_curves.png").is_file()
@@ -167,7 +168,7 @@ def test_flops_are_taken_from_the_summary_or_computed(tmp_path):
 
     run = make_run(tmp_path / "b", "replay", 0.25)  # no "flops": computed from its facts
     write_report([tmp_path / "b"], tmp_path / "ob")
-    expected = run_flops(json.loads((run / "summary.json").read_text()))
+    expected = run_flops(read_summary(run))
     row = _md_row((tmp_path / "ob" / "report.md").read_text(), "Training compute",
                   "replay α=0.25 · tiny")
     assert row[2] == f"{expected['flops_per_token']:.3g}"
@@ -176,7 +177,7 @@ def test_flops_are_taken_from_the_summary_or_computed(tmp_path):
 
 def test_a_summary_of_an_older_cptrain_shows_no_compute_and_says_why(tmp_path):
     run = make_run(tmp_path / "s", "mer", 0.25)
-    s = json.loads((run / "summary.json").read_text())
+    s = read_summary(run)
     del s["model_shape"], s["rows_per_step"], s["reptile_updates"]
     (run / "summary.json").write_text(json.dumps(s))
     write_report([tmp_path / "s"], tmp_path / "out")
@@ -189,7 +190,7 @@ def test_groups_are_named_by_the_method_table(tmp_path):
     make_run(tmp_path / "s", "mer", 0.25)
     make_run(tmp_path / "s", "reptile")
     cfg_only = make_run(tmp_path / "s", "replay", 0.25, name="custom")
-    s = json.loads((cfg_only / "summary.json").read_text())
+    s = read_summary(cfg_only)
     del s["config"]["method"]  # replay keys only: still recognised as replay
     (cfg_only / "summary.json").write_text(json.dumps(s))
     runs, _ = collect_runs([tmp_path / "s"])
@@ -282,8 +283,7 @@ def test_report_of_a_real_micro_sweep(tmp_path, prepared_dir):
     figs = {p.name for p in (tmp_path / "out" / "figures").glob("*.png")}
     assert {"forgetting.png", "val_curves.png", "union_curves.png", "grad_alignment.png",
             "scaling_flops.png"} <= figs
-    s = json.loads((tmp_path / "sweep" / "mer-a0.5_tiny_s0_email-xml-asyncio" /
-                    "summary.json").read_text())
+    s = read_summary(tmp_path / "sweep" / "mer-a0.5_tiny_s0_email-xml-asyncio")
     f = run_flops(s)
     assert f["tokens_processed"] == s["fresh_tokens"] + s["replay_tokens"]
     assert f["reptile_updates"] == s["reptile_updates"] == s["steps"] // 2

@@ -7,13 +7,11 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from conftest import tiny_run_config
-from safetensors.torch import load_file
+from conftest import model_after, tiny_run_config
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from cptrain.config_base import build_config
@@ -144,11 +142,6 @@ def test_official_with_epsilon_one_is_bit_identical_to_no_reptile(make_config):
     assert trainer.reptile.memory_bytes() == trainer.reptile.anchor_bytes()  # nothing kept
     _, plain, _ = run_steps(make_config("plain"), 4)
     assert all_equal(official, plain)
-
-
-def model_after(run_dir, task: int) -> dict[str, torch.Tensor]:
-    (model_dir,) = sorted((Path(run_dir) / "models").glob(f"after_{task}_*"))
-    return load_file(model_dir / "model.safetensors")
 
 
 def test_resume_between_meta_update_and_next_step_is_bit_identical(make_config):

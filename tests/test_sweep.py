@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from conftest import read_summary
 
 from cptrain.config_base import build_config
 from cptrain.errors import ConfigError
@@ -196,7 +197,7 @@ def test_real_sweep_trains_skips_and_resumes(tmp_path, prepared_dir, capsys):
                                       "replay-a0.5_tiny_s0_email-xml-asyncio"]
     out = capsys.readouterr().out
     assert "[2/2] replay-a0.5_tiny_s0_email-xml-asyncio: training" in out and "ETA" in out
-    summaries = [json.loads((d / "summary.json").read_text()) for d in dirs]
+    summaries = [read_summary(d) for d in dirs]
     assert all(s["complete"] for s in summaries)
     assert summaries[1]["replay_tokens"] > 0 and summaries[0]["replay_tokens"] == 0
     manifest = json.loads((tmp_path / "real" / "sweep.json").read_text())
@@ -216,6 +217,6 @@ def test_real_sweep_trains_skips_and_resumes(tmp_path, prepared_dir, capsys):
     (replay / "summary.json").unlink()
     run_sweep(cfg, progress=False)
     assert "resuming" in capsys.readouterr().out
-    again = json.loads((replay / "summary.json").read_text())
+    again = read_summary(replay)
     assert again["complete"]
     np.testing.assert_allclose(again["loss_matrix"], summaries[1]["loss_matrix"], atol=1e-5)

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import read_metrics, tiny_run_config
+from conftest import model_after, read_metrics, read_summary, tiny_run_config
 from safetensors.torch import load_file
 
 from cptrain import checkpoint as ckpt
@@ -34,11 +34,6 @@ REFERENCE_EXTRAS: dict[str, dict[str, Any]] = {
     "replay": {"diagnostics": {"every": 2}},
     "mer": {},
 }
-
-
-def model_after(run_dir, task: int) -> dict[str, torch.Tensor]:
-    (model_dir,) = sorted((Path(run_dir) / "models").glob(f"after_{task}_*"))
-    return load_file(model_dir / "model.safetensors")
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +61,7 @@ def test_sequential_run_fills_loss_matrix(reference):
     assert lm[0, 0] < np.log(512) - 0.3
     assert all(lm[i, i] < lm[i - 1, i] for i in (1, 2))
     run = Path(cfg.run_dir)
-    on_disk = json.loads((run / "summary.json").read_text())
+    on_disk = read_summary(run)
     assert on_disk["loss_matrix"] == summary["loss_matrix"] and on_disk["complete"]
     assert on_disk["retained_loss"] == pytest.approx(lm[-1].mean())
     assert on_disk["rows_per_step"] == {"fresh": 8, "replay": 0}

@@ -12,7 +12,6 @@ timer kills at a random offset after the training loop starts.
 from __future__ import annotations
 
 import itertools
-import json
 import multiprocessing as mp
 import random
 import re
@@ -23,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import read_metrics
+from conftest import read_metrics, read_summary
 from safetensors.torch import load_file
 
 from cptrain import checkpoint as ckpt
@@ -218,8 +217,8 @@ def test_ten_kills_then_resume_is_bit_identical(make_config):
     for f in sorted((ref_dir / "replay" / "rank_0").glob("chunk_*")):
         assert (run_dir / "replay" / "rank_0" / f.name).read_bytes() == f.read_bytes(), f.name
 
-    got_summary = json.loads((run_dir / "summary.json").read_text())
-    ref_summary = json.loads((ref_dir / "summary.json").read_text())
+    got_summary = read_summary(run_dir)
+    ref_summary = read_summary(ref_dir)
     assert got_summary["loss_matrix"] == ref_summary["loss_matrix"]
     assert got_summary["complete"] and got_summary["steps"] == TOTAL
 
