@@ -1,3 +1,4 @@
+import copy
 import subprocess
 import sys
 import time
@@ -163,3 +164,18 @@ def test_diagnostics_and_the_old_key_do_not_block_a_resume():
     assert config_differences(old, new) == []
     new["train"]["lr"] = 0.5
     assert config_differences(old, new) == ["train.lr: checkpoint has None, config has 0.5"]
+
+
+def test_a_key_an_older_cptrain_lacked_differs_only_away_from_its_default():
+    new = make(method="replay").model_dump(mode="json")
+    old = copy.deepcopy(new)
+    del old["train"]["rewarm_each_task"], old["replay"]["policy"]
+    assert config_differences(old, new) == []
+    flipped = not new["train"]["rewarm_each_task"]
+    new["train"]["rewarm_each_task"] = flipped
+    want = f"train.rewarm_each_task: checkpoint has None, config has {flipped!r}"
+    assert config_differences(old, new) == [want]
+    del new["train"]["rewarm_each_task"]
+    old["train"]["rewarm_each_task"] = True  # a key this cptrain no longer has still counts
+    want = "train.rewarm_each_task: checkpoint has True, config has None"
+    assert config_differences(old, new) == [want]

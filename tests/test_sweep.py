@@ -203,7 +203,11 @@ def test_real_sweep_trains_skips_and_resumes(tmp_path, prepared_dir, capsys):
     manifest = json.loads((tmp_path / "real" / "sweep.json").read_text())
     assert [r["label"] for r in manifest["runs"]] == ["sequential", "replay"]
 
-    # Second call: nothing left to train.
+    # Second call: nothing left to train, also where a run finished under an older cptrain
+    # whose configs lacked a key that came later at its default.
+    older = read_summary(dirs[0])
+    del older["config"]["train"]["rewarm_each_task"]
+    (dirs[0] / "summary.json").write_text(json.dumps(older))
     mtimes = [(d / "summary.json").stat().st_mtime_ns for d in dirs]
     run_sweep(cfg, progress=False)
     assert "2 done" in capsys.readouterr().out

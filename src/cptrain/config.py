@@ -337,12 +337,40 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+_NO_DEFAULT = object()
+
+
+def _schema_default(key: str) -> Any:
+    """The JSON value a run config takes for the dotted ``key`` when nothing sets it, or
+    ``_NO_DEFAULT`` (no such key, or a required one)."""
+    from pydantic import BaseModel, TypeAdapter
+
+    model: Any = RunConfig
+    *sections, leaf = key.split(".")
+    for name in sections:
+        field = model.model_fields.get(name)
+        model = field.annotation if field is not None else None
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return _NO_DEFAULT
+    field = model.model_fields.get(leaf)
+    if field is None or field.is_required():
+        return _NO_DEFAULT
+    value = field.get_default(call_default_factory=True, validated_data={})
+    return TypeAdapter(field.annotation).dump_python(value, mode="json")
+
+
 def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """Result-changing keys whose values differ between two resolved configs (JSON dumps)."""
+    """Result-changing keys whose values differ between two resolved configs (JSON dumps).
+
+    A key the older config does not have came with a later cptrain, whose convention is a
+    default that does what the code did before: at that default it is no difference, so
+    upgrading cptrain neither blocks a resume nor retrains a finished sweep run."""
     a, b = _flatten(old), _flatten(new)
     diffs = []
     for key in sorted(set(a) | set(b)):
         if any(key == c or key.startswith(c + ".") for c in _RUN_CONTROL_KEYS):
+            continue
+        if key not in a and key in b and b[key] == _schema_default(key):
             continue
         if a.get(key) != b.get(key):
             diffs.append(f"{key}: checkpoint has {a.get(key)!r}, config has {b.get(key)!r}")
