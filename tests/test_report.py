@@ -42,7 +42,8 @@ def _loss_matrix(preset, method, alpha, seed, rows=3):
 
 
 def make_run(root: Path, method="sequential", alpha=0.0, preset="tiny", seed=0, *,
-             rows=3, grad_cos=False, flops=None, downstream=None, name=None) -> Path:
+             rows=3, grad_cos=False, flops=None, downstream=None, name=None,
+             precision=None) -> Path:
     name = name or f"{method}{f'-a{alpha:g}' if alpha else ''}_{preset}_s{seed}_en-fr-de"
     run = root / name
     run.mkdir(parents=True)
@@ -66,6 +67,8 @@ def make_run(root: Path, method="sequential", alpha=0.0, preset="tiny", seed=0, 
     }
     if flops is not None:
         summary["flops"] = flops
+    if precision is not None:
+        summary["precision"] = precision
     records = []
     for step in range(0, steps + 1, 5):
         task = TASKS[min(step // 10, 2)]
@@ -105,6 +108,23 @@ def test_mean_ci_is_the_t_interval():
     assert mean == 2.0 and half == pytest.approx(4.302653 / math.sqrt(3), rel=1e-5)
     assert mean_ci([5.0]) == (5.0, pytest.approx(math.nan, nan_ok=True))
     assert mean_ci([])[0] is None
+
+
+def test_overview_cautions_when_runs_trained_at_different_precisions(tmp_path):
+    def overview(root: Path, small_precision: str) -> str:
+        for preset, precision in (("tiny", "fp32"), ("small", small_precision)):
+            for seed in (0, 1):
+                make_run(root, "replay", 0.25, preset, seed, precision=precision)
+        make_run(root, "sequential", 0.0, "tiny", 0, rows=2, precision="bf16")  # in progress
+        write_report([root], root / "out")
+        return (root / "out" / "report.md").read_text().split("\n## ")[1]
+
+    assert "different precisions" not in overview(tmp_path / "one", "fp32")
+    # `precision: auto` picked bf16 for the wider model only
+    mixed = overview(tmp_path / "two", "bf16")
+    assert mixed.startswith("Overview")
+    assert ("different precisions (bf16: small replay α=0.25; fp32: tiny replay α=0.25)"
+            in mixed)
 
 
 def test_sweep_report_has_every_table_and_figure(tmp_path):

@@ -408,7 +408,27 @@ def _overview(runs: list[Run], done: list[Run], dirs: Sequence[Path], notes: lis
         "validation data together."
     )
     sec.blocks += notes
+    caution = _precision_caution(done)
+    if caution:
+        sec.blocks.append(caution)
     return sec
+
+
+def _precision_caution(done: list[Run]) -> str | None:
+    """``train.precision: auto`` picks per model width and machine, so a sweep over sizes (or
+    over machines) can train its groups at different precisions without saying so."""
+    by: dict[str, set[str]] = {}
+    for r in done:
+        if r.summary.get("precision"):
+            by.setdefault(str(r.summary["precision"]), set()).add(f"{r.preset} {r.group}")
+    if len(by) < 2:
+        return None
+    each = "; ".join(f"{p}: {', '.join(sorted(names))}" for p, names in sorted(by.items()))
+    return (
+        f"Caution: these runs trained at different precisions ({each}), so differences "
+        "between those runs mix precision with what was varied; set train.precision for "
+        "all of them to compare them at one."
+    )
 
 
 def _metric_tables(g: Groups) -> Section:
