@@ -8,7 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cptrain.alignment import cosine_from_sums, dot_and_sq_norms, gradient_alignment
+from cptrain.alignment import (
+    cosine_from_sums,
+    dot_and_sq_norms,
+    gradient_alignment,
+    gradient_alignments,
+)
 from cptrain.errors import DataError
 from cptrain.model import build_model
 
@@ -47,6 +52,19 @@ def test_matches_two_brute_force_backward_passes(model):
     assert got["loss_fresh"] == pytest.approx(lf, rel=1e-6)
     assert got["loss_replay"] == pytest.approx(lr, rel=1e-6)
     assert abs(got["grad_cos"]) < 0.99
+
+
+def test_several_references_share_one_fresh_gradient(model):
+    fresh, refs = rows(1), [rows(2, high=VOCAB // 2), rows(3, n=2)]
+    forwards = []
+    handle = model.register_forward_pre_hook(lambda *_: forwards.append(1))
+    try:
+        got = gradient_alignments(model, fresh, refs)
+    finally:
+        handle.remove()
+    assert len(forwards) == 1 + len(refs)
+    assert got == [gradient_alignment(model, fresh, r) for r in refs]  # to the last bit
+    assert got[0]["grad_cos"] != got[1]["grad_cos"]
 
 
 def test_identical_batches_have_cosine_one(model):

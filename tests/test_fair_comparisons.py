@@ -101,14 +101,14 @@ class Taps(Hook):
 def test_alignment_reference_holds_no_current_task_row(make_config, monkeypatch):
     import cptrain.alignment as alignment
 
-    calls: list[np.ndarray] = []
-    real = alignment.gradient_alignment
+    calls: list[list[np.ndarray]] = []  # the row sets of each measurement
+    real = alignment.gradient_alignments
 
-    def spy(model, fresh, replay, **kw):
-        calls.append(replay.cpu().numpy().copy())
-        return real(model, fresh, replay, **kw)
+    def spy(model, fresh, references, **kw):
+        calls.append([r.cpu().numpy().copy() for r in references])
+        return real(model, fresh, references, **kw)
 
-    monkeypatch.setattr(alignment, "gradient_alignment", spy)
+    monkeypatch.setattr(alignment, "gradient_alignments", spy)
     taps = Taps(calls)
     replay = {"alpha": 0.5, "visibility_lag": 0, "replay_from": "all"}
     cfg = make_config("diag", method="replay", replay=replay, diagnostics={"every": 1})
@@ -122,17 +122,18 @@ def test_alignment_reference_holds_no_current_task_row(make_config, monkeypatch)
         step_calls, start = calls[start:end], end
         if not step_calls:
             continue
-        reference = step_calls[0]
+        (sets,) = step_calls  # one measurement per step, the fresh gradient computed once
+        reference = sets[0]
         assert not any(r.tobytes() in windows[task] for r in reference), step
         assert rows is not None
         current = np.array([r.tobytes() in windows[task] for r in rows])
         rec = logged[step + 1]
         # the share the buffer's metadata reports is what the rows' contents say
         assert rec["replay_current_share"] == pytest.approx(current.mean())
-        assert ("grad_cos_current" in rec) == bool(current.any()) == (len(step_calls) == 2)
+        assert ("grad_cos_current" in rec) == bool(current.any()) == (len(sets) == 2)
         if current.any():
             mixed += 1
-            got = {r.tobytes() for r in step_calls[1]}
+            got = {r.tobytes() for r in sets[1]}
             assert got == {r.tobytes() for r in rows[current]}
         assert rec["grad_ref"] == ("replay" if not current.all() else "probe")
     assert mixed > 0, "no step replayed current-task rows: the test proves nothing"

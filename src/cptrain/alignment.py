@@ -111,16 +111,33 @@ def gradient_alignment(
     the parameters' ``.grad`` (the training step's accumulation) is never touched. Pass the
     unwrapped module under DDP: the figures are then those of this rank's rows.
     """
+    return gradient_alignments(model, fresh, [replay], autocast_dtype=autocast_dtype)[0]
+
+
+def gradient_alignments(
+    model: torch.nn.Module,
+    fresh: torch.Tensor,
+    references: Sequence[torch.Tensor],
+    *,
+    autocast_dtype: torch.dtype | None = None,
+) -> list[dict[str, float]]:
+    """``gradient_alignment`` of the fresh rows with each of several row sets, the fresh
+    gradient computed once: one forward/backward per set, plus one."""
     _check_rows(fresh, "fresh")
-    _check_rows(replay, "replay")
+    for rows in references:
+        _check_rows(rows, "replay")
     params = _trainable(model)
     g_fresh, loss_fresh = _part_grads(model, params, fresh, autocast_dtype)
-    g_replay, loss_replay = _part_grads(model, params, replay, autocast_dtype)
-    dot, nf, nr = (t.item() for t in dot_and_sq_norms(g_fresh, g_replay))
-    return {
-        "grad_cos": cosine_from_sums(dot, nf, nr),
-        "grad_norm_fresh": math.sqrt(nf),
-        "grad_norm_replay": math.sqrt(nr),
-        "loss_fresh": loss_fresh,
-        "loss_replay": loss_replay,
-    }
+    out = []
+    for rows in references:
+        g_replay, loss_replay = _part_grads(model, params, rows, autocast_dtype)
+        dot, nf, nr = (t.item() for t in dot_and_sq_norms(g_fresh, g_replay))
+        del g_replay  # one reference gradient alive at a time
+        out.append({
+            "grad_cos": cosine_from_sums(dot, nf, nr),
+            "grad_norm_fresh": math.sqrt(nf),
+            "grad_norm_replay": math.sqrt(nr),
+            "loss_fresh": loss_fresh,
+            "loss_replay": loss_replay,
+        })  # fmt: skip
+    return out

@@ -83,24 +83,25 @@ class GradientDiagnostics(Hook):
         if found is None:
             return {}
         ref, kind = found
-        from cptrain.alignment import gradient_alignment
+        from cptrain.alignment import gradient_alignments
 
         device = trainer.env.device
-        fresh = torch.from_numpy(batch.fresh).to(device)
-        out: dict[str, Any] = gradient_alignment(
-            trainer.model, fresh, torch.from_numpy(ref).to(device), autocast_dtype=trainer.autocast
+        rows = [ref]
+        if split is not None and len(split[1]):
+            rows.append(split[1])  # the current task's replayed rows, logged beside
+        measured = gradient_alignments(
+            trainer.model,
+            torch.from_numpy(batch.fresh).to(device),
+            [torch.from_numpy(r).to(device) for r in rows],
+            autocast_dtype=trainer.autocast,
         )
+        out: dict[str, Any] = measured[0]
         out["grad_ref"] = kind
         if split is not None:
             earlier, current = split
             out["replay_current_share"] = len(current) / (len(earlier) + len(current))
             if len(current):
-                out["grad_cos_current"] = gradient_alignment(
-                    trainer.model,
-                    fresh,
-                    torch.from_numpy(current).to(device),
-                    autocast_dtype=trainer.autocast,
-                )["grad_cos"]
+                out["grad_cos_current"] = measured[1]["grad_cos"]
         if batch.task > 0 and math.isfinite(out["grad_cos"]):
             self.cos_sum += out["grad_cos"]
             self.cos_n += 1
