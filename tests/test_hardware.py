@@ -252,12 +252,15 @@ def test_throughput_counts_training_time_and_wall_time_apart(auto_run):
     # the "before" evaluation lands in the first log line; the checkpoint at 4 in a later one
     assert records[0]["eval_s"] > 0
     assert sum(r["checkpoint_s"] for r in records) > 0
+    assert all(r["export_s"] >= 0 for r in records)
+    assert summary["export_s"] > 0  # the weights after each of the two tasks
     assert summary["eval_s"] >= sum(r["eval_s"] for r in records) * 0.999
     assert 0 < summary["mfu"] <= 1 and summary["peak_flops"] > 0 and summary["tokens_per_s"] > 0
     assert summary["peak_dtype"] == summary["precision"]
     assert 0 < summary["train_s"] < summary["wall_s"]
     line = compute_line(summary)
     assert line is not None and f"{summary['precision']}," in line and "MFU" in line
+    assert f"exports {summary['export_s']:.0f} s of" in line
     assert compute_line({"steps": 3}) is None  # a summary from before these were measured
 
 

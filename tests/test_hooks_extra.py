@@ -236,7 +236,7 @@ def test_a_quantized_gguf_base_gives_its_license_and_a_dequantization_note(tmp_p
 
 
 # --------------------------------------------------------------------------- throughput
-def test_eta_adds_the_evaluations_and_checkpoints_to_come(monkeypatch):
+def test_eta_adds_the_evaluations_checkpoints_and_exports_to_come(monkeypatch):
     from types import SimpleNamespace
 
     from cptrain.train import hooks
@@ -269,7 +269,7 @@ def test_eta_adds_the_evaluations_and_checkpoints_to_come(monkeypatch):
     assert clock.eta(trainer) == pytest.approx(10 * 1.0 + 4 * 3.0)
     assert record["tokens_per_s"] == pytest.approx(2 * 8 * 32 / 2.0)
     assert record["wall_tokens_per_s"] == pytest.approx(2 * 8 * 32 / 5.0)
-    assert (record["eval_s"], record["checkpoint_s"]) == (3.0, 0.0)
+    assert (record["eval_s"], record["checkpoint_s"], record["export_s"]) == (3.0, 0.0, 0.0)
     assert "mfu" not in record  # no measured peak: no MFU
     state = clock.state_dict()
     again = hooks.Throughput()
@@ -277,3 +277,13 @@ def test_eta_adds_the_evaluations_and_checkpoints_to_come(monkeypatch):
     assert again.totals == clock.totals and again.counts == clock.counts
     again.load_state_dict({"version": 99})  # unreadable timings restart nothing else
     assert again.totals == clock.totals
+    # a checkpoint from before exports were timed keeps its other totals
+    older = {**state, "seconds": dict(state["seconds"]), "counts": dict(state["counts"])}
+    del older["seconds"]["export"], older["counts"]["export"]
+    fresh = hooks.Throughput()
+    fresh.load_state_dict(older)
+    assert fresh.totals == clock.totals and fresh.totals["eval"] == 3.0
+    with clock.timed("export"):  # the weights after a task
+        now[0] += 2.0
+    # the export leaves the per-step mean and comes back once per task end still to come
+    assert clock.eta(trainer) == pytest.approx(10 * 1.0 + 4 * 3.0 + 2 * 2.0)

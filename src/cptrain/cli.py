@@ -77,8 +77,8 @@ def compute_line(summary: dict) -> str | None:
     line = (
         f"compute: {summary.get('precision', '?')}, {rate:,.0f} training tokens/s; "
         f"training steps {train_s:.0f} s, evaluation {summary.get('eval_s', 0.0):.0f} s, "
-        f"checkpoints {summary.get('checkpoint_s', 0.0):.0f} s of {summary.get('wall_s', 0.0):.0f}"
-        " s wall"
+        f"checkpoints {summary.get('checkpoint_s', 0.0):.0f} s, "
+        f"exports {summary.get('export_s', 0.0):.0f} s of {summary.get('wall_s', 0.0):.0f} s wall"
     )
     if isinstance(summary.get("mfu"), int | float):
         line += (

@@ -72,19 +72,22 @@ class Throughput(Hook):
     """Where a run's time goes, and how fast it trains. The trainer times its parts with
     ``timed(kind)``: ``step`` (one optimizer step: drawing rows, forward, backward, optimizer,
     buffer add), ``diagnostics`` (the hooks' ``before_step`` inside it: gradient alignment),
-    ``eval`` (every evaluation) and ``checkpoint`` (checkpoint writes). Each log line gets,
-    over the steps since the previous one:
+    ``eval`` (every evaluation), ``checkpoint`` (checkpoint writes) and ``export`` (the
+    Hugging Face weights written after each task). Each log line gets, over the steps since
+    the previous one:
 
     * ``tokens_per_s``: tokens processed ÷ training-step time (steps less diagnostics);
     * ``wall_tokens_per_s``: the same tokens ÷ all the wall time that passed;
-    * ``eval_s``, ``checkpoint_s``: seconds spent evaluating and writing checkpoints;
+    * ``eval_s``, ``checkpoint_s``, ``export_s``: seconds spent evaluating, writing
+      checkpoints and exporting weights;
     * ``mfu``: model FLOPs/s (``flops.flops_per_token`` × tokens_per_s) ÷ the peak matmul
       FLOP/s of every process's device at the dtype the matmuls run in (measured once per
       machine: ``cptrain.hardware``); rank 0 only.
 
     Run totals survive a resume (a checkpointed component); ``summary()`` reports them."""
 
-    KINDS = ("step", "diagnostics", "eval", "checkpoint")
+    KINDS = ("step", "diagnostics", "eval", "checkpoint", "export")
+    LATER_KINDS = ("export",)  # absent from the state of older checkpoints: counted from 0
     VERSION = 1
 
     def __init__(self) -> None:
@@ -140,6 +143,7 @@ class Throughput(Hook):
         record["tokens_per_s"] = self._tokens / train_s
         record["wall_tokens_per_s"] = self._tokens / max(now - self._t, 1e-9)
         record["eval_s"], record["checkpoint_s"] = s["eval"], s["checkpoint"]
+        record["export_s"] = s["export"]
         if self.peak_flops and self._device is not None:
             flops = self._flops_per_token * record["tokens_per_s"] / trainer.env.world_size
             if flops > self.peak_flops:  # a peak measured on a busy machine: measure again
@@ -155,19 +159,20 @@ class Throughput(Hook):
 
     def eta(self, trainer: Trainer) -> float | None:
         """Seconds left: remaining steps × this process's mean step time (everything but
-        evaluations and checkpoints), plus remaining evaluations and checkpoints × their
-        mean times over the run."""
+        evaluations, checkpoints and exports), plus remaining evaluations, checkpoints and
+        task-end exports × their mean times over the run."""
         if not self._process_steps:
             return None
         p = self._process
-        elapsed = time.perf_counter() - self._start - p["eval"] - p["checkpoint"]
+        elapsed = time.perf_counter() - self._start - p["eval"] - p["checkpoint"] - p["export"]
         step, total, cfg = trainer.state.step, trainer.plan.total_steps, trainer.cfg
         # Evaluations and checkpoints still to come, this step's included (they follow it).
         ends = [e for e in itertools.accumulate(trainer.plan.task_steps) if e >= step]
         evals = len(ends) + _multiples_left(step, total, cfg.eval.every, ends)
         saves = len(ends) + _multiples_left(step, total, cfg.checkpoint.every, ends)
         steps = (total - step) * elapsed / self._process_steps
-        return steps + evals * self.mean("eval") + saves * self.mean("checkpoint")
+        exports = len(ends) * self.mean("export")
+        return steps + evals * self.mean("eval") + saves * self.mean("checkpoint") + exports
 
     def mean(self, kind: str) -> float:
         return self.totals[kind] / self.counts[kind] if self.counts[kind] else 0.0
@@ -182,6 +187,7 @@ class Throughput(Hook):
             "tokens_per_s": self.tokens / train_s if train_s > 0 else None,
             "eval_s": self.totals["eval"],
             "checkpoint_s": self.totals["checkpoint"],
+            "export_s": self.totals["export"],
             "diagnostics_s": self.totals["diagnostics"],
             "peak_dtype": self.peak_dtype,
         }
@@ -202,8 +208,9 @@ class Throughput(Hook):
     def load_state_dict(self, state: dict[str, Any] | None) -> None:
         try:
             assert state is not None and state["version"] == self.VERSION
-            seconds = {k: float(state["seconds"][k]) for k in self.KINDS}
-            counts = {k: int(state["counts"][k]) for k in self.KINDS}
+            later = dict.fromkeys(self.LATER_KINDS, 0)
+            seconds = {k: float({**later, **state["seconds"]}[k]) for k in self.KINDS}
+            counts = {k: int({**later, **state["counts"]}[k]) for k in self.KINDS}
             tokens = int(state["tokens"])
         except (AssertionError, KeyError, TypeError, ValueError):
             # Timings change no number a run produces: a damaged record restarts them.

@@ -51,7 +51,7 @@ def run_summary(trainer: Trainer) -> dict[str, Any]:
     if trainer.buffer is not None:
         out["replay"] = trainer.buffer.stats()
     out["flops"] = run_flops(out)
-    # train_s, eval_s, checkpoint_s, tokens_per_s, mfu, peak_flops, peak_dtype
+    # train_s, eval_s, checkpoint_s, export_s, tokens_per_s, mfu, peak_flops, peak_dtype
     out.update(trainer.clock.summary(trainer.env.world_size))
     out.update(trainer.diagnostics.summary())
     return out

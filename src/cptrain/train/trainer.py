@@ -362,7 +362,8 @@ class Trainer:
             return self.checkpoints.save(self.state.step)
 
     def export(self, out: Path, card: str | None = None) -> None:
-        export_model(self.model, self.env, out, self.data.tokenizer_dir, card=card)
+        with self.clock.timed("export"):
+            export_model(self.model, self.env, out, self.data.tokenizer_dir, card=card)
 
     def close(self) -> None:
         self.run_dir.metrics.close()
