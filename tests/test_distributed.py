@@ -33,18 +33,8 @@ def write_cfg(cfg: RunConfig, path: Path) -> Path:
     return path
 
 
-def torchrun(cfg_path: Path, *extra: str, nproc: int = 2, wait: bool = True):
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone",
-        f"--nproc_per_node={nproc}", "-m", "cptrain.cli", "train", str(cfg_path),
-        "--no-progress", *extra,
-    ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    if not wait:
-        return subprocess.Popen(
-            cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 @dataclass
@@ -69,10 +59,9 @@ def launch_jobs(root: Path, jobs: dict[str, list[str]], audit: dict[str, Path]) 
     ]  # fmt: skip
     (root / "JOBS.json").write_text(json.dumps(spec))
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         str(Path(__file__).parent / "dist_jobs.py"), str(root / "JOBS.json")],
-        env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
+        [*TORCHRUN, str(Path(__file__).parent / "dist_jobs.py"), str(root / "JOBS.json")],
+        env=ONE_THREAD, capture_output=True, text=True, timeout=900,
+    )
     done_file = root / "DONE.json"
     done = json.loads(done_file.read_text()) if done_file.exists() else []
     return Launch(proc, {names[i] for i in done})
@@ -88,12 +77,16 @@ REPLAY = {**SETTINGS, "replay": {"alpha": 0.25, "visibility_lag": 1}}
 # each checkpoint (the task ends included) is written right after a meta-update, with a restore
 # pending.
 OFFICIAL = {
-    "data": {"tasks": ["email", "xml"], "tokens_per_task": 8 * 32 * 6},
-    "reptile": {"enabled": True, "k": 3, "epsilon": 0.5, "variant": "official"},
-    "train": {"threads": 1},
+    **SETTINGS,
+    "reptile": {**SETTINGS["reptile"], "variant": "official"},
     "checkpoint": {"every": 3, "keep_last": 10},
 }
-TIED = {"data": {"tasks": ["email", "xml"]}, "train": {"threads": 1}}  # + a tied qwen2-like model
+
+
+def tied(qwen2: Path) -> dict:
+    """A tied qwen2-like model trained on two tasks of the default budget."""
+    return {"data": {"tasks": ["email", "xml"]}, "train": {"threads": 1},
+            "model": {"init_from": str(qwen2)}}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -114,8 +107,7 @@ def multi_configs(module_dir: Path, data: Path, qwen2: Path) -> dict[str, RunCon
         out[f"plain-{strategy}"] = (SETTINGS, strategy)
         out[f"replay-{strategy}"] = (REPLAY, strategy)
     out["official-fsdp2"] = (OFFICIAL, "fsdp2")
-    tied = {**TIED, "model": {"init_from": str(qwen2)}}
-    out["tied-fsdp2"] = (tied, "fsdp2")
+    out["tied-fsdp2"] = (tied(qwen2), "fsdp2")
     return {
         name: tiny_run_config(module_dir / name, data, **settings,
                               distributed={"strategy": strategy})
@@ -127,9 +119,8 @@ def multi_configs(module_dir: Path, data: Path, qwen2: Path) -> dict[str, RunCon
 def single_runs(module_dir, prepared_dir, qwen2_dir):
     """One-process references, name -> (config, summary)."""
     runs = {}
-    tied = {**TIED, "model": {"init_from": str(qwen2_dir)}}
     for name, settings in (
-        ("plain", SETTINGS), ("replay", REPLAY), ("official", OFFICIAL), ("tied", tied)
+        ("plain", SETTINGS), ("replay", REPLAY), ("official", OFFICIAL), ("tied", tied(qwen2_dir))
     ):  # fmt: skip
         cfg = tiny_run_config(module_dir / f"single_{name}", prepared_dir, **settings)
         runs[name] = (cfg, train(cfg, progress=False))
@@ -232,7 +223,10 @@ def resumed(multi, module_dir, prepared_dir) -> Resumed:
         checkpoint={"every": 2, "keep_last": 5},
     )  # fmt: skip
     killed_yaml = write_cfg(killed, module_dir / "killed.yaml")
-    proc = torchrun(killed_yaml, wait=False)
+    proc = subprocess.Popen(
+        [*TORCHRUN, "-m", "cptrain.cli", "train", str(killed_yaml), "--no-progress"],
+        env=ONE_THREAD, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+    )
     ckpts = Path(killed.run_dir) / "checkpoints"
     deadline = time.time() + 300
     while time.time() < deadline:
@@ -242,8 +236,9 @@ def resumed(multi, module_dir, prepared_dir) -> Resumed:
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    summary_file = Path(killed.run_dir) / "summary.json"
-    finished = summary_file.exists() and bool(json.loads(summary_file.read_text()).get("complete"))
+    finished = (Path(killed.run_dir) / "summary.json").exists() and bool(
+        read_summary(killed.run_dir).get("complete")
+    )
     wrong = subprocess.run(
         [sys.executable, "-m", "cptrain.cli", "train", str(killed_yaml), "--resume",
          "--set", "distributed.strategy=none"],
