@@ -211,7 +211,8 @@ def test_size_vs_replay_is_void_unless_the_larger_model_learns_better(tmp_path):
     assert "different precisions" not in real
     # `precision: auto` can pick bf16 for one size only: the report says size is confounded
     mixed = build(tmp_path / "mixed", large_learned=4.6, large_precision="bf16")
-    assert "different precisions (tiny sequential: fp32, small sequential: bf16, tiny " in mixed
+    assert ("different precisions (bf16: small sequential; fp32: tiny replay α=0.5, tiny "
+            "sequential), so size is confounded with precision" in mixed)
 
 
 def test_metric_tables_say_no_significant_difference_where_intervals_overlap(tmp_path):

@@ -408,26 +408,26 @@ def _overview(runs: list[Run], done: list[Run], dirs: Sequence[Path], notes: lis
         "validation data together."
     )
     sec.blocks += notes
-    caution = _precision_caution(done)
+    caution = precision_caution(done, "what the runs vary")
     if caution:
         sec.blocks.append(caution)
     return sec
 
 
-def _precision_caution(done: list[Run]) -> str | None:
-    """``train.precision: auto`` picks per model width and machine, so a sweep over sizes (or
+def precision_caution(runs: Sequence[Run], varied: str) -> str | None:
+    """A caution naming each precision's runs when ``runs`` trained at more than one:
+    ``train.precision: auto`` picks per model width and machine, so a sweep over sizes (or
     over machines) can train its groups at different precisions without saying so."""
     by: dict[str, set[str]] = {}
-    for r in done:
+    for r in runs:
         if r.summary.get("precision"):
             by.setdefault(str(r.summary["precision"]), set()).add(f"{r.preset} {r.group}")
     if len(by) < 2:
         return None
     each = "; ".join(f"{p}: {', '.join(sorted(names))}" for p, names in sorted(by.items()))
     return (
-        f"Caution: these runs trained at different precisions ({each}), so differences "
-        "between those runs mix precision with what was varied; set train.precision for "
-        "all of them to compare them at one."
+        f"Caution: these runs trained at different precisions ({each}), so {varied} is "
+        "confounded with precision; set train.precision for all of them."
     )
 
 

@@ -20,7 +20,16 @@ from scipy import stats
 
 from cptrain.config import METHODS
 from cptrain.presets import PRESETS
-from cptrain.report import Figure, Run, Section, Table, _fmt, axes_text, mean_ci
+from cptrain.report import (
+    Figure,
+    Run,
+    Section,
+    Table,
+    _fmt,
+    axes_text,
+    mean_ci,
+    precision_caution,
+)
 from cptrain.report_figures import heatmap_figure, ratio_figure
 
 METRICS = (("retained_loss", "retained"), ("learned_loss", "learned"), ("forgetting", "forgetting"))
@@ -283,13 +292,9 @@ def size_vs_replay_section(done: Sequence[Run]) -> Section | None:
             replays = {a: runs for (p, o, a), runs in sorted(by.items())
                        if p == small and o == order and a}
             compared = [*s0, *l0, *(r for runs in replays.values() for r in runs)]
-            precision = {f"{r.preset} {r.group}": r.summary.get("precision") for r in compared}
-            if len(set(precision.values()) - {None}) > 1:
-                each = ", ".join(f"{k}: {v}" for k, v in precision.items())
-                sec.blocks.append(
-                    f"Caution: these runs trained at different precisions ({each}), so size is "
-                    "confounded with precision; set train.precision for all of them."
-                )
+            caution = precision_caution(compared, "size")
+            if caution:
+                sec.blocks.append(caution)
             sec.blocks.append(
                 f"{large} ({n_ratio:.2f}× the parameters, {fpt(l0) / fpt(s0):.2f}× the FLOPs "
                 f"per incoming token of {small}) trained sequentially: learned loss "
