@@ -209,8 +209,9 @@ class Throughput(Hook):
         try:
             assert state is not None and state["version"] == self.VERSION
             later = dict.fromkeys(self.LATER_KINDS, 0)
-            seconds = {k: float({**later, **state["seconds"]}[k]) for k in self.KINDS}
-            counts = {k: int({**later, **state["counts"]}[k]) for k in self.KINDS}
+            saved_s, saved_n = {**later, **state["seconds"]}, {**later, **state["counts"]}
+            seconds = {k: float(saved_s[k]) for k in self.KINDS}
+            counts = {k: int(saved_n[k]) for k in self.KINDS}
             tokens = int(state["tokens"])
         except (AssertionError, KeyError, TypeError, ValueError):
             # Timings change no number a run produces: a damaged record restarts them.
