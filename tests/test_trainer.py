@@ -364,6 +364,32 @@ def test_merge_endpoints_reproduce_start_and_final_losses(reference, tmp_path):
     assert result["old_domain"] == ["email"] and result["new_domain"] == ["xml", "asyncio"]
 
 
+def test_merge_interior_lambdas_match_an_independent_interpolation(reference, tmp_path):
+    """Each λ starts from the start weights, not from the previous λ's merge: λ = 0.5 after
+    λ = 0.25 is the true midpoint (the endpoints alone cannot show this)."""
+    from cptrain.evaluate import evaluate_tasks
+    from cptrain.merge import merge_losses
+    from cptrain.model import load_pretrained, model_for_run
+    from cptrain.train.data import TrainingData
+
+    cfg, _ = reference("sequential")
+    run = tmp_path / "seq"
+    shutil.copytree(cfg.run_dir, run, ignore=shutil.ignore_patterns("checkpoints", "replay"))
+    got = {r["lambda"]: r["val_loss"] for r in merge_losses(run, [0.25, 0.5])["rows"]}
+    data = TrainingData(cfg)
+    start = model_for_run("tiny", None, data.vocab_size, seed=cfg.seed, seq_len=32)
+    (final_dir,) = sorted((run / "models").glob("after_2_*"))
+    final = dict(load_pretrained(final_dir).named_parameters())
+    first = {n: p.detach().clone() for n, p in start.named_parameters()}
+    for lam in (0.25, 0.5):
+        with torch.no_grad():
+            for n, p in start.named_parameters():
+                p.copy_(first[n] + lam * (final[n].detach() - first[n]))
+        want = evaluate_tasks(start, data.val_sets, window_len=data.window_len,
+                              windows=cfg.eval.windows, batch_size=cfg.eval.batch_size)
+        assert got[lam] == pytest.approx(want, abs=1e-5), lam
+
+
 def test_seeded_replay_draws_seed_rows_and_resumes_bit_identically(make_config):
     seed = [
         {"source": "task", "task": "asyncio", "tokens": 32 * 12},

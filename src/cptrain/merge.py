@@ -73,7 +73,10 @@ def merge_losses(run: Path, lambdas: list[float]) -> dict[str, Any]:
         seq_len=cfg.train.seq_len,
     )
     final = load_pretrained(_final_model_dir(run, cfg))
-    a, b = start.state_dict(), final.state_dict()
+    # state_dict() shares storage with the model: without the clone, each load below would
+    # overwrite the start weights, and every later λ would interpolate from the previous merge.
+    a = {k: v.detach().clone() for k, v in start.state_dict().items()}
+    b = final.state_dict()
     autocast = torch.bfloat16 if _trained_precision(run, cfg) == "bf16" else None
     rows = []
     for lam in lambdas:
