@@ -73,12 +73,12 @@ SETTINGS = dict(
     train={"threads": 1},
 )
 REPLAY = {**SETTINGS, "replay": {"alpha": 0.25, "visibility_lag": 1}}
-# reptile.variant official: two tasks of 6 steps, a meta-update and a checkpoint every 3, so
-# each checkpoint (the task ends included) is written right after a meta-update, with a restore
-# pending.
+# reptile.variant official: two tasks of 6 steps, k = 5 (meta-updates after steps 1, 6, 11) and
+# a checkpoint every 3, so the first task's end (step 6) is written right after a meta-update,
+# with a restore pending.
 OFFICIAL = {
     **SETTINGS,
-    "reptile": {**SETTINGS["reptile"], "variant": "official"},
+    "reptile": {**SETTINGS["reptile"], "k": 5, "variant": "official"},
     "checkpoint": {"every": 3, "keep_last": 10},
 }
 

@@ -18,14 +18,16 @@ from cptrain.config_base import build_config
 from cptrain.errors import CheckpointError
 from cptrain.reptile import Reptile, ReptileConfig
 from cptrain.train import Trainer, train
+from cptrain.train import hooks as H
 
 EPS = 0.5
 OFFICIAL = {"enabled": True, "k": 2, "epsilon": EPS, "variant": "official"}
-# Two tasks of 6 steps, a meta-update and a checkpoint every 3: each checkpoint (the task ends
-# included) is written right after a meta-update, with a restore pending.
+# Two tasks of 7 steps, k = 2 (official: meta-updates after the odd steps), a checkpoint every
+# 3: the checkpoints of steps 3, 9 and the first task's end (7) are written right after a
+# meta-update, with a restore pending; those of 6, 12 and 14 are not.
 TWO_TASKS = {
-    "data": {"tasks": ["email", "xml"], "tokens_per_task": 8 * 32 * 6},
-    "reptile": {**OFFICIAL, "k": 3},
+    "data": {"tasks": ["email", "xml"], "tokens_per_task": 8 * 32 * 7},
+    "reptile": OFFICIAL,
     "checkpoint": {"every": 3, "keep_last": 10},
 }
 
@@ -97,42 +99,122 @@ def all_equal(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
 
 @pytest.fixture(scope="module")
 def three_steps(prepared_dir, tmp_path_factory):
-    """variant -> (captures, weights after step 3) for k=2: the meta-update follows step 2."""
+    """variant -> (captures, weights after step 3) for k=2: the official meta-updates follow
+    steps 1 and 3, the faithful one step 2."""
     root = tmp_path_factory.mktemp("official")
     out = {}
-    for variant in ("official", "faithful"):
+    for variant, updates in (("official", 2), ("faithful", 1)):
         reptile = {**OFFICIAL, "variant": variant}
         cfg = tiny_run_config(root / variant, prepared_dir, reptile=reptile)
         seen, after, trainer = run_steps(cfg, 3)
-        assert trainer.reptile is not None and trainer.reptile.updates == 1
+        assert trainer.reptile is not None and trainer.reptile.updates == updates
         out[variant] = (seen, after)
     return out
 
 
 def test_step_after_meta_update_lands_on_the_uninterpolated_weights(three_steps):
-    seen, after = three_steps["official"]
+    seen, _ = three_steps["official"]
     start, step2, step3 = seen
-    # The weights after step 2, before the meta-update, replayed independently; the anchor is
+    # The weights after step 1, before the meta-update, replayed independently; the anchor is
     # the initial weights (the first period).
-    w2 = replay_step(step2, step2["params"])
-    interpolated = [torch.lerp(a, w, EPS) for a, w in zip(start["params"], w2, strict=True)]
-    # Step 3's forward/backward ran on the interpolated weights ...
-    for got, want in zip(step3["params"], interpolated, strict=True):
+    w1 = replay_step(start, start["params"])
+    interpolated = [torch.lerp(a, w, EPS) for a, w in zip(start["params"], w1, strict=True)]
+    # Step 2's forward/backward ran on the interpolated weights ...
+    for got, want in zip(step2["params"], interpolated, strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-7)
-    assert not all_equal(step3["params"], w2)
-    # ... and its update landed on the un-interpolated ones: the meta-update reached the
-    # weights only through that one gradient.
-    assert all_equal(after, replay_step(step3, w2))
-    assert not all_equal(after, replay_step(step3, step3["params"]))
+    assert not all_equal(step2["params"], w1)
+    # ... and its update landed on the un-interpolated ones (step 3 starts there: no
+    # meta-update after step 2): the meta-update reached the weights only through that one
+    # gradient.
+    assert all_equal(step3["params"], replay_step(step2, w1))
+    assert not all_equal(step3["params"], replay_step(step2, step2["params"]))
 
 
 def test_faithful_steps_from_the_interpolated_weights(three_steps):
     seen, after = three_steps["faithful"]
-    assert all_equal(after, replay_step(seen[2], seen[2]["params"]))
-    official_seen, official_after = three_steps["official"]
-    # Same first two steps and meta-update, so the same forward at step 3; different masters.
-    assert all_equal(seen[2]["params"], official_seen[2]["params"])
-    assert not all_equal(after, official_after)
+    start, step2, step3 = seen
+    w2 = replay_step(step2, step2["params"])
+    interpolated = [torch.lerp(a, w, EPS) for a, w in zip(start["params"], w2, strict=True)]
+    for got, want in zip(step3["params"], interpolated, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-7)
+    assert all_equal(after, replay_step(step3, step3["params"]))
+
+
+def update_steps(variant: str, k: int, steps: int, boundary_at: int | None = None) -> list[int]:
+    """After which optimizer steps (1-based) a Reptile of ``variant`` meta-updates, with a
+    task boundary before step ``boundary_at + 1``."""
+    p = torch.nn.Parameter(torch.tensor([1.0, -1.0]))
+    reptile = Reptile([("w", p)], reptile_cfg(variant=variant, k=k))
+    opt = torch.optim.SGD([p], lr=0.1)
+    reptile.attach(opt)
+    fired = []
+    for step in range(1, steps + 1):
+        if step - 1 == boundary_at:
+            reptile.on_task_boundary(opt)
+        (p**2).sum().backward()
+        before = reptile.updates
+        opt.step()
+        opt.zero_grad()
+        if reptile.updates > before:
+            fired.append(step)
+    return fired
+
+
+def test_official_schedule_is_the_official_codes():
+    # Its loop tests `iteration % k == 0` before counting the step: after steps 1, k+1, 2k+1.
+    assert update_steps("official", 3, 10) == [1, 4, 7, 10]
+    assert update_steps("faithful", 3, 10) == [3, 6, 9]
+    assert update_steps("official", 1, 3) == [1, 2, 3]
+    # A task boundary re-reads the anchor but does not restart the run-wide count.
+    assert update_steps("official", 3, 10, boundary_at=5) == [1, 4, 7, 10]
+
+
+class Watch(H.Hook):
+    """At each task start (after the built-in hooks): the anchor and the weights."""
+
+    def __init__(self) -> None:
+        self.starts: list[tuple[int, list[torch.Tensor], list[torch.Tensor]]] = []
+
+    def on_task_start(self, trainer: Trainer, task: int) -> None:
+        reptile = trainer.reptile
+        assert reptile is not None
+        anchor = [a.clone() for a in reptile.state_dict()["anchor"].values()]
+        weights = [p.detach().clone() for _, p in trainer.model.named_parameters()]
+        self.starts.append((trainer.state.step, anchor, weights))
+
+
+def test_official_anchor_is_reread_at_each_task_start(make_config):
+    cfg = make_config("anchor", **{**TWO_TASKS, "reptile": {**OFFICIAL, "k": 3}})
+    watch = Watch()
+    trainer = Trainer(cfg, progress=False, hooks=[watch])
+    trainer.run()
+    (_, _, _), (step, anchor, weights) = watch.starts
+    # Task 2 starts at step 7, right after the meta-update of step 7 (1, 4, 7 with k = 3): the
+    # anchor is the module's weights there, not the anchor of that meta-update's period.
+    assert step == 7 and all_equal(anchor, weights)
+    assert trainer.reptile is not None and trainer.reptile.updates == 5  # 1, 4, 7, 10, 13
+
+
+def test_task_end_evaluates_and_exports_the_optimizers_weights(make_config):
+    """The first task ends right after a meta-update: by default its loss-matrix row and
+    exported model are the weights the optimizer steps; ``interpolated`` shows the others.
+    Training itself is the same either way."""
+    cut = Trainer(make_config("cut", **TWO_TASKS), progress=False, stop_after=7)
+    cut.run()
+    assert cut.reptile is not None and cut.reptile.pending_restore
+    held = dict(zip(cut.reptile._names, cut.reptile._masters or [], strict=True))
+    shown = {
+        name: make_config(name, **{**TWO_TASKS, "reptile": {**OFFICIAL, "evaluate_weights": w}})
+        for name, w in (("opt", "optimizer"), ("interp", "interpolated"))
+    }
+    summaries = {name: train(cfg, progress=False) for name, cfg in shown.items()}
+    opt_0, interp_0 = (model_after(shown[n].run_dir, 0) for n in ("opt", "interp"))
+    assert all(torch.equal(opt_0[n], held[n]) for n in held)
+    assert not all(torch.equal(interp_0[n], held[n]) for n in held)
+    rows = {n: s["loss_matrix"] for n, s in summaries.items()}
+    assert rows["opt"][0] != rows["interp"][0]
+    assert rows["opt"][1] == rows["interp"][1]  # step 14: nothing pending, same training
+    assert summaries["opt"]["loss_matrix"][0] == cut.state.loss_matrix[0]
 
 
 def test_official_with_epsilon_one_is_bit_identical_to_no_reptile(make_config):
@@ -174,7 +256,8 @@ def test_sgd_step_after_meta_update_by_hand():
     opt = torch.optim.SGD([p], lr=0.1)
     reptile.attach(opt)
     with torch.no_grad():
-        p.copy_(torch.tensor([4.0, -2.0]))  # as if k steps had moved it
+        p.copy_(torch.tensor([4.0, -2.0]))  # as if step 1 had moved it
+    reptile.steps = 1  # ... and its meta-update is this one: step 2 has none (k = 2)
     reptile.meta_update(opt)
     assert torch.equal(p.detach(), torch.tensor([2.0, -1.0])) and reptile.pending_restore
     (p**2).sum().backward()  # gradient at the interpolated point: 2p = (4, -2)

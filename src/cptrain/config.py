@@ -198,7 +198,14 @@ class ReptileConfig(StrictModel):
     variant: Literal["faithful", "official"] = Field(
         "faithful",
         description="faithful: interpolate the weights the optimizer steps; official: as the "
-        "paper's code, only the next forward/backward sees them (the optimizer's copy is kept)",
+        "paper's code, only the next forward/backward sees them (the optimizer's copy is kept), "
+        "on its schedule (after steps 1, k+1, 2k+1, ...; the anchor re-read at each task start)",
+    )
+    evaluate_weights: Literal["optimizer", "interpolated"] = Field(
+        "optimizer",
+        description="official only, when a task end falls between a meta-update and the next "
+        "step: evaluate and export the optimizer's weights (what the official code evaluated) "
+        "or the interpolated ones the next forward uses",
     )
 
 

@@ -11,7 +11,12 @@ meta-update reached the weights only through that one gradient. ``variant: offic
 reproduces this: the meta-update keeps an exact copy of the weights, interpolates, and an
 optimizer pre-step hook puts the copy back after the next backward, so that step lands on the
 old weights with the gradient of the interpolated ones. The anchor becomes the interpolated
-weights, as the official code re-reads it from the module after the update.
+weights, as the official code re-reads it from the module after the update. It also keeps the
+official code's timing: its loop tests ``iteration % k == 0`` before counting the step, so the
+meta-update follows optimizer steps 1, k+1, 2k+1, ... of the whole run, and each task start
+re-reads the anchor from the module without restarting that count. Between a meta-update and
+the next step the module holds the interpolated weights while the optimizer holds others;
+``optimizer_weights()`` lends the latter for evaluation and export (``evaluate_weights``).
 
 Build Reptile after the model is final (after ``fully_shard``, after ``init_from`` weights are
 loaded) and after the optimizer, from the same parameter objects; ``attach`` checks this.
@@ -19,7 +24,8 @@ loaded) and after the optimizer, from the same parameter objects; ``attach`` che
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -105,6 +111,7 @@ class Reptile:
         if self.cfg.variant == "official" and self.cfg.epsilon < 1.0:
             self._masters = [self._new_buffer(_local(p), exact=True) for p in self._params]
         self.pending_restore = False
+        self.steps = 0  # optimizer steps seen: the official schedule counts the whole run
         self.steps_since_anchor = 0
         self.updates = 0
         self.last_displacement_cosine: float | None = None
@@ -177,9 +184,17 @@ class Reptile:
         self.restore_masters()
 
     def _post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        self.steps += 1
         self.steps_since_anchor += 1
-        if self.steps_since_anchor >= self.cfg.k:
+        if self.due():
             self.meta_update(optimizer)
+
+    def due(self) -> bool:
+        """Whether the step just counted is followed by a meta-update: every k-th step of the
+        period (faithful), or steps 1, k+1, 2k+1, ... of the run (official)."""
+        if self.cfg.variant == "official":
+            return (self.steps - 1) % self.cfg.k == 0
+        return self.steps_since_anchor >= self.cfg.k
 
     # ---------------------------------------------------------------- the update
     @torch.no_grad()
@@ -204,6 +219,24 @@ class Reptile:
             return
         self._copy(self._masters, locals_)
         self.pending_restore = True
+
+    @contextmanager
+    def optimizer_weights(self) -> Iterator[None]:
+        """Official, with a restore pending: the module holds the optimizer's weights inside
+        the block (for evaluation or export) and the interpolated ones again after it, so the
+        next forward/backward is unchanged. Otherwise the two are the same: nothing moves."""
+        if not self.pending_restore or self._masters is None:
+            yield
+            return
+        locals_ = self._locals()
+        with torch.no_grad():
+            interpolated = [x.clone() for x in locals_]
+            self._copy(locals_, self._masters)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                self._copy(locals_, interpolated)
 
     @torch.no_grad()
     def restore_masters(self) -> None:
@@ -290,11 +323,16 @@ class Reptile:
         self.steps_since_anchor = 0
 
     def on_task_boundary(self, optimizer: torch.optim.Optimizer | None = None) -> None:
-        """With ``reset_at_task_boundary``: re-anchor (and reset moments if configured)."""
-        if not self.cfg.reset_at_task_boundary:
+        """A new task starts. With ``reset_at_task_boundary``: re-anchor (and reset moments if
+        configured). Official: re-anchor always, from the module's weights (interpolated ones
+        when a restore is pending), as the official code copies its anchor at each task start;
+        its schedule still counts the whole run."""
+        official = self.cfg.variant == "official"
+        if not (self.cfg.reset_at_task_boundary or official):
             return
         self.reanchor()
-        if self.cfg.reset_optimizer_moments and optimizer is not None:
+        moments = self.cfg.reset_at_task_boundary and self.cfg.reset_optimizer_moments
+        if moments and optimizer is not None:
             self._reset_moments(optimizer)
 
     # ---------------------------------------------------------------- checkpoint
@@ -322,6 +360,7 @@ class Reptile:
             "version": STATE_VERSION,
             "k": self.cfg.k,
             "epsilon": self.cfg.epsilon,
+            "steps": self.steps,
             "steps_since_anchor": self.steps_since_anchor,
             "updates": self.updates,
             "anchor": by_name(self._anchors),
@@ -349,6 +388,14 @@ class Reptile:
                 f"cptrain understands ({STATE_VERSION}); upgrade cptrain to resume it"
             )
         counters = {key: state.get(key) for key in ("steps_since_anchor", "updates")}
+        # A checkpoint from before the run-wide count (only the official schedule reads it,
+        # and cptrain had not used it yet): the steps its counters account for.
+        counters["steps"] = state.get(
+            "steps",
+            counters["updates"] * self.cfg.k + counters["steps_since_anchor"]
+            if all(isinstance(v, int) for v in counters.values())
+            else None,
+        )
         for key, value in counters.items():
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise CheckpointError(
@@ -374,6 +421,7 @@ class Reptile:
         self.pending_restore = masters is not None
         # Tracking turned on at resume: the first period has nothing to compare with.
         self._has_prev = prev is not None
+        self.steps = counters["steps"]
         self.steps_since_anchor = counters["steps_since_anchor"]
         self.updates = counters["updates"]
         cos = state.get("last_displacement_cosine")

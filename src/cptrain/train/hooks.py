@@ -346,7 +346,8 @@ class TaskExport(Hook):
 
 
 class ReptileBoundary(Hook):
-    """``reptile.reset_at_task_boundary``: a new meta-period when a new task starts."""
+    """``reptile.reset_at_task_boundary`` (and ``variant: official``): a new meta-period, or
+    anchor, when a new task starts."""
 
     def on_task_start(self, trainer: Trainer, task: int) -> None:
         if task > 0 and trainer.reptile is not None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import gc
 import time
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -334,7 +335,7 @@ class Trainer:
     def evaluate(self, kind: str | None = None) -> dict[str, float]:
         """Every task's validation loss (evaluation-only tasks too); with ``kind``, hooks see
         it (and log it)."""
-        with self.clock.timed("eval"):
+        with self.clock.timed("eval"), self._weights_shown():
             losses = evaluate_tasks(
                 self.model, self.data.val_sets, window_len=self.data.window_len,
                 windows=self.cfg.eval.windows, batch_size=self.cfg.eval.batch_size,
@@ -343,6 +344,13 @@ class Trainer:
         if kind is not None:
             self._fire("on_eval", losses, kind)
         return losses
+
+    def _weights_shown(self) -> AbstractContextManager[None]:
+        """The weights evaluations and exports see: official Reptile's optimizer weights (not
+        the interpolated ones only the next forward uses) unless ``evaluate_weights`` says so."""
+        if self.reptile is None or self.cfg.reptile.evaluate_weights == "interpolated":
+            return nullcontext()
+        return self.reptile.optimizer_weights()
 
     def finish_task(self, t: int) -> None:
         """Evaluate, fill the loss matrix row, let hooks export, then checkpoint."""
@@ -362,7 +370,7 @@ class Trainer:
             return self.checkpoints.save(self.state.step)
 
     def export(self, out: Path, card: str | None = None) -> None:
-        with self.clock.timed("export"):
+        with self.clock.timed("export"), self._weights_shown():
             export_model(self.model, self.env, out, self.data.tokenizer_dir, card=card)
 
     def close(self) -> None:
