@@ -206,6 +206,26 @@ def test_a_summary_of_an_older_cptrain_shows_no_compute_and_says_why(tmp_path):
     assert "1 run(s) without compute figures" in md and "--resume" in md
 
 
+def test_paper_code_forgetting_is_shown_beside_forgetting_and_older_runs_show_a_dash(tmp_path):
+    new, old = make_run(tmp_path / "s", "sequential", seed=0), make_run(tmp_path / "s", seed=1)
+    for run, value in ((new, -0.4321), (old, None)):
+        s = read_summary(run)
+        s.pop("forgetting_paper_code", None)  # an older cptrain wrote no such key
+        if value is not None:
+            s["forgetting_paper_code"] = value
+        (run / "summary.json").write_text(json.dumps(s))
+    write_report([tmp_path / "s"], tmp_path / "out")
+    md = (tmp_path / "out" / "report.md").read_text()
+    header = md[md.index("## All runs"):].split("| run |")[1].splitlines()[0]
+    cols = [c.strip() for c in header.strip("|").split("|")]
+    at = 1 + cols.index("forgetting (paper code)")
+    assert cols[at - 2] == "forgetting"  # next to cptrain's own figure
+    assert _md_row(md, "All runs", new.name)[at] == "-0.432"
+    assert _md_row(md, "All runs", old.name)[at] == "–"
+    assert _md_row(md, "Forgetting as the paper's official code", "sequential")[1] == (
+        "-0.432 (n=1)")  # n counts the seeds that have it
+
+
 def test_groups_are_named_by_the_method_table(tmp_path):
     make_run(tmp_path / "s", "mer", 0.25)
     make_run(tmp_path / "s", "reptile")

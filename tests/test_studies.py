@@ -10,10 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from scipy import stats
 
 from cptrain.errors import ConfigError
 from cptrain.report import write_report
-from cptrain.report_studies import IBRAHIM, pairs, verdict
+from cptrain.report_studies import IBRAHIM, pairs
 from cptrain.sweep import expand_sweep, load_sweep
 
 
@@ -60,13 +61,6 @@ def test_repeated_axis_label_is_refused(tmp_path, prepared_dir):
                                             {"key": "eval.lr", "label": "lr", "values": [1]}]}
     with pytest.raises(ConfigError, match="used twice"):
         load_sweep(_sweep(tmp_path, grid, prepared_dir))
-
-
-def test_verdict_words():
-    assert verdict(-0.2, 0.1) == "significantly lower"
-    assert verdict(0.2, 0.1) == "significantly higher"
-    assert verdict(0.05, 0.1) == "no significant difference"
-    assert verdict(0.05, float("nan")) == "one pair, no interval"
 
 
 # ---------------------------------------------------------------- report from run directories
@@ -201,13 +195,16 @@ def test_size_vs_replay_is_void_unless_the_larger_model_learns_better(tmp_path):
     assert "comparison is void" in void and "Δ retained" not in void
     real = build(tmp_path / "real", large_learned=4.6)
     assert "comparison is void" not in real
-    assert "2.00× the parameters" in real and "(significantly lower)" in real
+    assert "2.00× the parameters" in real
+    assert "-0.400 ± 0.023 (Holm p < 0.001) against tiny (significantly lower; Welch" in real
     row = next(line for line in real.splitlines() if line.startswith("| tiny α=0.5"))
     # retained (5.6 + 5.2) / 2 − (6.0 + 4.6) / 2; forgetting (5.6 − 5.0) − (6.0 − 4.6)
-    assert "| 2.00× | 2.00× | +0.100 ± " in row and "| significantly higher |" in row
-    assert "-0.800" in row
+    assert "| 2.00× | 2.00× | +0.100 ± " in row
+    assert "| significantly higher (Holm p < 0.001) |" in row
+    assert "| -0.800 ± 0.000 | significantly lower (Holm p < 0.001) |" in row
     # learned (5.0 + 5.2) / 2 − 4.6 (unpaired: the interval is the retained one's, same spread)
-    assert row.endswith("| +0.500 ± 0.023 | significantly higher |")
+    assert row.endswith("| +0.500 ± 0.023 | significantly higher (Holm p < 0.001) |")
+    assert "n = 3 seeds per group" in real and "Caution: with n < 5" in real
     assert "different precisions" not in real
     # `precision: auto` can pick bf16 for one size only: the report says size is confounded
     mixed = build(tmp_path / "mixed", large_learned=4.6, large_precision="bf16")
@@ -229,8 +226,13 @@ def test_metric_tables_say_no_significant_difference_where_intervals_overlap(tmp
     md = (root / "report" / "report.md").read_text()
     line = next(s for s in md.splitlines() if s.startswith("Forgetting, tiny:"))
     assert "lowest mean replay α=0.25" in line
-    assert "no significant difference (95% intervals overlap) from MER α=0.25" in line
-    assert "1 method(s) significantly higher" in line
+    # Welch t-tests Holm-adjusted over the 3 pairs of methods: replay vs MER (0.02 apart) has
+    # the largest raw p, so Holm leaves it as it is (× 1)
+    p = stats.ttest_ind([0.5, 0.55, 0.6], [0.52, 0.57, 0.62], equal_var=False).pvalue
+    assert f"no significant difference from MER α=0.25 (Holm p = {p:.2g})" in line
+    assert "1 method(s) significantly higher: sequential (Holm p < 0.001)" in line
+    assert "across 3 pair(s) of methods" in line
+    assert "n = 3 seeds per method and size. Caution: with n < 5" in md
 
 
 def test_a_method_can_be_limited_to_some_presets(tmp_path, prepared_dir):

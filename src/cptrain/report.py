@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy import stats
 
 from cptrain.config import METHODS
 from cptrain.errors import ConfigError
@@ -35,6 +34,8 @@ from cptrain.flops import run_flops
 from cptrain.fsutil import atomic_write_text
 from cptrain.presets import PRESETS
 from cptrain.report_figures import Curves, bars_figure, curves_figure, scaling_figure
+from cptrain.report_stats import METHOD, mean_ci, n_note, versus_lowest
+from cptrain.report_stats import fmt as _fmt
 from cptrain.scaling import fit_groups, replay_vs_size
 
 # The α = 0 method each replay method is compared with when asking "replay or a bigger model?":
@@ -217,24 +218,6 @@ def collect_runs(dirs: Sequence[Path]) -> tuple[list[Run], list[str]]:
 
 
 # ------------------------------------------------------------------------------- statistics
-def mean_ci(values: Sequence[float], confidence: float = 0.95) -> tuple[float | None, float]:
-    """Mean and the half width of its t-interval (nan with fewer than two values)."""
-    v = np.asarray([x for x in values if x is not None and math.isfinite(x)], dtype=np.float64)
-    if v.size == 0:
-        return None, math.nan
-    if v.size == 1:
-        return float(v[0]), math.nan
-    half = stats.t.ppf(0.5 + confidence / 2, v.size - 1) * v.std(ddof=1) / math.sqrt(v.size)
-    return float(v.mean()), float(half)
-
-
-def _fmt(mean: float | None, half: float = math.nan, signed: bool = False, digits: int = 3) -> str:
-    if mean is None or not math.isfinite(mean):
-        return "–"
-    text = f"{mean:+.{digits}f}" if signed else f"{mean:.{digits}f}"
-    return text + (f" ± {half:.{digits}f}" if math.isfinite(half) else "")
-
-
 def _sci(x: float | None) -> str:
     return "–" if x is None else f"{x:.3g}"
 
@@ -383,9 +366,10 @@ class Groups:
         for g, order in self.keyed():
             row = [self.row_name(g, order)]
             for p in self.presets:
-                runs = self.by.get((g, p, order), [])
-                mean, half = mean_ci([r.summary.get(key) for r in runs])
-                row.append(_fmt(mean, half, signed) + (f" (n={len(runs)})" if runs else ""))
+                vals = [v for r in self.by.get((g, p, order), [])
+                        if (v := r.summary.get(key)) is not None]  # older runs may lack a key
+                mean, half = mean_ci(vals)
+                row.append(_fmt(mean, half, signed) + (f" (n={len(vals)})" if vals else ""))
             rows.append(row)
         return Table(["method", *self.presets], rows, caption)
 
@@ -440,41 +424,51 @@ def _metric_tables(g: Groups) -> Section:
     sec.blocks.append(g.metric_table("learned_loss", "Table 4 — learned loss (loss on each task "
                                      "right after training it; lower is better)"))
     sec.blocks.append(g.metric_table("union_loss", "Union loss after the last task"))
+    if any("forgetting_paper_code" in r.summary for rs in g.by.values() for r in rs):
+        sec.blocks.insert(1, g.metric_table(
+            "forgetting_paper_code", "Forgetting as the paper's official code computes it "
+            "(its sign and averaging, comparable with the paper's Fig. 4; see the README)",
+            signed=True))
     for key, name in (("forgetting", "forgetting"), ("retained_loss", "retained loss"),
                       ("learned_loss", "learned loss")):
         sec.blocks += overlap_words(g, key, name)
+    sec.blocks.append(n_note([len(rs) for rs in g.by.values()], "seeds per method and size",
+                             paired=False))
     return sec
 
 
 def overlap_words(g: Groups, key: str, name: str) -> list[str]:
-    """Which methods the lowest one is not distinguishable from: 95% intervals that overlap
-    are called "no significant difference" rather than ranked."""
+    """Which methods are significantly higher than the lowest one, by Welch t-tests
+    Holm-adjusted over every pair of methods of one preset and order; with one seed somewhere
+    there is no test and no ranking is claimed."""
     out = []
     for order in g.orders:
         for p in g.presets:
-            stats_ = {grp: mean_ci([r.summary.get(key) for r in g.by.get((grp, p, order), [])])
+            values = {grp: [r.summary.get(key) for r in g.by[(grp, p, order)]]
                       for grp in g.groups if (grp, p, order) in g.by}
-            stats_ = {k: v for k, v in stats_.items() if v[0] is not None}
-            if len(stats_) < 2:
+            values = {k: v for k, v in values.items() if any(x is not None for x in v)}
+            if len(values) < 2:
                 continue
             where = p + ("" if len(g.orders) == 1 else f" [{'→'.join(order)}]")
-            if any(not math.isfinite(h) for _, h in stats_.values()):
-                out.append(f"{name.capitalize()}, {where}: some methods have one seed, so no "
-                           "interval and no ranking is claimed.")
+            found = versus_lowest(values)
+            if found is None:
+                out.append(f"{name.capitalize()}, {where}: some methods have one seed, so "
+                           "there is no test: cannot tell which is lowest.")
                 continue
-            best = min(stats_, key=lambda k: stats_[k][0])  # type: ignore[arg-type, return-value]
-            bm, bh = stats_[best]
-            same = [k for k, (m, h) in stats_.items()
-                    if k != best and abs(m - bm) <= h + bh]  # type: ignore[operator]
-            worse = len(stats_) - 1 - len(same)
-            shown = ", ".join(same[:8]) + (f" and {len(same) - 8} more" if len(same) > 8 else "")
+            best, higher, same = found
+            bm = mean_ci(values[best])[0]
             out.append(
                 f"{name.capitalize()}, {where}: lowest mean {best} ({bm:.3f}); "
-                + (f"no significant difference (95% intervals overlap) from {shown}; "
-                   if same else "")
-                + f"{worse} method(s) significantly higher."
+                + (f"no significant difference from {_listed(same)}; " if same else "")
+                + f"{len(higher)} method(s) significantly higher"
+                + (f": {_listed(higher)}" if higher else "") + f" (Welch t-tests, {METHOD}-"
+                f"adjusted across {len(values) * (len(values) - 1) // 2} pair(s) of methods)."
             )
     return out
+
+
+def _listed(items: list[str]) -> str:
+    return ", ".join(items[:8]) + (f" and {len(items) - 8} more" if len(items) > 8 else "")
 
 
 def _forgetting_figure(g: Groups, fig_dir: Path) -> Figure | None:
@@ -766,14 +760,15 @@ def _runs_table(runs: list[Run]) -> Section:
         s = r.summary
         rows.append([r.name, r.group, r.preset, str(r.seed), "→".join(r.order),
                      _fmt(s.get("forgetting"), signed=True),
+                     _fmt(s.get("forgetting_paper_code"), signed=True),  # "–" for older runs
                      # summaries written before the history-based figure have only this one
                      _fmt(s.get("forgetting_task_end", s.get("forgetting")), signed=True),
                      _fmt(s.get("retained_loss")),
                      _fmt(s.get("learned_loss")), _fmt(s.get("union_loss")),
                      "yes" if r.complete else f"no ({len(s['loss_matrix'])} tasks)"])
     return Section("All runs", [Table(["run", "method", "preset", "seed", "order", "forgetting",
-                                       "forgetting (task-end only)", "retained", "learned",
-                                       "union", "complete"], rows)])
+                                       "forgetting (paper code)", "forgetting (task-end only)",
+                                       "retained", "learned", "union", "complete"], rows)])
 
 
 # ------------------------------------------------------------------------------- entry point

@@ -184,7 +184,8 @@ def heatmap_figure(
     col_label: str,
 ) -> Path | None:
     """One heatmap per (metric, panel): ``grids[metric][panel] = (means, significant)``; a
-    diverging scale centred on 0 per metric, each cell annotated, * where significant."""
+    diverging scale centred on 0 per metric, each cell annotated, * where significant (the
+    caller decides: Holm-adjusted p < 0.05 across the metric's cells, cptrain.report_stats)."""
     metrics = [m for m, panels in grids.items() if panels]
     if not metrics:
         return None

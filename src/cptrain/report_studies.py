@@ -3,8 +3,10 @@ map (k × ε heatmaps), the replay-ratio curve and size against replay at equal 
 
 Each section appears only when the runs contain what it needs. Differences are paired run by
 run (same seed, preset, task order and the baseline's own axis values), so seed-to-seed noise
-shared by both runs cancels; intervals are 95% t-intervals, and an interval that contains 0 is
-reported as "no significant difference", never as a ranking.
+shared by both runs cancels; intervals are 95% t-intervals. "Significant" is decided by
+`cptrain.report_stats`: Holm-adjusted p < 0.05 across the comparisons of one metric in the
+table or map, never by one interval alone; anything else is "no significant difference", never
+a ranking.
 """
 
 from __future__ import annotations
@@ -16,22 +18,29 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy import stats
 
 from cptrain.config import METHODS
 from cptrain.presets import PRESETS
-from cptrain.report import (
-    Figure,
-    Run,
-    Section,
-    Table,
-    _fmt,
-    axes_text,
-    mean_ci,
-    precision_caution,
-)
+from cptrain.report import Figure, Run, Section, Table, axes_text, precision_caution
 from cptrain.report_figures import heatmap_figure, ratio_figure
+from cptrain.report_stats import (
+    LEVEL,
+    METHOD,
+    Comparison,
+    adjust_tests,
+    cell,
+    family_note,
+    mean_ci,
+    n_note,
+    p_text,
+    paired_test,
+    significant,
+    verdict,
+    welch_test,
+)
+from cptrain.report_stats import fmt as _fmt
 
+NO_TEST = Comparison(None, math.nan, math.nan, 0)  # an empty cell of the map
 METRICS = (("retained_loss", "retained"), ("learned_loss", "learned"), ("forgetting", "forgetting"))
 
 # Ibrahim et al. 2024 ("Simple and Scalable Strategies to Continually Pre-train LLMs"), 405M,
@@ -40,17 +49,6 @@ METRICS = (("retained_loss", "retained"), ("learned_loss", "learned"), ("forgett
 IBRAHIM = {0.0: (3.56, 1.11), 0.01: (2.83, 1.12), 0.05: (2.57, 1.12), 0.1: (2.46, 1.13),
            0.25: (2.33, 1.16), 0.5: (2.24, 1.22)}
 IBRAHIM_UNION = (2.26, 1.25)
-
-
-def verdict(mean: float | None, half: float) -> str:
-    """Words for a difference: significant only when its 95% interval excludes 0."""
-    if mean is None or not math.isfinite(mean):
-        return "–"
-    if not math.isfinite(half):
-        return "one pair, no interval"
-    if abs(mean) <= half:
-        return "no significant difference"
-    return "significantly lower" if mean < 0 else "significantly higher"
 
 
 def pairs(runs: Sequence[Run], baseline: str) -> dict[str, list[tuple[Run, Run]]]:
@@ -69,10 +67,9 @@ def pairs(runs: Sequence[Run], baseline: str) -> dict[str, list[tuple[Run, Run]]
     return out
 
 
-def _delta(pair_list: list[tuple[Run, Run]], key: str) -> tuple[float | None, float]:
-    vals = [r.summary.get(key) - b.summary.get(key) for r, b in pair_list
-            if r.summary.get(key) is not None and b.summary.get(key) is not None]
-    return mean_ci(vals)
+def _delta(pair_list: list[tuple[Run, Run]], key: str) -> Comparison:
+    return paired_test([r.summary.get(key) - b.summary.get(key) for r, b in pair_list
+                        if r.summary.get(key) is not None and b.summary.get(key) is not None])
 
 
 def paired_section(done: Sequence[Run], baseline: str | None) -> Section | None:
@@ -82,27 +79,26 @@ def paired_section(done: Sequence[Run], baseline: str | None) -> Section | None:
     if not found:
         return None
     sec = Section(f"Paired differences against {baseline}")
+    groups = sorted(found, key=lambda g: (len(g), g))
+    tests = {key: [_delta(found[grp], key) for grp in groups] for key, _ in METRICS}
+    adj = {key: adjust_tests(ts) for key, ts in tests.items()}
     sec.blocks.append(
         f"Each run minus the {baseline} run of the same seed, size, task order and shared "
-        "settings; mean ± 95% t-interval over the pairs. Negative = lower loss (better) than "
-        f"{baseline}. A difference counts only when its interval excludes 0."
+        "settings; mean ± 95% t-interval over the pairs and a paired t-test. Negative = lower "
+        f"loss (better) than {baseline}. " + family_note(len(groups), "settings of each column")
+        + " " + n_note([len(found[g]) for g in groups], "pairs per setting", paired=True)
     )
-    rows, counts = [], {k: defaultdict(int) for k, _ in METRICS}
-    for grp in sorted(found, key=lambda g: (len(g), g)):
-        cells = []
-        for key, _ in METRICS:
-            mean, half = _delta(found[grp], key)
-            word = verdict(mean, half)
-            counts[key][word] += 1
-            cells.append(f"{_fmt(mean, half, signed=True)} ({word})")
-        rows.append([grp, str(len(found[grp])), *cells])
+    rows = [[grp, str(len(found[grp])), *(cell(tests[key][i], adj[key][i]) for key, _ in METRICS)]
+            for i, grp in enumerate(groups)]
     sec.blocks.append(Table(["run group", "pairs", *(f"Δ {n}" for _, n in METRICS)], rows))
     for key, name in METRICS:
-        c = counts[key]
+        c = defaultdict(int)
+        for t, p in zip(tests[key], adj[key], strict=True):
+            c[verdict(t, p)] += 1
         sec.blocks.append(
             f"Δ {name}: {c['significantly lower']} setting(s) significantly lower, "
             f"{c['significantly higher']} significantly higher, {c['no significant difference']} "
-            f"with no significant difference (of {sum(c.values())})."
+            f"with no significant difference (of {sum(c.values())}; {METHOD} across them)."
         )
     return sec
 
@@ -136,13 +132,23 @@ def reptile_map_section(done: Sequence[Run], baseline: str | None, fig_dir: Path
     ks = sorted({c[1] for c in cells})
     es = sorted({c[2] for c in cells})
     sec = Section("The Reptile map: MER − replay over k × ε")
+    places = [(panel, i, k, j, e) for panel in panels for i, k in enumerate(ks)
+              for j, e in enumerate(es) if (panel, k, e) in cells]
     sec.blocks.append(
         f"Each cell: mean over seeds of (run with Reptile every k steps at ε) − ({baseline} run "
-        "of the same seed and the same other settings); * marks cells whose 95% interval "
-        "excludes 0. Negative = Reptile lowered the loss (or the forgetting)."
+        "of the same seed and the same other settings) ± 95% t-interval, and the paired t-test's "
+        f"{METHOD}-adjusted p; * marks significant cells. Negative = Reptile lowered the loss "
+        "(or the forgetting). " + family_note(len(places), "cells of each metric's map (all "
+                                              "panels)")
+        + " " + n_note([len(cells[(pn, k, e)]) for pn, _, k, _, e in places], "pairs per cell",
+                       paired=True)
     )
     grids: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
     for key, name in METRICS:
+        tests = [_delta(cells[(pn, k, e)], key) for pn, _, k, _, e in places]
+        adj = adjust_tests(tests)
+        found = {(pn, i, j): (t, p) for (pn, i, _, j, _), t, p in zip(places, tests, adj,
+                                                                       strict=True)}
         grids[name] = {}
         for panel in panels:
             mean = np.full((len(ks), len(es)), np.nan)
@@ -150,29 +156,33 @@ def reptile_map_section(done: Sequence[Run], baseline: str | None, fig_dir: Path
             rows = []
             for i, k in enumerate(ks):
                 row = [f"{panel} k={k:g}"]
-                for j, e in enumerate(es):
-                    m, h = _delta(cells.get((panel, k, e), []), key)
-                    if m is not None:
-                        mean[i, j] = m
-                        sig[i, j] = math.isfinite(h) and abs(m) > h
-                    row.append(_fmt(m, h, signed=True) + (" *" if sig[i, j] else ""))
+                for j in range(len(es)):
+                    t, p = found.get((panel, i, j), (NO_TEST, math.nan))
+                    if t.mean is not None:
+                        mean[i, j] = t.mean
+                        sig[i, j] = significant(t, p)
+                    row.append(cell(t, p, words=False) + (" *" if sig[i, j] else ""))
                 rows.append(row)
             grids[name][panel] = (mean, sig)
             sec.blocks.append(Table(["setting", *(f"ε={e:g}" for e in es)], rows,
                                     f"Δ {name} (MER − {baseline}) · {panel}"))
+        raw = sum(t.mean is not None and t.p < LEVEL for t in tests)
+        n_sig = sum(int(sg.sum()) for _, sg in grids[name].values())
+        n_lo = sum(int(((m < 0) & sg).sum()) for m, sg in grids[name].values())
+        total = sum(int(np.isfinite(m).sum()) for m, _ in grids[name].values())
+        sec.blocks.append(
+            f"Δ {name}: {n_lo} of {total} cells significantly lower, {n_sig - n_lo} "
+            f"significantly higher, {total - n_sig} with no significant difference ({METHOD}). "
+            f"Before the correction {raw} cell(s) had p < {LEVEL:g} (a 95% interval that "
+            f"excludes 0); with no effect anywhere about {LEVEL * total:.1f} would by chance."
+        )
     path = heatmap_figure(grids, [f"{k:g}" for k in ks], [f"{e:g}" for e in es],
                           fig_dir / "reptile_map.png", row_label="k", col_label="ε")
     if path:
         sec.blocks.insert(1, Figure(path, f"Δ (MER − {baseline}) per k × ε; rows: retained, "
                                           "learned, forgetting; columns: learning rate and "
-                                          "tokens per task; * = 95% interval excludes 0."))
-    for name in ("retained", "learned", "forgetting"):
-        n_sig = sum(int(s.sum()) for _, s in grids[name].values())
-        n_lo = sum(int(((m < 0) & s).sum()) for m, s in grids[name].values())
-        total = sum(int(np.isfinite(m).sum()) for m, _ in grids[name].values())
-        sec.blocks.append(f"Δ {name}: {n_lo} of {total} cells significantly lower, "
-                          f"{n_sig - n_lo} significantly higher, {total - n_sig} with no "
-                          "significant difference.")
+                                          f"tokens per task; * = {METHOD}-adjusted p < "
+                                          f"{LEVEL:g} across that metric's cells."))
     return sec
 
 
@@ -248,19 +258,6 @@ def replay_ratio_section(done: Sequence[Run], fig_dir: Path) -> Section | None:
 
 
 # ------------------------------------------------------------------------------ size vs replay
-def _welch(a: list[float], b: list[float]) -> tuple[float | None, float]:
-    """Mean difference a − b and the half width of its Welch 95% interval."""
-    if not a or not b:
-        return None, math.nan
-    d = float(np.mean(a) - np.mean(b))
-    if len(a) < 2 or len(b) < 2:
-        return d, math.nan
-    if np.var(a) == 0 and np.var(b) == 0:
-        return d, 0.0
-    ci = stats.ttest_ind(a, b, equal_var=False).confidence_interval(0.95)
-    return d, float(ci.high - ci.low) / 2
-
-
 def size_vs_replay_section(done: Sequence[Run]) -> Section | None:
     """The smaller model with replay against the next larger one trained sequentially."""
     by: dict[tuple[Any, ...], list[Run]] = defaultdict(list)
@@ -280,46 +277,59 @@ def size_vs_replay_section(done: Sequence[Run]) -> Section | None:
         return float(np.mean([(r.flops or {}).get("flops_per_incoming_token") or math.nan
                               for r in runs]))
 
-    for small, large in zip(presets, presets[1:], strict=False):
-        for order in sorted({k[1] for k in by if k[0] == small}):
-            s0, l0 = by.get((small, order, 0.0), []), by.get((large, order, 0.0), [])
-            if not s0 or not l0:
-                continue
-            n_ratio = np.mean([r.summary["params"] for r in l0]) / np.mean(
-                [r.summary["params"] for r in s0])
-            d, h = _welch(vals(l0, "learned_loss"), vals(s0, "learned_loss"))
-            valid = d is not None and d < 0 and (not math.isfinite(h) or abs(d) > h)
-            replays = {a: runs for (p, o, a), runs in sorted(by.items())
-                       if p == small and o == order and a}
-            compared = [*s0, *l0, *(r for runs in replays.values() for r in runs)]
-            caution = precision_caution(compared, "size")
-            if caution:
-                sec.blocks.append(caution)
+    # Whether the larger model learns better is asked once per (size pair, order): one family.
+    combos = [(small, large, order) for small, large in zip(presets, presets[1:], strict=False)
+              for order in sorted({k[1] for k in by if k[0] == small})
+              if by.get((small, order, 0.0)) and by.get((large, order, 0.0))]
+    checks = [welch_test(vals(by[(lg, o, 0.0)], "learned_loss"),
+                         vals(by[(sm, o, 0.0)], "learned_loss")) for sm, lg, o in combos]
+    ns: list[int] = [t.n for t in checks]
+    for (small, large, order), t, p in zip(combos, checks, adjust_tests(checks), strict=True):
+        s0, l0 = by[(small, order, 0.0)], by[(large, order, 0.0)]
+        n_ratio = np.mean([r.summary["params"] for r in l0]) / np.mean(
+            [r.summary["params"] for r in s0])
+        # with one seed there is no test: the comparison goes ahead, marked "no interval"
+        valid = t.mean is not None and t.mean < 0 and (not math.isfinite(p) or p < LEVEL)
+        replays = {a: runs for (pr, o, a), runs in sorted(by.items())
+                   if pr == small and o == order and a}
+        compared = [*s0, *l0, *(r for runs in replays.values() for r in runs)]
+        caution = precision_caution(compared, "size")
+        if caution:
+            sec.blocks.append(caution)
+        sec.blocks.append(
+            f"{large} ({n_ratio:.2f}× the parameters, {fpt(l0) / fpt(s0):.2f}× the FLOPs "
+            f"per incoming token of {small}) trained sequentially: learned loss "
+            f"{cell(t, p, words=False)} against {small} ({verdict(t, p)}; Welch t-test, "
+            f"{METHOD} across the {len(checks)} size pair(s) and task order(s))."
+        )
+        if not valid:
             sec.blocks.append(
-                f"{large} ({n_ratio:.2f}× the parameters, {fpt(l0) / fpt(s0):.2f}× the FLOPs "
-                f"per incoming token of {small}) trained sequentially: learned loss "
-                f"{_fmt(d, h, signed=True)} against {small} ({verdict(d, h)})."
+                f"The comparison is void at this budget: the larger model does not reach a "
+                f"significantly lower loss than {small}, so it cannot show what size buys."
             )
-            if not valid:
-                sec.blocks.append(
-                    f"The comparison is void at this budget: the larger model does not reach a "
-                    f"significantly lower loss than {small}, so it cannot show what size buys."
-                )
-                continue
-            rows = []
-            for a, runs in replays.items():
-                dd, hh = _welch(vals(runs, "retained_loss"), vals(l0, "retained_loss"))
-                df_, hf = _welch(vals(runs, "forgetting"), vals(l0, "forgetting"))
-                dl, hl = _welch(vals(runs, "learned_loss"), vals(l0, "learned_loss"))
-                rows.append([f"{small} α={a:g}", f"{fpt(runs) / fpt(s0):.2f}×",
-                             f"{fpt(l0) / fpt(s0):.2f}×", _fmt(dd, hh, signed=True),
-                             verdict(dd, hh), _fmt(df_, hf, signed=True), verdict(df_, hf),
-                             _fmt(dl, hl, signed=True), verdict(dl, hl)])
-            if rows:
-                sec.blocks.append(Table(
-                    ["replay run", "its FLOPs/incoming token", f"{large}'s", "Δ retained vs "
-                     f"{large} sequential", "", "Δ forgetting", "", "Δ learned", ""], rows,
-                    f"{'→'.join(order)}: replay on {small} minus {large} trained sequentially; "
-                    "Welch 95% intervals (unpaired: different models). Negative = replay "
-                    "better."))
+            continue
+        keys = ("retained_loss", "forgetting", "learned_loss")
+        tests = {k: [welch_test(vals(runs, k), vals(l0, k)) for runs in replays.values()]
+                 for k in keys}
+        adj = {k: adjust_tests(ts) for k, ts in tests.items()}
+        ns += [t.n for ts in tests.values() for t in ts]
+        rows = []
+        for i, (a, runs) in enumerate(replays.items()):
+            row = [f"{small} α={a:g}", f"{fpt(runs) / fpt(s0):.2f}×", f"{fpt(l0) / fpt(s0):.2f}×"]
+            for k in keys:
+                tk, pk = tests[k][i], adj[k][i]
+                row += [_fmt(tk.mean, tk.half, signed=True),
+                        verdict(tk, pk) + (f" ({p_text(pk)})" if math.isfinite(pk) else "")]
+            rows.append(row)
+        if rows:
+            sec.blocks.append(Table(
+                ["replay run", "its FLOPs/incoming token", f"{large}'s", "Δ retained vs "
+                 f"{large} sequential", "", "Δ forgetting", "", "Δ learned", ""], rows,
+                f"{'→'.join(order)}: replay on {small} minus {large} trained sequentially; "
+                "Welch 95% intervals and t-tests (unpaired: different models), "
+                f"{METHOD}-adjusted across the {len(rows)} replay run(s) of each column. "
+                "Negative = replay better."))
+    if sec.blocks:
+        sec.blocks.append(n_note(ns, "seeds per group (the smaller group of each comparison)",
+                                 paired=False))
     return sec if sec.blocks else None
