@@ -13,6 +13,14 @@ What the earlier-task reference leaves out is logged beside it, not hidden: with
 ``grad_cos_current`` the cosine of the fresh rows' gradient with theirs (when there are any).
 Only ``grad_cos`` enters the run's ``grad_cos_mean``.
 
+A cosine of two mean gradients shrinks towards 0 as they are taken over fewer rows, so each
+record carries its sizes: ``grad_cos_ref_rows`` (and ``grad_cos_current_ref_rows``) the
+reference rows, ``grad_cos_fresh_rows`` the fresh ones, and the summary the mean reference size
+(``grad_cos_ref_rows_mean``). Under DDP every figure is that of the global batch: each rank's
+gradients are averaged over the ranks before any dot product (``alignment.gradient_alignments``)
+and the ranks agree on the reference: the replayed earlier-task rows when any rank has one
+(a rank with none adds nothing), else the probe, split between the ranks.
+
 Nothing here changes training: gradients come from ``torch.autograd.grad``, never ``.grad``,
 and the replayed rows' origins are re-derived from the buffer without drawing from it.
 """
@@ -37,9 +45,11 @@ class GradientDiagnostics(Hook):
         self.every = every
         self.seed = seed
         self.probe_rows = probe_rows
-        # Cosines measured after the first task, for the run's mean.
+        # Cosines measured after the first task, for the run's mean, and their reference sizes.
         self.cos_sum = 0.0
         self.cos_n = 0
+        self.ref_rows_sum = 0
+        self.ref_rows_n = 0  # a checkpoint from before reference sizes were kept counts none
 
     def _split_replay(
         self, trainer: Trainer, batch: Batch
@@ -64,61 +74,89 @@ class GradientDiagnostics(Hook):
             [streams[t].rows(rng.integers(0, streams[t].n, 1)) for t in tasks.tolist()]
         )
 
-    def _reference(
-        self, trainer: Trainer, batch: Batch, split: tuple[np.ndarray, np.ndarray] | None
-    ) -> tuple[np.ndarray, str] | None:
-        """Rows of earlier tasks only: the replayed ones when there are any, else the probe."""
-        if split is not None and len(split[0]):
-            return split[0], "replay"
-        probe = self._probe(trainer, batch)
-        return None if probe is None else (probe, "probe")
-
     def before_step(self, trainer: Trainer, batch: Batch) -> dict[str, Any]:
         step = trainer.state.step
+        env = trainer.env
         # autograd.grad bypasses FSDP2's reduce hooks, so sharded runs are not measured.
-        if not self.every or (step + 1) % self.every or trainer.env.strategy == "fsdp2":
+        if not self.every or (step + 1) % self.every or env.strategy == "fsdp2":
             return {}
         split = self._split_replay(trainer, batch)
-        found = self._reference(trainer, batch, split)
-        if found is None:
-            return {}
-        ref, kind = found
-        from cptrain.alignment import gradient_alignments
+        empty = batch.fresh[:0]
+        earlier, current = split if split is not None else (empty, empty)
+        # Under DDP the ranks meet in all-reduces below, so they must all take the same branch:
+        # decide on the global counts, every rank's replayed rows together.
+        n_earlier, n_current = _global_counts(env, [len(earlier), len(current)])
+        if n_earlier:
+            ref, kind = earlier, "replay"
+        else:
+            probe = self._probe(trainer, batch)  # the same rows on every rank: split them
+            if probe is None:
+                return {}
+            ref, kind = (probe[env.rank :: env.world_size] if env.active else probe), "probe"
+        from cptrain.alignment import all_reduce_sum, gradient_alignments
 
-        device = trainer.env.device
+        device = env.device
         rows = [ref]
-        if split is not None and len(split[1]):
-            rows.append(split[1])  # the current task's replayed rows, logged beside
+        if n_current:
+            rows.append(current)  # the current task's replayed rows, logged beside
         measured = gradient_alignments(
             trainer.model,
             torch.from_numpy(batch.fresh).to(device),
             [torch.from_numpy(r).to(device) for r in rows],
             autocast_dtype=trainer.autocast,
+            reduce=all_reduce_sum if env.active else None,
         )
         out: dict[str, Any] = measured[0]
+        out["grad_cos_fresh_rows"] = out.pop("rows_fresh")
+        out["grad_cos_ref_rows"] = out.pop("rows_replay")
         out["grad_ref"] = kind
-        if split is not None:
-            earlier, current = split
-            out["replay_current_share"] = len(current) / (len(earlier) + len(current))
-            if len(current):
-                out["grad_cos_current"] = measured[1]["grad_cos"]
+        if n_earlier + n_current:
+            out["replay_current_share"] = n_current / (n_earlier + n_current)
+        if n_current:
+            out["grad_cos_current"] = measured[1]["grad_cos"]
+            out["grad_cos_current_ref_rows"] = measured[1]["rows_replay"]
         if batch.task > 0 and math.isfinite(out["grad_cos"]):
             self.cos_sum += out["grad_cos"]
             self.cos_n += 1
+            self.ref_rows_sum += out["grad_cos_ref_rows"]
+            self.ref_rows_n += 1
         return out
 
     def summary(self) -> dict[str, Any]:
         if not self.cos_n:
             return {}
-        return {"grad_cos_mean": self.cos_sum / self.cos_n, "grad_cos_count": self.cos_n}
+        out: dict[str, Any] = {
+            "grad_cos_mean": self.cos_sum / self.cos_n,
+            "grad_cos_count": self.cos_n,
+        }
+        if self.ref_rows_n:
+            out["grad_cos_ref_rows_mean"] = self.ref_rows_sum / self.ref_rows_n
+        return out
 
     def state_dict(self) -> dict[str, Any]:
-        return {"cos_sum": self.cos_sum, "cos_n": self.cos_n}
+        return {
+            "cos_sum": self.cos_sum,
+            "cos_n": self.cos_n,
+            "ref_rows_sum": self.ref_rows_sum,
+            "ref_rows_n": self.ref_rows_n,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         try:
             self.cos_sum, self.cos_n = float(state["cos_sum"]), int(state["cos_n"])
-        except (TypeError, KeyError, ValueError):
+            # absent from checkpoints written before reference sizes were kept
+            self.ref_rows_sum = int(state.get("ref_rows_sum", 0))
+            self.ref_rows_n = int(state.get("ref_rows_n", 0))
+        except (TypeError, KeyError, ValueError, AttributeError):
             raise CheckpointError(
                 "the checkpoint's diagnostics state is damaged; resume from another checkpoint"
             ) from None
+
+
+def _global_counts(env: Any, counts: list[int]) -> list[int]:
+    """``counts`` summed over the ranks (themselves without DDP)."""
+    if not env.active:
+        return counts
+    t = torch.tensor(counts, dtype=torch.float64, device=env.device)
+    torch.distributed.all_reduce(t)
+    return [int(round(x)) for x in t.tolist()]

@@ -8,6 +8,35 @@ row with the earlier rows of the matrix only. The history one (``forgetting_per_
 what summaries call ``forgetting``) also counts the periodic evaluations (``eval.every``) made
 after a task was trained: a task whose loss dipped between two task ends would otherwise look
 as if it had forgotten less than it did.
+
+cptrain's forgetting and the paper's official code's, side by side (``n`` = rows of the
+matrix, ``last = n − 1`` the final row; ``E_j`` the periodic evaluations of task ``j``)::
+
+                     cptrain                             official code (Abbes et al.)
+    key              forgetting_task_end                 forgetting_paper_code
+                     (forgetting: + periodic evals)      (forgetting_paper_code_in_loop)
+    per task j       L[last][j] − best_j                 best_j − L[last][j]
+    sign             + = forgot (loss went up)           − = forgot (+ = loss went down)
+    best_j           min L[k][j], j ≤ k < last           task-end: min L[k][j], j ≤ k < last
+                     (+ E_j made while a later task      in-loop: the same, + E_j made while
+                     trained, for ``forgetting``)        task j itself or any later one trained
+    the last task    left out (nothing to forget)        counted, as 0 (task-end: its first
+                                                         evaluation; in-loop: 0 unless E_j)
+    averaged over    the n − 1 earlier tasks             all n tasks
+
+So after n tasks, ``forgetting_paper_code = −(n − 1)/n · forgetting_task_end`` (−2/3 of it
+after three tasks). ``forgetting_paper_code`` is the official code's task-end figure
+(``training_new_replay.py``: after task i, for every j ≤ i, ``best[j] − loss`` with 0 the
+first time task j is evaluated, right after its own training, then ``best[j]`` lowered to the
+loss; logged as ``forgetting/average_forgetting``). Its in-loop figure (logged as
+``average_forgetting`` at checkpoints every 500 iterations and at task ends) keeps a second
+``best`` that evaluations made *during* task j's own training also lower (a dip below the
+task-end loss while task j trained counts against it), and the task being trained at the end
+enters with min(its evaluations during its training) − its final loss, usually > 0 (it was
+still learning). ``forgetting_paper_code_in_loop`` computes it with cptrain's periodic
+evaluations in place of the official checkpoints (without ``eval.every`` it equals
+``forgetting_paper_code``). Both read cptrain's evaluation sets (held-out windows of each
+task), where the official code evaluates each task's test split.
 """
 
 from __future__ import annotations
@@ -84,6 +113,49 @@ def average_forgetting_history(
     return float(np.mean(f)) if f else None
 
 
+def forgetting_paper_code_per_task(loss_matrix: Sequence[Sequence[float]]) -> list[float]:
+    """The official code's task-end forgetting of every task trained so far, after the last row:
+    F_j = min over rows j … last − 1 of L_j − L_j(last row), and 0 for the task of the last
+    row (evaluated there for the first time). Opposite sign to ``forgetting_per_task``:
+    negative = forgot."""
+    m = _as_matrix(loss_matrix)
+    last = m.shape[0] - 1
+    return [float(m[j:last, j].min() - m[last, j]) for j in range(last)] + [0.0]
+
+
+def forgetting_paper_code(loss_matrix: Sequence[Sequence[float]]) -> float:
+    """Mean of ``forgetting_paper_code_per_task`` over all tasks trained so far, the last one's
+    0 included: what the official code logs as ``forgetting/average_forgetting`` after the
+    last row's task (0.0 after the first task, as it logs)."""
+    return float(np.mean(forgetting_paper_code_per_task(loss_matrix)))
+
+
+def forgetting_paper_code_in_loop_per_task(
+    loss_matrix: Sequence[Sequence[float]], evaluations: Sequence[Evaluation]
+) -> list[float]:
+    """The official code's in-loop forgetting at the last row, every task trained so far:
+    F_j = best_j − L_j(last row), where best_j is the lowest L_j of the task-end rows
+    j … last − 1 and of every periodic evaluation made while task j itself or a later task,
+    up to the last row's, trained (``j ≤ tasks finished ≤ last``); 0 when there is none (the
+    last row's task without periodic evaluations). Negative = forgot."""
+    m = _as_matrix(loss_matrix)
+    last = m.shape[0] - 1
+    out = []
+    for j in range(last + 1):
+        seen = [float(x) for x in m[j:last, j]]
+        seen += [float(losses[j]) for done, losses in evaluations if j <= done <= last]
+        out.append(min(seen) - float(m[last, j]) if seen else 0.0)
+    return out
+
+
+def forgetting_paper_code_in_loop(
+    loss_matrix: Sequence[Sequence[float]], evaluations: Sequence[Evaluation]
+) -> float:
+    """Mean of ``forgetting_paper_code_in_loop_per_task`` over all tasks trained so far: the
+    official code's ``average_forgetting`` at its checkpoint on the last row's step."""
+    return float(np.mean(forgetting_paper_code_in_loop_per_task(loss_matrix, evaluations)))
+
+
 def retained_loss(loss_matrix: Sequence[Sequence[float]]) -> float:
     """Mean final loss over all tasks trained so far (last row, columns up to the row index)."""
     m = _as_matrix(loss_matrix)
@@ -121,12 +193,19 @@ def summarize(
     loss_matrix: Sequence[Sequence[float]], evaluations: Sequence[Evaluation] = ()
 ) -> dict[str, object]:
     """The summary's metrics: ``forgetting`` over every evaluation (the loss matrix and
-    ``evaluations``), ``forgetting_task_end`` over the loss matrix alone."""
+    ``evaluations``), ``forgetting_task_end`` over the loss matrix alone, and the official
+    code's two forgetting figures (opposite sign, all tasks averaged: module docstring)."""
     return {
         "forgetting": average_forgetting_history(loss_matrix, evaluations),
         "forgetting_per_task": forgetting_per_task_history(loss_matrix, evaluations),
         "forgetting_task_end": average_forgetting(loss_matrix),
         "forgetting_task_end_per_task": forgetting_per_task(loss_matrix),
+        "forgetting_paper_code": forgetting_paper_code(loss_matrix),
+        "forgetting_paper_code_per_task": forgetting_paper_code_per_task(loss_matrix),
+        "forgetting_paper_code_in_loop": forgetting_paper_code_in_loop(loss_matrix, evaluations),
+        "forgetting_paper_code_in_loop_per_task": forgetting_paper_code_in_loop_per_task(
+            loss_matrix, evaluations
+        ),
         "retained_loss": retained_loss(loss_matrix),
         "learned_loss": learned_loss(loss_matrix),
     }

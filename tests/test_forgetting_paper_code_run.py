@@ -1,0 +1,41 @@
+"""A real short run's summary.json gives forgetting both ways, and its gradient cosines carry
+their reference size."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import read_metrics, read_summary
+
+from cptrain import metrics
+from cptrain.train import Trainer
+
+
+def test_summary_of_a_short_run_carries_the_paper_code_forgetting(make_config):
+    cfg = make_config(
+        "paper_code",
+        method="replay",
+        replay={"alpha": 0.25, "visibility_lag": 1},
+        eval={"every": 4},
+        diagnostics={"every": 2},
+    )
+    trainer = Trainer(cfg, progress=False)
+    trainer.run()
+    s = read_summary(cfg.run_dir)
+    lm = s["loss_matrix"]
+    n = len(lm)
+    assert n == 3
+    # task-end: the official code's sign and averaging over the same rows as cptrain's
+    assert s["forgetting_paper_code"] == pytest.approx(-(n - 1) / n * s["forgetting_task_end"])
+    assert s["forgetting_paper_code_per_task"][-1] == 0.0
+    assert len(s["forgetting_paper_code_per_task"]) == n
+    # in-loop: the periodic evaluations (eval.every) in place of the official checkpoints
+    evals = trainer.state.periodic_evaluations()
+    assert evals, "no periodic evaluation: the in-loop figure is not exercised"
+    assert s["forgetting_paper_code_in_loop"] == pytest.approx(
+        metrics.forgetting_paper_code_in_loop(lm, evals)
+    )
+    # gradient cosines: every record says over how many rows either gradient was taken
+    diag = [r for r in read_metrics(cfg.run_dir, "train") if "grad_cos" in r]
+    assert diag and all(r["grad_cos_ref_rows"] >= 1 for r in diag)
+    assert all(r["grad_cos_fresh_rows"] == s["rows_per_step"]["fresh"] for r in diag)
+    assert s["grad_cos_ref_rows_mean"] >= 1
