@@ -239,3 +239,46 @@ def test_not_a_run_directory(tmp_path):
     with pytest.raises(ConfigError) as err:
         diagnose(tmp_path)
     assert "not a cptrain run directory" in str(err.value) and "\n" not in str(err.value)
+
+
+# --------------------------------------------------------------------------- hardware
+def test_doctor_hardware_measures_again_and_shows_old_and_new(tmp_path, monkeypatch, capsys):
+    import torch
+
+    from cptrain import hardware
+    from cptrain import hardware_cache as cache
+    from cptrain.model import build_model
+
+    monkeypatch.setenv(cache.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(hardware, "_PEAK_N", {"cpu": 128, "cuda": 128})  # fast probes
+    monkeypatch.setattr(hardware, "_PEAK_BLOCK_SECONDS", 0.01)
+    monkeypatch.setattr(hardware, "_PROBE_SECONDS", 0.2)
+    cpu = torch.device("cpu")
+    key = hardware.machine_key(cpu)
+    probe = hardware.PrecisionProbe.of(build_model("tiny", 512, seed=0).config, 8, 32, "cpu")
+    # What a busy machine left in the cache: a low peak and a near-tie speedup
+    busy = cache.Measurement(
+        value=67e9, spread=0.01, rounds=5, load=0.6, load_source="/proc/stat", loadavg=1.5,
+        cpus=2, torch=cache.torch_build(), measured_at="2099-01-01T00:00:00+00:00", seconds=0.5,
+    )
+    cache.remember(key, "peak_flops", "fp32", busy.to_json())
+    speedup = {**busy.to_json(), "value": 1.105, "probe": probe.to_json()}
+    cache.remember(key, "bf16_speedup", probe.name, speedup)
+    cache.remember("another machine | 7 threads", "peak_flops", "fp32", busy.to_json())
+
+    assert cli.main(["doctor", "--hardware"]) == 0
+    out = capsys.readouterr().out
+    assert f"machine: {key}" in out and str(cache.cache_path()) in out
+    assert "cached: 67.0 GFLOP/s at 2099-01-01" in out
+    assert out.count("DOUBTED, measured while other work used 60% of the CPUs") == 2
+    assert "cached: 1.105×" in out and out.count("now:") >= 2
+    assert "auto: " in out and "bf16 needs" in out
+    assert "also cached, not measured now (another thread count or torch): another" in out
+    entry = cache.read_cache()["machines"][key]
+    assert entry["peak_flops"]["fp32"]["measured_at"] < "2099"  # the new ones are cached
+    assert entry["bf16_speedup"][probe.name]["measured_at"] < "2099"
+    assert entry["bf16_speedup"][probe.name]["probe"] == probe.to_json()
+
+    assert cli.main(["doctor"]) == 2  # neither a run nor --hardware
+    assert "--hardware" in capsys.readouterr().err

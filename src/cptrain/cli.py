@@ -120,9 +120,12 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from cptrain.doctor import main_doctor
+    from cptrain.doctor import main_doctor, main_hardware
 
-    return main_doctor(Path(args.run))
+    if not args.run and not args.hardware:
+        raise ConfigError("cptrain doctor: pass a run directory, or --hardware")
+    rc = main_hardware() if args.hardware else 0
+    return max(rc, main_doctor(Path(args.run))) if args.run else rc
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -258,8 +261,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+", help="run directories")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("doctor", help="check a run directory and say how to resume it")
-    p.add_argument("run", help="run directory")
+    p = sub.add_parser(
+        "doctor",
+        help="check a run directory and say how to resume it; --hardware: measure this "
+        "machine's probes (matmul peak, bf16 speedup) again",
+    )
+    p.add_argument("run", nargs="?", help="run directory")
+    p.add_argument(
+        "--hardware",
+        action="store_true",
+        help="measure the matmul peak and the bf16 speedups behind precision: auto again, "
+        "ignoring the cache; show the cached and the new values and cache the new ones",
+    )
     p.set_defaults(func=cmd_doctor)
 
     p = sub.add_parser("export", help="copy a run's newest checkpoint as a HF model directory")

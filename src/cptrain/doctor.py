@@ -4,6 +4,11 @@ Reads only; changes nothing. Checks the run's config, every checkpoint (manifest
 sha256), the replay buffer of each rank against the newest good checkpoint (row counts and
 CRCs), the token shards and tokenizer the run uses, and that the checkpoint's model still
 matches the data. Prints what is intact, what is damaged, and the command that resumes.
+
+``cptrain doctor --hardware``: measures this machine's probes again, ignoring the cache (the
+matmul peak MFU divides by, and the bf16 speedup of every model shape ``precision: auto`` has
+probed here), prints the cached and the new values with their evidence side by side, and
+caches the new ones (``cptrain.hardware``).
 """
 
 from __future__ import annotations
@@ -97,6 +102,81 @@ def main_doctor(run_dir: Path | str) -> int:
     report = diagnose(Path(run_dir))
     print(report.render())
     return 0 if report.resumable else 2
+
+
+# -------------------------------------------------------------------------- hardware
+def main_hardware() -> int:
+    """The ``cptrain doctor --hardware`` command (see the module docstring); 0."""
+    import torch
+
+    from cptrain import hardware
+    from cptrain import hardware_cache as cache
+
+    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    key = hardware.machine_key(device)
+    machines = cache.read_cache().get("machines", {})
+    entry = machines.get(key, {})
+    print(f"cptrain doctor --hardware: {cache.cache_path()}")
+    print(f"machine: {key}")
+    peaks = entry.get("peak_flops") or {}
+    doubted = False
+    for precision in ("fp32", "bf16"):
+        if precision == "bf16" and not (hardware.native_bf16(device) or "bf16" in peaks):
+            continue  # emulated bf16: no run's matmuls run in it
+        new = hardware.peak(device, precision, fresh=True)
+        m = new.evidence["measurement"]
+        doubted |= _show(f"peak {precision}", peaks.get(precision), m, _flops)
+    speedups = entry.get("bf16_speedup") or {}
+    if not speedups:
+        print("  bf16 speedup: none cached yet (a run with precision: auto probes its model)")
+    for name, old in speedups.items():
+        probe = hardware.PrecisionProbe.from_json(old.get("probe"))
+        if probe is None:
+            print(f"  bf16 speedup {name}: cached without its probe; a run measures it again")
+            continue
+        found, _, _ = hardware.bf16_speedup(device, probe, fresh=True)
+        doubted |= _show(f"bf16 speedup {name}", old, found.evidence(), lambda v: f"{v:.3f}×")
+        needs = hardware.bf16_needs(found.spread)
+        pick = "bf16" if hardware.native_bf16(device) and found.value >= needs else "fp32"
+        print(f"    auto: {pick} (bf16 needs {needs:.2f}×; native bf16: "
+              f"{'yes' if hardware.native_bf16(device) else 'no'})")
+    for other in sorted(set(machines) - {key}):
+        print(f"also cached, not measured now (another thread count or torch): {other}")
+    if doubted:
+        print("DOUBTED values are measured again by the next run that needs them; run "
+              "`cptrain doctor --hardware` again when the machine is quiet")
+    return 0
+
+
+def _flops(value: float) -> str:
+    return f"{value / 1e9:,.1f} GFLOP/s"
+
+
+def _show(what: str, old: Any, new: dict[str, Any], fmt: Any) -> bool:
+    """Print a cached and a new measurement; whether the new one is doubted."""
+    print(f"  {what}")
+    before = _cached_evidence(old)
+    print(f"    cached: {_evidence_lines(before, fmt) if before else 'none'}")
+    print(f"    now:    {_evidence_lines(new, fmt)}")
+    return bool(new["doubt"])
+
+
+def _cached_evidence(record: Any) -> dict[str, Any] | None:
+    """A cached record as evidence (with its doubt), None when there is none to show."""
+    from cptrain.hardware_cache import Measurement
+
+    found = Measurement.from_json(record)
+    return found.evidence() if found is not None else None
+
+
+def _evidence_lines(m: dict[str, Any], fmt: Any) -> str:
+    verdict = f"DOUBTED, {m['doubt']}" if m["doubt"] else "trusted"
+    load = "load unknown" if m["load"] is None else f"others used {m['load']:.0%} of the CPUs"
+    avg = "" if m["loadavg"] is None else f" (load average {m['loadavg']:.2f} per CPU)"
+    spread = "?" if m["spread"] is None else f"{m['spread']:.1%}"
+    return (f"{fmt(m['value'])} at {m['measured_at']}: {verdict}\n"
+            f"            {load}{avg}; two best {spread} apart in {m['rounds']} rounds; "
+            f"torch {m['torch']}")
 
 
 # --------------------------------------------------------------------------- config

@@ -81,8 +81,9 @@ class Throughput(Hook):
     * ``eval_s``, ``checkpoint_s``, ``export_s``: seconds spent evaluating, writing
       checkpoints and exporting weights;
     * ``mfu``: model FLOPs/s (``flops.flops_per_token`` × tokens_per_s) ÷ the peak matmul
-      FLOP/s of every process's device at the dtype the matmuls run in (measured once per
-      machine: ``cptrain.hardware``); rank 0 only.
+      FLOP/s of every process's device at the dtype the matmuls run in (measured per machine
+      and cached while its evidence holds: ``cptrain.hardware``; ``summary()`` gives that
+      evidence as ``peak_evidence``); rank 0 only.
 
     Run totals survive a resume (a checkpointed component); ``summary()`` reports them."""
 
@@ -97,6 +98,7 @@ class Throughput(Hook):
         self._process = dict.fromkeys(self.KINDS, 0.0)  # this process, for the ETA
         self.tokens = 0  # processed in the timed steps, whole run
         self.peak_flops: float | None = None
+        self.peak_evidence: dict[str, Any] | None = None  # what the peak rests on
         self.peak_dtype = "fp32"
         self._start = self._t = time.perf_counter()
         self._tokens = self._process_steps = 0
@@ -128,7 +130,8 @@ class Throughput(Hook):
         device = self._device = trainer.env.device
         self.peak_dtype = hardware.compute_precision(trainer.cfg, device, trainer.precision)
         if trainer.env.is_main:
-            self.peak_flops = hardware.peak_flops(device, self.peak_dtype)
+            found = hardware.peak(device, self.peak_dtype)
+            self.peak_flops, self.peak_evidence = found.value, found.evidence
 
     def on_step_end(self, trainer: Trainer, record: dict[str, Any]) -> None:
         tokens = (trainer.plan.n_fresh + record["replay_rows"]) * trainer.plan.seq_len
@@ -149,9 +152,10 @@ class Throughput(Hook):
             if flops > self.peak_flops:  # a peak measured on a busy machine: measure again
                 from cptrain import hardware
 
-                self.peak_flops = hardware.peak_flops(
+                found = hardware.peak(
                     self._device, self.peak_dtype, at_least=flops, measure=not self._rechecked
                 )
+                self.peak_flops, self.peak_evidence = found.value, found.evidence
                 self._rechecked = True
             record["mfu"] = flops / self.peak_flops
         self._t, self._tokens = now, 0
@@ -193,6 +197,7 @@ class Throughput(Hook):
         }
         if self.peak_flops and train_s > 0:
             out["peak_flops"] = self.peak_flops
+            out["peak_evidence"] = self.peak_evidence
             flops = self._flops_per_token * self.tokens
             out["mfu"] = flops / train_s / (self.peak_flops * world_size)
         return out

@@ -37,11 +37,13 @@ def run_summary(trainer: Trainer) -> dict[str, Any]:
         ),
         "wall_s": state.wall_s,
         "precision": trainer.precision,  # what train.precision (maybe auto) resolved to
+        "precision_evidence": trainer.precision_evidence,  # and why (cptrain.hardware)
         "complete": trainer.finished,
     }
     if lm:
         # forgetting: every evaluation after a task was trained (periodic ones too);
-        # forgetting_task_end: the loss-matrix rows alone.
+        # forgetting_task_end: the loss-matrix rows alone; forgetting_paper_code(_in_loop):
+        # the official code's (opposite sign, all tasks averaged: cptrain.metrics' docstring).
         out.update(metrics.summarize(lm, state.periodic_evaluations()))
         out["union_loss"] = metrics.union_loss(lm[-1][: len(trainer.task_names)])
         if state.loss_before and trainer.data.eval_only:

@@ -79,7 +79,9 @@ class Trainer:
         resume_from = self._check_resumable(allow_config_change) if resume else None
         run_id = resume_from[1] if resume_from else self._start_fresh()
         saved = resume_from[2] if resume_from else None  # a resume keeps the run's precision
-        self.precision, self.autocast = run_precision(cfg, self.env, self.model, saved)
+        self.precision, self.autocast, self.precision_evidence = run_precision(
+            cfg, self.env, self.model, saved
+        )
         self.state = TrainerState(run_id=run_id)
         self._build_components()
         self.hooks: list[H.Hook] = [*self._builtin_hooks(progress and self.env.is_main), *hooks]
