@@ -16,7 +16,7 @@ official code's timing: its loop tests ``iteration % k == 0`` before counting th
 meta-update follows optimizer steps 1, k+1, 2k+1, ... of the whole run, and each task start
 re-reads the anchor from the module without restarting that count. Between a meta-update and
 the next step the module holds the interpolated weights while the optimizer holds others;
-``optimizer_weights()`` lends the latter for evaluation and export (``evaluate_weights``).
+``evaluated_weights()`` lends the latter for evaluation and export (``evaluate_weights``).
 
 Build Reptile after the model is final (after ``fully_shard``, after ``init_from`` weights are
 loaded) and after the optimizer, from the same parameter objects; ``attach`` checks this.
@@ -221,11 +221,13 @@ class Reptile:
         self.pending_restore = True
 
     @contextmanager
-    def optimizer_weights(self) -> Iterator[None]:
-        """Official, with a restore pending: the module holds the optimizer's weights inside
-        the block (for evaluation or export) and the interpolated ones again after it, so the
-        next forward/backward is unchanged. Otherwise the two are the same: nothing moves."""
-        if not self.pending_restore or self._masters is None:
+    def evaluated_weights(self) -> Iterator[None]:
+        """The weights evaluations and exports see. Official, with a restore pending and
+        ``evaluate_weights: optimizer``: the module holds the optimizer's weights inside the
+        block and the interpolated ones again after it, so the next forward/backward is
+        unchanged. Otherwise the module's weights are the ones: nothing moves."""
+        shown = self.cfg.evaluate_weights == "optimizer"
+        if not (shown and self.pending_restore) or self._masters is None:
             yield
             return
         locals_ = self._locals()

@@ -79,9 +79,8 @@ class Trainer:
         resume_from = self._check_resumable(allow_config_change) if resume else None
         run_id = resume_from[1] if resume_from else self._start_fresh()
         saved = resume_from[2] if resume_from else None  # a resume keeps the run's precision
-        self.precision, self.autocast, self.precision_evidence = run_precision(
-            cfg, self.env, self.model, saved
-        )
+        found = run_precision(cfg, self.env, self.model, saved)
+        self.precision, self.autocast, self.precision_evidence = found
         self.state = TrainerState(run_id=run_id)
         self._build_components()
         self.hooks: list[H.Hook] = [*self._builtin_hooks(progress and self.env.is_main), *hooks]
@@ -104,13 +103,8 @@ class Trainer:
 
     def _build_model(self) -> None:
         cfg = self.cfg
-        model = model_for_run(
-            cfg.model.preset,
-            cfg.model.init_from,
-            self.data.vocab_size,
-            seed=cfg.seed,
-            seq_len=cfg.train.seq_len,
-        )
+        model = model_for_run(cfg.model.preset, cfg.model.init_from, self.data.vocab_size,
+                              seed=cfg.seed, seq_len=cfg.train.seq_len)
         self.model = model.to(self.env.device)
         self.model.train()
         wrapped = wrap_model(self.model, self.env, cfg.distributed)
@@ -348,11 +342,7 @@ class Trainer:
         return losses
 
     def _weights_shown(self) -> AbstractContextManager[None]:
-        """The weights evaluations and exports see: official Reptile's optimizer weights (not
-        the interpolated ones only the next forward uses) unless ``evaluate_weights`` says so."""
-        if self.reptile is None or self.cfg.reptile.evaluate_weights == "interpolated":
-            return nullcontext()
-        return self.reptile.optimizer_weights()
+        return self.reptile.evaluated_weights() if self.reptile else nullcontext()
 
     def finish_task(self, t: int) -> None:
         """Evaluate, fill the loss matrix row, let hooks export, then checkpoint."""
