@@ -122,6 +122,14 @@ def test_replay_worse_than_a_bigger_model_says_so():
     assert "loses to a 2× larger" in item.sentence("retained loss", "sequential")
 
 
+def test_with_one_size_no_claim_about_a_larger_model():
+    pts = [p for p in _points(2.0) if p["preset"] in ("tiny",)]
+    (item,) = replay_vs_size(pts)
+    text = item.sentence("retained loss", "sequential")
+    assert "did not lower" not in text and "cannot buy" not in text
+    assert "trained at 1 size(s) only" in text and "cannot say what a larger model" in text
+
+
 def test_when_size_does_not_help_no_equivalent_is_claimed():
     pts = _points(2.0)
     for p in pts:

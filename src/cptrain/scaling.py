@@ -182,10 +182,18 @@ class ReplayVsSize:
     equivalent_params: float | None  # baseline size that the fit says reaches the same loss
     loss_2x: float | None  # the fit's loss for a baseline twice as large
     extrapolated: bool
+    baseline_sizes: int = 2  # how many sizes of the baseline were trained
 
     def sentence(self, metric: str, baseline: str) -> str:
         name = f"{self.label} α={self.alpha:g} on {self.preset}"
         cost = f"{self.flops_ratio:.2f}× the FLOPs per incoming token"
+        if self.baseline_sizes < 2:
+            # No larger model was trained: nothing is known about what size would buy.
+            return (
+                f"{name} reaches {metric} {self.loss:.3f} for {cost}; {baseline} was trained at "
+                f"{self.baseline_sizes or 'no'} size(s) only, so this cannot say what a larger "
+                "model would buy (train two sizes to ask)."
+            )
         if self.loss_2x is None or self.equivalent_params is None:
             return (
                 f"{name} reaches {metric} {self.loss:.3f} for {cost}; a larger {baseline} model "
@@ -238,6 +246,6 @@ def replay_vs_size(
             extrapolated = not all(inside)
         out.append(
             ReplayVsSize(label, alpha, preset, n, loss, means.get(base_key), ratio, eq, loss_2x,
-                         extrapolated)
+                         extrapolated, len({p["params"] for p in base_pts}))
         )
     return out
