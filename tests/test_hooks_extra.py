@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import stat
 import time
 from pathlib import Path
 
@@ -186,6 +187,11 @@ def test_task_exports_carry_a_model_card_that_cptrain_export_repeats(
     assert (tmp_path / "out" / "README.md").read_text(encoding="utf-8") == (
         exported[-1] / "README.md"
     ).read_text(encoding="utf-8")
+    # Weights readable like the files beside them (safetensors alone writes 0600), on every path
+    weights = [*(d / "model.safetensors" for d in exported), tmp_path / "out" / "model.safetensors",
+               *run.glob("checkpoints/step_*/model/model.safetensors")]
+    assert len(weights) >= 4
+    assert {stat.S_IMODE(w.stat().st_mode) for w in weights} == {0o644}
 
 
 def test_a_card_says_when_weights_are_inside_a_task_and_what_a_fresh_model_was(make_config):

@@ -60,6 +60,11 @@ def write_model_dir(
         save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
         model.config.save_pretrained(out)  # type: ignore[attr-defined]
     copy_tokenizer(tokenizer_dir, out)
+    for f in out.iterdir():
+        # safetensors writes its file 0600: another user or a serving container could not
+        # read the weights beside a 0644 config.
+        if f.is_file():
+            f.chmod(0o644)
 
 
 def export_model(
