@@ -293,3 +293,28 @@ def test_eta_adds_the_evaluations_checkpoints_and_exports_to_come(monkeypatch):
         now[0] += 2.0
     # the export leaves the per-step mean and comes back once per task end still to come
     assert clock.eta(trainer) == pytest.approx(10 * 1.0 + 4 * 3.0 + 2 * 2.0)
+
+
+def test_exports_carry_eos_architectures_dtype_and_generation_defaults(make_config, tmp_path):
+    """Every export path: the documents' EOS (so generate() stops), the class to load, the
+    weights' dtype and generation_config.json, also where the weights were gathered from
+    shards (``full``, written without save_pretrained)."""
+    from cptrain.checkpoint.export import write_model_dir
+    from cptrain.model import load_pretrained
+
+    cfg = make_config("ids", data={"tasks": ["email"]})
+    trainer = Trainer(cfg, progress=False)
+    trainer.run()
+    eos, bos = trainer.data.separators
+    assert eos is not None
+    gathered = tmp_path / "gathered"
+    full = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+    trainer.model.config.architectures = None  # as on a sharded run, which never saved itself
+    write_model_dir(trainer.model, gathered, trainer.data.tokenizer_dir, full)
+    for out in (Path(cfg.run_dir) / "models" / "after_0_email", gathered):
+        config = json.loads((out / "config.json").read_text())
+        assert config["architectures"] == ["LlamaForCausalLM"] and config["dtype"] == "float32"
+        assert (config["eos_token_id"], config["bos_token_id"]) == (eos, bos)
+        generation = json.loads((out / "generation_config.json").read_text())
+        assert generation["eos_token_id"] == eos
+        assert load_pretrained(out).generation_config.eos_token_id == eos

@@ -261,13 +261,26 @@ def count_parameters(model: torch.nn.Module) -> int:
 
 
 def model_for_run(
-    preset: str, init_from: str | None, vocab_size: int, *, seed: int, seq_len: int
+    preset: str,
+    init_from: str | None,
+    vocab_size: int,
+    *,
+    seed: int,
+    seq_len: int,
+    separators: tuple[int | None, int | None] = (None, None),
 ) -> PreTrainedModel:
-    """A run's starting model: ``init_from`` weights, else a fresh preset sized to the data."""
+    """A run's starting model: ``init_from`` weights, else a fresh preset sized to the data.
+    ``separators``: the (eos, bos) ids that frame the documents, for ids the model lacks."""
     if init_from:
         model = load_pretrained(init_from)
     else:
         model = build_model(preset, vocab_size, seed=seed, max_positions=max(2048, seq_len))
+    # Without an EOS id, generate() on an exported model never stops although every training
+    # document ended with one. Only ids the model lacks are filled: a released model keeps its own.
+    for key, value in zip(("eos_token_id", "bos_token_id"), separators, strict=True):
+        for config in (model.config, getattr(model, "generation_config", None)):
+            if config is not None and value is not None and getattr(config, key, None) is None:
+                setattr(config, key, value)
     if model.config.vocab_size < vocab_size:
         from cptrain.errors import DataError
 

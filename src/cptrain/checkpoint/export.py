@@ -58,7 +58,16 @@ def write_model_dir(
         out.mkdir(parents=True)
         tensors = {k: v.contiguous() for k, v in full.items()}
         save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
-        model.config.save_pretrained(out)  # type: ignore[attr-defined]
+        # What save_pretrained would have written: the class to load (fully_shard renames it
+        # FSDP<class>), the weights' dtype and the generation defaults (EOS to stop at).
+        config = model.config  # type: ignore[attr-defined]
+        name = type(model).__name__.removeprefix("FSDP")
+        config.architectures = config.architectures or [name]
+        config.dtype = next(iter(tensors.values())).dtype
+        config.save_pretrained(out)
+        generation = getattr(model, "generation_config", None)
+        if generation is not None:
+            generation.save_pretrained(out)
     copy_tokenizer(tokenizer_dir, out)
     for f in out.iterdir():
         # safetensors writes its file 0600: another user or a serving container could not

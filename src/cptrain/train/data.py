@@ -55,6 +55,12 @@ class TrainingData:
         self.train_tokens = [s.num_tokens for s in train_sets.values()]
 
     @property
+    def separators(self) -> tuple[int | None, int | None]:
+        """The (eos, bos) ids that frame every document of the shards."""
+        tok = self.prepared["tokenizer"]
+        return tok.get("eos_id"), tok.get("bos_id")
+
+    @property
     def tokenizer_sha256(self) -> str:
         return str(self.prepared["tokenizer"]["sha256"])
 

@@ -104,7 +104,8 @@ class Trainer:
     def _build_model(self) -> None:
         cfg = self.cfg
         model = model_for_run(cfg.model.preset, cfg.model.init_from, self.data.vocab_size,
-                              seed=cfg.seed, seq_len=cfg.train.seq_len)
+                              seed=cfg.seed, seq_len=cfg.train.seq_len,
+                              separators=self.data.separators)
         self.model = model.to(self.env.device)
         self.model.train()
         wrapped = wrap_model(self.model, self.env, cfg.distributed)
