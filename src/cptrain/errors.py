@@ -24,5 +24,11 @@ class CheckpointError(CptrainError):
     """Missing, incomplete or incompatible checkpoint."""
 
 
+class Stopped(CptrainError):
+    """Stopped by a signal (SIGTERM) after checkpointing: resume with --resume."""
+
+    exit_code = 143  # 128 + SIGTERM, what a job scheduler expects of a terminated job
+
+
 class EnvironmentProblem(CptrainError):
     """The machine lacks something a command needs (apt, disk space, write access)."""

@@ -61,6 +61,7 @@ class CheckpointManager:
         self.tokenizer_dir = tokenizer_dir
         self.keep_last = keep_last
         self.every = every
+        self.last_step: int | None = None  # the step of the newest checkpoint written here
         self.meta: dict[str, Any] = {}  # plain facts saved with every checkpoint (config, …)
         self._states: dict[str, Stateful] = {}  # the same on every rank: saved once
         self._rank_states: dict[str, Stateful] = {}  # each rank's own (its replay shard)
@@ -154,6 +155,7 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------ saving
     def save(self, step: int) -> Path:
+        self.last_step = step
         state: dict[str, Any] = {**self.meta, "world_size": self.env.world_size}
         tensors: dict[str, dict[str, torch.Tensor]] = {}
         sharded_run = self.env.active

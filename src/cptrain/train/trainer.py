@@ -38,6 +38,7 @@ from cptrain.train.optim import build_optimizer
 from cptrain.train.run_dir import RunDir
 from cptrain.train.seed import seed_buffer
 from cptrain.train.state import TrainerState
+from cptrain.train.stop import StopRequest
 from cptrain.train.summary import run_summary
 
 # save_pretrained's per-file progress bars would interleave with the training bar.
@@ -62,6 +63,7 @@ class Trainer:
             torch.set_num_threads(cfg.train.threads)
         self.cfg = cfg
         self.stop_after = stop_after
+        self.stop_request = StopRequest()
         self.env = init_distributed(cfg.distributed)
         self._open_data()  # first: a data error leaves no run directory behind
         self.run_dir = RunDir(Path(cfg.run_dir), resume=resume, is_main=self.env.is_main)
@@ -214,7 +216,8 @@ class Trainer:
         return self.task_names[min(self.state.task_idx, len(self.task_names) - 1)]
 
     def _stopped(self) -> bool:
-        return self.stop_after is not None and self.state.step >= self.stop_after
+        cut = self.stop_after is not None and self.state.step >= self.stop_after
+        return cut or self.stop_request.requested(self.env)
 
     def _fire(self, event: str, *args: Any) -> None:
         for hook in self.hooks:
@@ -238,6 +241,8 @@ class Trainer:
                 # A kill between the last checkpoint and its summary leaves an older
                 # summary.json; a resume that finds the run finished rewrites it.
                 self.write_summary()
+            elif self.stop_request.signalled:
+                self.stop_request.save_and_stop(self)
         finally:
             self.stop()
         return self.summary()
@@ -250,9 +255,11 @@ class Trainer:
                 self.plan.upcoming(self.state.step, self.state.task_idx, self.state.task_step)
             )
         self._wall_mark = time.perf_counter()
+        self.stop_request.install()
         self._fire("on_run_start")
 
     def stop(self) -> None:
+        self.stop_request.uninstall()
         self._fire("on_run_end")
         self.close()
 
@@ -378,16 +385,10 @@ class Trainer:
         self.run_dir.write_summary(self.summary())
 
 
-def train(
-    cfg: RunConfig,
-    *,
-    resume: bool = False,
-    progress: bool = True,
-    allow_config_change: bool = False,
-) -> dict[str, Any]:
-    trainer = Trainer(
-        cfg, resume=resume, progress=progress, allow_config_change=allow_config_change
-    )
+def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True,
+          allow_config_change: bool = False) -> dict[str, Any]:
+    trainer = Trainer(cfg, resume=resume, progress=progress,
+                      allow_config_change=allow_config_change)
     env = trainer.env
     try:
         return trainer.run()
