@@ -117,10 +117,8 @@ def forgetting_paper_code_per_task(loss_matrix: Sequence[Sequence[float]]) -> li
     """The official code's task-end forgetting of every task trained so far, after the last row:
     F_j = min over rows j … last − 1 of L_j − L_j(last row), and 0 for the task of the last
     row (evaluated there for the first time). Opposite sign to ``forgetting_per_task``:
-    negative = forgot."""
-    m = _as_matrix(loss_matrix)
-    last = m.shape[0] - 1
-    return [float(m[j:last, j].min() - m[last, j]) for j in range(last)] + [0.0]
+    negative = forgot. The in-loop figure without periodic evaluations."""
+    return forgetting_paper_code_in_loop_per_task(loss_matrix, ())
 
 
 def forgetting_paper_code(loss_matrix: Sequence[Sequence[float]]) -> float:
