@@ -133,6 +133,10 @@ def test_ranks_agree_on_the_reference_and_measure_it_whole(ranks, model):
         close(rec, one[0], FIGURES)
         assert rec["grad_cos_current"] == pytest.approx(one[1]["grad_cos"], rel=1e-5, abs=1e-7)
         assert rec["summary"]["grad_cos_ref_rows_mean"] == 1
+        # the row losses are the global batch's: each group's mean over every rank's rows
+        assert rec["loss_replay_earlier"] == pytest.approx(one[0]["loss_replay"], rel=1e-5)
+        assert rec["loss_replay_current"] == pytest.approx(one[1]["loss_replay"], rel=1e-5)
+        assert rec["loss_fresh"] == pytest.approx(one[0]["loss_fresh"], rel=1e-5)
 
 
 def test_the_probe_is_split_between_ranks_not_repeated(ranks, model):

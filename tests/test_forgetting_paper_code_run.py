@@ -39,3 +39,9 @@ def test_summary_of_a_short_run_carries_the_paper_code_forgetting(make_config):
     assert diag and all(r["grad_cos_ref_rows"] >= 1 for r in diag)
     assert all(r["grad_cos_fresh_rows"] == s["rows_per_step"]["fresh"] for r in diag)
     assert s["grad_cos_ref_rows_mean"] >= 1
+    # row losses are logged in every task, the first included, where no cosine exists
+    rows = [r for r in read_metrics(cfg.run_dir, "train") if "loss_fresh" in r]
+    first = [r for r in rows if r["task"] == cfg.data.tasks[0].name]
+    assert first and not any("grad_cos" in r or "loss_replay_earlier" in r for r in first)
+    assert any("loss_replay_current" in r for r in first)
+    assert any("loss_replay_earlier" in r for r in rows if r not in first)

@@ -412,3 +412,35 @@ def test_seeded_replay_draws_seed_rows_and_resumes_bit_identically(make_config):
     got, want = model_after(part.run_dir, 1), model_after(full.run_dir, 1)
     assert all(torch.equal(got[k], want[k]) for k in want)
     assert resumed["loss_matrix"] == ref["loss_matrix"]
+
+
+def test_unique_windows_repeat_a_prefix_of_the_full_order(prepared_dir):
+    """unique_tokens: a limited stream starts exactly as the full one, then repeats its pool
+    in a fresh order each pass."""
+    from cptrain.data.prepare import open_split
+
+    shard = open_split(prepared_dir, "email", "train")
+    full = TaskStream(shard, 0, seed=3, window_len=33, name="email")
+    limited = TaskStream(shard, 0, seed=3, window_len=33, name="email", unique_windows=7)
+    assert limited.n == 7 < full.n
+    first = full.indices(0, 7)
+    got = limited.indices(0, 7 * 3)
+    assert np.array_equal(got[:7], first)
+    for p in range(3):
+        assert sorted(got[7 * p : 7 * (p + 1)]) == sorted(first)
+    assert not np.array_equal(got[7:14], first)
+    # a pool at least as large as the task is no limit
+    same = TaskStream(shard, 0, seed=3, window_len=33, name="email", unique_windows=full.n + 1)
+    assert np.array_equal(same.indices(0, full.n * 2), full.indices(0, full.n * 2))
+
+
+def test_unique_tokens_limits_the_windows_a_run_trains_on(make_config):
+    from cptrain.train.trainer import Trainer
+
+    tasks = [{"name": "email", "unique_tokens": 3 * 32}, "xml", "asyncio"]
+    cfg = make_config("limited", data={"tasks": tasks})
+    assert "unique_tokens" not in cfg.model_dump()["data"]["tasks"][1]
+    trainer = Trainer(cfg, progress=False)
+    seen = [trainer.sampler.draw(0, s)[1][0][1] for s in range(3)]
+    trainer.close()
+    assert len(np.unique(np.concatenate(seen))) == 3

@@ -12,7 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import (
+    Field,
+    SerializerFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from cptrain.config_base import StrictModel, apply_overrides, build_config, read_yaml
@@ -54,6 +60,18 @@ METHODS: dict[str, MethodSpec] = {
 class TaskSpec(StrictModel):
     name: str
     tokens: int | None = Field(default=None, gt=0)
+    # Train on this many distinct tokens of the task (ceil(unique_tokens / seq_len) windows,
+    # a seeded sample), repeating them as often as the budget needs: a data-constrained task,
+    # or a control that repeats its own windows as replay does. None: every window.
+    unique_tokens: int | None = Field(default=None, gt=0)
+
+    @model_serializer(mode="wrap")
+    def _unique_only_when_set(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # Without it the dump is what it was before the key existed: older runs still resume.
+        out: dict[str, Any] = handler(self)
+        if out.get("unique_tokens") is None:
+            out.pop("unique_tokens", None)
+        return out
 
     @field_validator("name")
     @classmethod

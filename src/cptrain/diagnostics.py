@@ -21,6 +21,11 @@ gradients are averaged over the ranks before any dot product (``alignment.gradie
 and the ranks agree on the reference: the replayed earlier-task rows when any rank has one
 (a rank with none adds nothing), else the probe, split between the ranks.
 
+On the same steps, ``loss_fresh``, ``loss_replay_current`` and ``loss_replay_earlier`` are the
+mean token losses of the step's fresh rows and of its replayed rows of the current and of
+earlier tasks, at the weights the step starts from (``row_losses``; in every task, also where
+no gradient reference exists).
+
 Nothing here changes training: gradients come from ``torch.autograd.grad``, never ``.grad``,
 and the replayed rows' origins are re-derived from the buffer without drawing from it.
 """
@@ -83,6 +88,8 @@ class GradientDiagnostics(Hook):
         split = self._split_replay(trainer, batch)
         empty = batch.fresh[:0]
         earlier, current = split if split is not None else (empty, empty)
+        losses = row_losses(trainer, {"fresh": batch.fresh, "replay_current": current,
+                                      "replay_earlier": earlier})
         # Under DDP the ranks meet in all-reduces below, so they must all take the same branch:
         # decide on the global counts, every rank's replayed rows together.
         n_earlier, n_current = _global_counts(env, [len(earlier), len(current)])
@@ -91,7 +98,7 @@ class GradientDiagnostics(Hook):
         else:
             probe = self._probe(trainer, batch)  # the same rows on every rank: split them
             if probe is None:
-                return {}
+                return losses
             ref, kind = (probe[env.rank :: env.world_size] if env.active else probe), "probe"
         from cptrain.alignment import all_reduce_sum, gradient_alignments
 
@@ -106,7 +113,7 @@ class GradientDiagnostics(Hook):
             autocast_dtype=trainer.autocast,
             reduce=all_reduce_sum if env.active else None,
         )
-        out: dict[str, Any] = measured[0]
+        out: dict[str, Any] = {**losses, **measured[0]}
         out["grad_cos_fresh_rows"] = out.pop("rows_fresh")
         out["grad_cos_ref_rows"] = out.pop("rows_replay")
         out["grad_ref"] = kind
@@ -160,3 +167,36 @@ def _global_counts(env: Any, counts: list[int]) -> list[int]:
     t = torch.tensor(counts, dtype=torch.float64, device=env.device)
     torch.distributed.all_reduce(t)
     return [int(round(x)) for x in t.tolist()]
+
+
+@torch.no_grad()
+def row_losses(trainer: Trainer, groups: dict[str, np.ndarray]) -> dict[str, float]:
+    """``loss_<group>``: the mean token loss of each group of rows at the weights the step
+    starts from (one no-grad forward per group; groups empty on every rank are left out).
+    Replayed rows the model has trained on before score lower than fresh ones; how much lower
+    says how much of a mixed batch's loss, and gradient, comes from repetition."""
+    from cptrain.evaluate import token_loss
+
+    env = trainer.env
+    sums = []
+    model = trainer.model
+    was_training = model.training
+    model.eval()
+    try:
+        for rows in groups.values():
+            total = 0.0
+            if len(rows):
+                part = torch.from_numpy(rows).to(env.device)
+                total = float(token_loss(model, part, trainer.autocast)) * len(rows)
+            sums += [total, float(len(rows))]
+    finally:
+        model.train(was_training)
+    if env.active:
+        t = torch.tensor(sums, dtype=torch.float64, device=env.device)
+        torch.distributed.all_reduce(t)
+        sums = t.tolist()
+    return {
+        f"loss_{name}": sums[2 * i] / sums[2 * i + 1]
+        for i, name in enumerate(groups)
+        if sums[2 * i + 1] > 0
+    }

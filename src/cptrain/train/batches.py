@@ -37,7 +37,15 @@ class TaskStream:
     """Windows of one task in a seeded random order, reshuffled every epoch. ``task_idx`` is
     kept for callers; the order depends on ``seed`` and ``name`` only."""
 
-    def __init__(self, shard: ShardSet, task_idx: int, seed: int, window_len: int, name: str):
+    def __init__(
+        self,
+        shard: ShardSet,
+        task_idx: int,
+        seed: int,
+        window_len: int,
+        name: str,
+        unique_windows: int | None = None,
+    ):
         self.shard = shard
         self.window_len = window_len
         self.n = shard.num_windows(window_len)
@@ -49,11 +57,23 @@ class TaskStream:
         self._key = (seed, task_key(name))
         self._epoch = -1
         self._perm = np.empty(0, dtype=np.int64)
+        # unique_tokens: the pool is the first windows of the full stream's first epoch, so a
+        # limited stream starts exactly as the unlimited one does; later passes reshuffle it.
+        self._pool: np.ndarray | None = None
+        if unique_windows is not None and unique_windows < self.n:
+            self._pool = self._permutation(0)[:unique_windows].copy()
+            self.n = unique_windows
+            self._epoch = -1
 
     def _permutation(self, epoch: int) -> np.ndarray:
         if epoch != self._epoch:
-            rng = np.random.default_rng([self._key[0], self._key[1], epoch, 0x5EED])
-            self._perm = rng.permutation(self.n)
+            if self._pool is not None and epoch == 0:
+                self._perm = self._pool
+            else:
+                rng = np.random.default_rng([self._key[0], self._key[1], epoch, 0x5EED])
+                self._perm = rng.permutation(self.n)
+                if self._pool is not None:
+                    self._perm = self._pool[self._perm]
             self._epoch = epoch
         return self._perm
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +42,12 @@ class TrainingData:
         for shard in (*train_sets.values(), *self.val_sets.values()):
             shard.verify(full=True)
         load_prepared_tokenizer(self.dir)
+        pools = [
+            None if t.unique_tokens is None else math.ceil(t.unique_tokens / cfg.train.seq_len)
+            for t in cfg.data.tasks
+        ]
         self.streams = [
-            TaskStream(train_sets[n], i, cfg.seed, self.window_len, n)
+            TaskStream(train_sets[n], i, cfg.seed, self.window_len, n, unique_windows=pools[i])
             for i, n in enumerate(self.task_names)
         ]
         for n, s in self.val_sets.items():
