@@ -244,3 +244,32 @@ def test_a_method_can_be_limited_to_some_presets(tmp_path, prepared_dir):
     grid["methods"][1]["presets"] = ["small"]
     with pytest.raises(ConfigError, match="presets small are not in grid.presets"):
         expand_sweep(load_sweep(_sweep(tmp_path, grid, prepared_dir)))
+
+
+def test_paired_table_splits_retained_into_learned_and_after_learning(tmp_path):
+    """A method that learns the first task 0.4 better and loses it as fast as the baseline
+    does gains retained loss from learning alone: Δ after learning is no difference."""
+    root, coords = tmp_path / "split", []
+    rng = np.random.default_rng(1)
+    for seed in range(4):
+        s = 0.3 * seed
+        _write_run(root, f"sequential_s{seed}", method="sequential", alpha=0.0, seed=seed,
+                   lm=[[5.0 + s, 9.0], [6.0 + s, 5.5]], coords=coords)
+        learned = 4.6 + s + float(rng.normal(0, 0.01))
+        drift = 1.0 + float(rng.normal(0, 0.02))
+        _write_run(root, f"replay_s{seed}", method="replay", alpha=0.25, seed=seed,
+                   lm=[[learned, 9.0], [learned + drift, 5.5]], coords=coords)
+    _manifest(root, coords, "sequential")
+    out = tmp_path / "report"
+    write_report([root], out)
+    paired = (out / "report.md").read_text().split("## Paired differences against sequential")[1]
+    header = next(line for line in paired.splitlines() if line.startswith("| run group"))
+    assert header.rstrip(" |").endswith("Δ after learning")
+    row = next(line for line in paired.splitlines() if line.startswith("| replay"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    retained, learned, after = cells[2], cells[3], cells[5]
+    for c in (retained, learned):
+        assert float(c.split()[0]) == pytest.approx(-0.2, abs=0.02)
+        assert "significantly lower" in c
+    assert "no significant difference" in after
+    assert "Δ after learning: 0 setting(s) significantly lower, 0 significantly higher" in paired

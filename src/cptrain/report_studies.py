@@ -42,6 +42,20 @@ from cptrain.report_stats import fmt as _fmt
 
 NO_TEST = Comparison(None, math.nan, math.nan, 0)  # an empty cell of the map
 METRICS = (("retained_loss", "retained"), ("learned_loss", "learned"), ("forgetting", "forgetting"))
+# retained − learned: the mean rise of each task's loss after it was learned. A method's Δ
+# retained splits exactly into Δ learned (learning each task better) + Δ this (keeping it), so
+# a method that learns faster is not credited with retention it did not add (issue 21).
+DRIFT = ("after_learning", "after learning")
+PAIRED_METRICS = (*METRICS, DRIFT)
+
+
+def metric(run: Run, key: str) -> float | None:
+    """A run's summary figure, or ``after_learning`` (retained − learned) derived from two."""
+    s = run.summary
+    if key == DRIFT[0]:
+        r, lrn = s.get("retained_loss"), s.get("learned_loss")
+        return None if r is None or lrn is None else r - lrn
+    return s.get(key)
 
 # Ibrahim et al. 2024 ("Simple and Scalable Strategies to Continually Pre-train LLMs"), 405M,
 # Pile → German: final loss on the old and the new task per replay fraction, and the
@@ -68,8 +82,8 @@ def pairs(runs: Sequence[Run], baseline: str) -> dict[str, list[tuple[Run, Run]]
 
 
 def _delta(pair_list: list[tuple[Run, Run]], key: str) -> Comparison:
-    return paired_test([r.summary.get(key) - b.summary.get(key) for r, b in pair_list
-                        if r.summary.get(key) is not None and b.summary.get(key) is not None])
+    values = [(metric(r, key), metric(b, key)) for r, b in pair_list]
+    return paired_test([x - y for x, y in values if x is not None and y is not None])
 
 
 def paired_section(done: Sequence[Run], baseline: str | None) -> Section | None:
@@ -80,18 +94,22 @@ def paired_section(done: Sequence[Run], baseline: str | None) -> Section | None:
         return None
     sec = Section(f"Paired differences against {baseline}")
     groups = sorted(found, key=lambda g: (len(g), g))
-    tests = {key: [_delta(found[grp], key) for grp in groups] for key, _ in METRICS}
+    tests = {key: [_delta(found[grp], key) for grp in groups] for key, _ in PAIRED_METRICS}
     adj = {key: adjust_tests(ts) for key, ts in tests.items()}
     sec.blocks.append(
         f"Each run minus the {baseline} run of the same seed, size, task order and shared "
         "settings; mean ± 95% t-interval over the pairs and a paired t-test. Negative = lower "
-        f"loss (better) than {baseline}. " + family_note(len(groups), "settings of each column")
+        f"loss (better) than {baseline}. Δ retained = Δ learned + Δ after learning: the first "
+        "is learning each task better (its loss right after training it), the second keeping "
+        "it (the mean rise of each task's loss after it was learned). "
+        + family_note(len(groups), "settings of each column")
         + " " + n_note([len(found[g]) for g in groups], "pairs per setting", paired=True)
     )
-    rows = [[grp, str(len(found[grp])), *(cell(tests[key][i], adj[key][i]) for key, _ in METRICS)]
+    rows = [[grp, str(len(found[grp])),
+             *(cell(tests[key][i], adj[key][i]) for key, _ in PAIRED_METRICS)]
             for i, grp in enumerate(groups)]
-    sec.blocks.append(Table(["run group", "pairs", *(f"Δ {n}" for _, n in METRICS)], rows))
-    for key, name in METRICS:
+    sec.blocks.append(Table(["run group", "pairs", *(f"Δ {n}" for _, n in PAIRED_METRICS)], rows))
+    for key, name in PAIRED_METRICS:
         c = defaultdict(int)
         for t, p in zip(tests[key], adj[key], strict=True):
             c[verdict(t, p)] += 1
