@@ -273,3 +273,33 @@ def test_paired_table_splits_retained_into_learned_and_after_learning(tmp_path):
         assert "significantly lower" in c
     assert "no significant difference" in after
     assert "Δ after learning: 0 setting(s) significantly lower, 0 significantly higher" in paired
+
+
+def test_an_axis_naming_a_method_leaves_its_named_variants_alone(tmp_path, prepared_dir):
+    path = _sweep(tmp_path, {
+        "methods": ["replay", {"method": "replay", "name": "replay-add",
+                               "set": {"replay": {"mode": "additive"}}}],
+        "seeds": [0], "axes": [{"key": "train.lr", "values": [0.001, 0.003],
+                                "methods": ["replay"]}],
+    }, prepared_dir)
+    names = sorted(r.name for r in expand_sweep(load_sweep(path)))
+    assert names == ["replay-a0.25-lr0.001_tiny_s0_en-fr", "replay-a0.25-lr0.003_tiny_s0_en-fr",
+                     "replay-add-a0.25_tiny_s0_en-fr"]
+
+
+def test_a_control_without_the_axis_pairs_with_the_baseline_at_its_own_setting(tmp_path):
+    from cptrain.report import collect_runs
+
+    root, coords = tmp_path / "c", []
+    for lr in (0.001, 0.003):
+        _write_run(root, f"sequential-{lr}", method="sequential", alpha=0.0, seed=0,
+                   lm=[[5.0, 9.0], [6.0, 5.5]], axes={"lr": lr}, coords=coords)
+    _write_run(root, "replay-previous", method="replay", alpha=0.25, seed=0,
+               lm=[[5.0, 9.0], [6.0, 5.5]], coords=coords)
+    summary = json.loads((root / "replay-previous" / "summary.json").read_text())
+    summary["config"]["train"]["lr"] = 0.003
+    (root / "replay-previous" / "summary.json").write_text(json.dumps(summary))
+    _manifest(root, coords, "sequential")
+    runs, _ = collect_runs([root])
+    (pair,) = pairs(runs, "sequential").values()
+    assert [b.axes["lr"] for _, b in pair] == [0.003]

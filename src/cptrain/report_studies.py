@@ -74,11 +74,24 @@ def pairs(runs: Sequence[Run], baseline: str) -> dict[str, list[tuple[Run, Run]]
             continue
         for b in base:
             if (b.seed, b.preset, b.order) == (r.seed, r.preset, r.order) and all(
-                r.axes.get(k) == v for k, v in b.axes.items()
+                _setting(r, k, b.axis_keys.get(k)) == v for k, v in b.axes.items()
             ):
                 out[r.group].append((r, b))
                 break
     return out
+
+
+def _setting(run: Run, label: str, key: str | None) -> Any:
+    """The run's value of a baseline's axis: its own axis value, else (an entry the axis does
+    not vary, e.g. a control at one learning rate) what its config sets for that key."""
+    if label in run.axes or key is None:
+        return run.axes.get(label)
+    value: Any = run.summary.get("config", {})
+    for part in key.split("."):
+        if not isinstance(value, dict):
+            return None
+        value = value.get(part)
+    return value
 
 
 def _delta(pair_list: list[tuple[Run, Run]], key: str) -> Comparison:

@@ -72,7 +72,9 @@ class Axis(StrictModel):
     values: list[Any] = Field(min_length=1)
     label: str | None = Field(default=None, description="in run names (default: last key part)")
     methods: list[str] | None = Field(
-        default=None, description="method names or labels it applies to (default: all)"
+        default=None,
+        description="entries it applies to: a named entry by its name, others by their method "
+        "(default: all)",
     )
 
     @property
@@ -80,7 +82,8 @@ class Axis(StrictModel):
         return self.label or self.key.rsplit(".", 1)[-1]
 
     def applies(self, spec: MethodSpec) -> bool:
-        return self.methods is None or bool({spec.method, spec.name} & set(self.methods))
+        # A named entry is a variant of its method; naming the method must not drag it in.
+        return self.methods is None or (spec.name or spec.method) in self.methods
 
 
 class SweepGrid(StrictModel):
