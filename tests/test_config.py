@@ -179,3 +179,19 @@ def test_a_key_an_older_cptrain_lacked_differs_only_away_from_its_default():
     old["train"]["rewarm_each_task"] = True  # a key this cptrain no longer has still counts
     want = "train.rewarm_each_task: checkpoint has True, config has None"
     assert config_differences(old, new) == [want]
+
+
+@pytest.mark.parametrize(("alpha", "batch", "mode", "need"),
+                         [(0.05, 8, "substitute", 10), (0.05, 8, "additive", 10)])
+def test_an_alpha_that_replays_no_row_is_refused_with_the_batch_that_would(alpha, batch, mode,
+                                                                            need):
+    from cptrain.config import load_run_config
+    from cptrain.errors import ConfigError
+
+    overrides = [f"replay.alpha={alpha}", f"train.batch_size={batch}", f"replay.mode={mode}"]
+    with pytest.raises(ConfigError) as err:
+        load_run_config(None, ["run_dir=x", "data.dir=d", "data.tasks=[a]", *overrides])
+    msg = str(err.value)
+    assert f"at least {need}" in msg and "<root>" not in msg and "Value error" not in msg
+    overrides[1] = f"train.batch_size={need}"
+    assert load_run_config(None, ["run_dir=x", "data.dir=d", "data.tasks=[a]", *overrides])

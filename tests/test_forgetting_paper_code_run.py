@@ -24,6 +24,7 @@ def test_summary_of_a_short_run_carries_the_paper_code_forgetting(make_config):
     lm = s["loss_matrix"]
     n = len(lm)
     assert n == 3
+    assert s["warnings"] == []  # α = 0.25 of 8 rows is exact, and no task repeats its windows
     # task-end: the official code's sign and averaging over the same rows as cptrain's
     assert s["forgetting_paper_code"] == pytest.approx(-(n - 1) / n * s["forgetting_task_end"])
     assert s["forgetting_paper_code_per_task"][-1] == 0.0

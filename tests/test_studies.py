@@ -303,3 +303,18 @@ def test_a_control_without_the_axis_pairs_with_the_baseline_at_its_own_setting(t
     runs, _ = collect_runs([root])
     (pair,) = pairs(runs, "sequential").values()
     assert [b.axes["lr"] for _, b in pair] == [0.003]
+
+
+def test_a_group_label_shows_the_effective_alpha_when_rows_round(tmp_path):
+    from cptrain.report import collect_runs
+
+    root, coords = tmp_path / "alpha", []
+    for name, rows in (("exact", {"fresh": 12, "replay": 4}), ("rounded", {"fresh": 11,
+                                                                          "replay": 5})):
+        _write_run(root, name, method="replay", alpha=0.25 if name == "exact" else 0.3,
+                   seed=0, lm=[[5.0, 9.0], [6.0, 5.5]], coords=coords)
+        summary = json.loads((root / name / "summary.json").read_text())
+        summary["rows_per_step"] = rows
+        (root / name / "summary.json").write_text(json.dumps(summary))
+    runs, _ = collect_runs([root])
+    assert sorted(r.group for r in runs) == ["replay α=0.25", "replay α=0.3 (effective 0.312)"]

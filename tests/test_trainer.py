@@ -444,3 +444,26 @@ def test_unique_tokens_limits_the_windows_a_run_trains_on(make_config):
     seen = [trainer.sampler.draw(0, s)[1][0][1] for s in range(3)]
     trainer.close()
     assert len(np.unique(np.concatenate(seen))) == 3
+
+
+def test_run_start_warns_of_a_rounded_alpha_and_of_a_budget_beyond_the_data(make_config,
+                                                                            capsys):
+    from cptrain.train.trainer import Trainer
+
+    cfg = make_config("warned", method="replay", replay={"alpha": 0.3},
+                      data={"tokens_per_task": 8 * 32 * 6, "tasks": [
+                          {"name": "email", "tokens": 10_000_000}, "xml", "asyncio"]})
+    trainer = Trainer(cfg, progress=False)
+    trainer.close()
+    alpha, passes = trainer.warnings
+    assert "replays 2 of 8 rows a step (25.0%, not 30.0%)" in alpha
+    assert passes.startswith("task email:") and " passes)" in passes
+    n = trainer.streams[0].n
+    assert f"{trainer.plan.task_steps[0] * 6:,} training windows of its {n:,}" in passes
+    err = capsys.readouterr().err
+    assert err.count("warning: ") == 2
+    # exact share, one pass: nothing to say
+    quiet = Trainer(make_config("quiet", method="replay", replay={"alpha": 0.25}),
+                    progress=False)
+    quiet.close()
+    assert quiet.warnings == []

@@ -7,8 +7,10 @@ is the one table of what each ``method:`` means.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,6 +26,7 @@ from pydantic_core import PydanticCustomError
 from cptrain.config_base import StrictModel, apply_overrides, build_config, read_yaml
 from cptrain.presets import DEFAULT_LR, PRESETS
 from cptrain.replay.config import ReplayConfig
+from cptrain.replay.mixer import mix_counts, replay_share
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -311,6 +314,20 @@ class RunConfig(StrictModel):
                 "joint_exclusive",
                 "method joint trains on an i.i.d. mixture and uses no replay or Reptile; drop "
                 "replay.alpha / reptile.enabled or choose another method",
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _replay_rows_exist(self) -> RunConfig:
+        # An error, not a warning: the run would be sequential under a replay label.
+        alpha, mode, b = self.replay.alpha, self.replay.mode, self.train.batch_size
+        if alpha > 0 and mix_counts(alpha, b, mode)[1] == 0:
+            need = math.ceil(Fraction(1, 2) / replay_share(alpha, mode))
+            raise PydanticCustomError(
+                "no_replayed_rows",
+                "replay.alpha={alpha} replays round(α·{b}) = 0 rows a step, so the run would be "
+                "sequential; raise train.batch_size to at least {need} or set alpha 0",
+                {"alpha": alpha, "b": b, "need": need},
             )
         return self
 

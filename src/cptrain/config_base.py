@@ -25,12 +25,13 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
     first = err.errors()[0]
     path = ".".join(
         s if (s := str(p)).isprintable() and "." not in s else repr(s) for p in first["loc"]
-    ) or "<root>"
-    msg = first["msg"]
+    )
+    msg = first["msg"].removeprefix("Value error, ")  # pydantic's wording, not ours
     if first["type"] == "extra_forbidden":
         msg = "unknown key (check spelling; see the recipes/ examples for valid keys)"
     extra = f" ({len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
-    return f"{source}: {path}: {msg}{extra}"
+    where = f"{path}: " if path else ""  # a check across sections names its keys itself
+    return f"{source}: {where}{msg}{extra}"
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

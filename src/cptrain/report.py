@@ -74,6 +74,11 @@ class Run:
         """Method label with its replay fraction, e.g. ``mer α=0.25``."""
         mode = self.summary["config"].get("replay", {}).get("mode", "substitute")
         suffix = f" α={self.alpha:g}" if self.alpha else ""
+        rows = self.summary.get("rows_per_step")
+        if self.alpha and isinstance(rows, dict) and rows.get("fresh", 0) + rows.get("replay", 0):
+            # whole rows: α=0.3 of 16 replays 5 (0.3125); the label must not claim 0.3
+            share = rows.get("replay", 0) / (rows.get("fresh", 0) + rows.get("replay", 0))
+            suffix += f" (effective {share:.3g})" if abs(share - self.alpha) > 1e-9 else ""
         suffix += " additive" if self.alpha and mode == "additive" else ""
         if self.axes:
             suffix += f" {axes_text(self.axes)}"

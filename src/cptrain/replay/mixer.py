@@ -20,6 +20,12 @@ def _round_half_up(x: Fraction) -> int:
     return math.floor(x + Fraction(1, 2))
 
 
+def replay_share(alpha: float, mode: str) -> Fraction:
+    """Replayed rows per batch row asked for: α (substitute) or α/(1−α) (additive)."""
+    a = _exact(alpha)
+    return a if mode == "substitute" else a / (1 - a)
+
+
 def mix_counts(alpha: float, batch_size: int, mode: str) -> tuple[int, int]:
     """(n_fresh, n_replay) for one global batch; replay counts are rounded half up.
 
@@ -32,11 +38,10 @@ def mix_counts(alpha: float, batch_size: int, mode: str) -> tuple[int, int]:
         raise ConfigError(f"replay.mode must be 'substitute' or 'additive' (got {mode!r})")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 0:
         raise ConfigError(f"batch size must be a non-negative integer (got {batch_size!r})")
-    a = _exact(alpha)
+    n_replay = _round_half_up(replay_share(alpha, mode) * batch_size)
     if mode == "substitute":
-        n_replay = _round_half_up(a * batch_size)
         return batch_size - n_replay, n_replay
-    return batch_size, _round_half_up(a * batch_size / (1 - a))
+    return batch_size, n_replay
 
 
 def split_for_rank(n: int, world_size: int, rank: int) -> tuple[int, int]:

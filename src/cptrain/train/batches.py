@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import hashlib
 import math
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Any
 
 import numpy as np
@@ -128,6 +130,32 @@ class BatchPlan:
             n_replay_local=split_for_rank(n_replay, world_size, rank)[1],
             task_steps=steps,
         )
+
+    def warnings(self, cfg: RunConfig, streams: list[TaskStream], show: bool) -> list[str]:
+        """What the user should know before the run trains (printed to stderr with ``show``):
+        a replay share that rounds to another than asked, and a task whose budget draws its
+        windows more than once."""
+        out = []
+        total = self.n_fresh + self.n_replay
+        if cfg.replay.alpha > 0 and Fraction(self.n_replay, total) != Fraction(
+            repr(cfg.replay.alpha)
+        ):
+            out.append(
+                f"replay.alpha={cfg.replay.alpha:g} replays {self.n_replay} of {total} rows a "
+                f"step ({self.n_replay / total:.1%}, not {cfg.replay.alpha:.1%}): the rows are "
+                "whole; pick a batch size where the share is exact to get it"
+            )
+        for spec, steps, stream in zip(cfg.data.tasks, self.task_steps, streams, strict=True):
+            passes = steps * self.n_fresh / stream.n
+            if passes > 1 and spec.unique_tokens is None:
+                out.append(
+                    f"task {spec.name}: its budget draws {steps * self.n_fresh:,} training "
+                    f"windows of its {stream.n:,} ({passes:.1f} passes): windows repeat; lower "
+                    "its tokens, add data, or set unique_tokens to make repetition deliberate"
+                )
+        for line in out if show else []:
+            print(f"warning: {line}", file=sys.stderr)
+        return out
 
     @property
     def total_steps(self) -> int:

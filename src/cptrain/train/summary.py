@@ -39,6 +39,7 @@ def run_summary(trainer: Trainer) -> dict[str, Any]:
         "precision": trainer.precision,  # what train.precision (maybe auto) resolved to
         "precision_evidence": trainer.precision_evidence,  # and why (cptrain.hardware)
         "complete": trainer.finished,
+        "warnings": trainer.warnings,  # what the run start printed (BatchPlan.warnings)
     }
     if lm:
         # forgetting: every evaluation after a task was trained (periodic ones too);

@@ -100,6 +100,7 @@ class Trainer:
         self.task_names = self.data.task_names
         self.streams = self.data.streams
         self.plan = BatchPlan.build(cfg, self.env.world_size, self.env.rank)
+        self.warnings = self.plan.warnings(cfg, self.streams, show=self.env.is_main)
         self.sampler = make_sampler(cfg, self.streams, self.plan, self.data.train_tokens)
         self.schedule = Schedule.for_run(cfg.train, cfg.peak_lr, self.plan.task_steps)
 
@@ -248,8 +249,7 @@ class Trainer:
         return self.summary()
 
     def start(self) -> None:
-        """Start the prefetcher and the hooks (``run()`` does; benches driving ``step()``
-        themselves call it first, and ``stop()`` at the end)."""
+        """Start the prefetcher and hooks (``run()`` does; a bench driving ``step()`` must)."""
         if self.buffer is not None:
             self.buffer.start_prefetch(
                 self.plan.upcoming(self.state.step, self.state.task_idx, self.state.task_step)
