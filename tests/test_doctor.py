@@ -43,12 +43,20 @@ def pristine(prepared_dir, tmp_path_factory) -> Path:
 
 
 @pytest.fixture
-def run(pristine, tmp_path) -> Path:
+def finished(pristine, tmp_path) -> Path:
     """A fresh copy of the run and its data at the paths its config names."""
     live = pristine.with_name(pristine.name.removesuffix("-pristine"))
     shutil.rmtree(live)
     shutil.copytree(pristine, live)
     return live / "run"
+
+
+@pytest.fixture
+def run(finished) -> Path:
+    """The copy as a run stopped before it finished (its summary not complete)."""
+    summary = json.loads((finished / "summary.json").read_text())
+    (finished / "summary.json").write_text(json.dumps({**summary, "complete": False}))
+    return finished
 
 
 def data_dir(run: Path) -> Path:
@@ -103,6 +111,41 @@ def test_no_good_checkpoint_is_not_resumable(run, capsys):
     out = capsys.readouterr().out
     assert f"DAMAGED  checkpoint {LAST}: no MANIFEST.json (incomplete write)" in out
     assert "NOT resumable: no complete checkpoint" in out
+    # no dead end: --resume names --restart, and the command the doctor prints works, keeping
+    # the damaged attempt
+    assert cli.main(["train", str(run / "config.yaml"), "--resume", "--no-progress"]) == 2
+    assert "start the run again with --restart" in capsys.readouterr().err
+    report = diagnose(run)
+    assert report.command == f"cptrain train {run / 'config.yaml'} --restart"
+    kept = sorted(p.name for p in run.iterdir() if p.name != "attempts")
+    assert follow(report.command) == 0
+    assert sorted(p.name for p in (run / "attempts" / "1").iterdir()) == kept
+    assert json.loads((run / "summary.json").read_text())["complete"]
+
+
+def test_a_finished_run_is_complete_not_resumable(finished, capsys):
+    assert main_doctor(finished) == 0
+    out = capsys.readouterr().out
+    assert "complete: the run finished (step 8); nothing to resume" in out
+    assert "resumable" not in out.replace("NOT resumable", "")
+    assert diagnose(finished).command is None
+
+
+def test_the_command_follows_a_moved_run_and_names_torchrun(run, capsys):
+    moved = run.with_name("moved")
+    run.rename(moved)
+    report = diagnose(moved)
+    assert report.command == (f"cptrain train {moved / 'config.yaml'} --set run_dir={moved} "
+                              "--resume")
+    assert follow(report.command) == 0
+    assert f"resuming from {moved / 'checkpoints' / LAST}" in capsys.readouterr().out
+    assert not run.exists()  # it trained where it lies, not at the old run_dir
+    from cptrain.config import load_run_config
+    from cptrain.doctor import _train_command
+
+    cfg = load_run_config(moved / "config.yaml")
+    assert _train_command(moved / "config.yaml", cfg, 2).startswith(
+        "torchrun --nproc_per_node=2 -m cptrain.cli train ")  # the checkpoints' world size
 
 
 @pytest.mark.parametrize(

@@ -467,3 +467,26 @@ def test_run_start_warns_of_a_rounded_alpha_and_of_a_budget_beyond_the_data(make
                     progress=False)
     quiet.close()
     assert quiet.warnings == []
+
+
+def test_auto_resume_restarts_an_attempt_without_checkpoint_and_resumes_one_with(
+    reference, prepared_dir, tmp_path, capsys
+):
+    from cptrain.train import train
+    from cptrain.train.trainer import Trainer
+
+    ref_cfg, ref_summary = reference("sequential")
+    cfg = ref_cfg.model_copy(update={"run_dir": str(tmp_path / "auto")})
+    Trainer(cfg, progress=False, stop_after=1).run()  # killed before its first checkpoint
+    with pytest.raises(CheckpointError, match="--restart"):
+        Trainer(cfg, resume=True, progress=False)
+    assert train(cfg, resume="auto", progress=False)["loss_matrix"] == ref_summary["loss_matrix"]
+    kept = tmp_path / "auto" / "attempts" / "1"
+    assert (kept / "metrics.jsonl").is_file() and not (kept / "checkpoints").exists()
+    assert f"the earlier attempt of this run is kept in {kept}" in capsys.readouterr().out
+    # with a complete checkpoint, auto resumes (bit-identical, no new attempt)
+    cfg2 = ref_cfg.model_copy(update={"run_dir": str(tmp_path / "auto2")})
+    Trainer(cfg2, progress=False, stop_after=8).run()
+    assert train(cfg2, resume="auto", progress=False)["loss_matrix"] == ref_summary["loss_matrix"]
+    assert "resuming from" in capsys.readouterr().out
+    assert not (tmp_path / "auto2" / "attempts").exists()

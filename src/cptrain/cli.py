@@ -56,7 +56,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     summary = train(
         cfg,
-        resume=args.resume,
+        resume=args.resume or args.restart or args.auto_resume,
         progress=_progress(args),
         allow_config_change=args.allow_config_change,
     )
@@ -248,7 +248,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train on the tasks in sequence")
     p.add_argument("config", help="run config (YAML)")
     _add_overrides(p)
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    start = p.add_mutually_exclusive_group()
+    start.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    start.add_argument(
+        "--restart",
+        action="store_const",
+        const="restart",
+        default=False,
+        help="start the run again; what its run_dir holds is moved to run_dir/attempts/<n>/",
+    )
+    start.add_argument(
+        "--auto-resume",
+        action="store_const",
+        const="auto",
+        default=False,
+        help="--resume when the run has a complete checkpoint, else --restart (for requeued jobs)",
+    )
     p.add_argument(
         "--allow-config-change",
         action="store_true",
@@ -368,13 +383,14 @@ def main(argv: list[str] | None = None) -> int:
             raise
         where = f" writing {exc.filename}" if exc.filename else ""
         print(
-            f"cptrain: error: disk full{where}; free space, then re-run (training resumes from "
-            "its last complete checkpoint with --resume)",
+            f"cptrain: error: disk full{where}; free space, then re-run with --auto-resume "
+            "(it resumes from the last complete checkpoint, or restarts where none is)",
             file=sys.stderr,
         )
         return 2
     except KeyboardInterrupt:
-        print("cptrain: interrupted; resume with --resume", file=sys.stderr)
+        print("cptrain: interrupted; continue with --auto-resume (it resumes from the last "
+              "complete checkpoint, or restarts where none was written yet)", file=sys.stderr)
         return 130
 
 

@@ -44,6 +44,7 @@ class Report:
     resume_step: int | None = None
     command: str | None = None
     blocking: str | None = None  # why the run cannot be resumed as it is
+    complete: bool = False  # finished: nothing to resume
 
     @property
     def resumable(self) -> bool:
@@ -60,7 +61,10 @@ class Report:
     def render(self) -> str:
         lines = [f"cptrain doctor: {self.run_dir}"]
         lines += [f"  {_LABEL[i.status]:<8} {i.subject}: {i.detail}" for i in self.items]
-        if self.resumable:
+        if self.complete:
+            lines.append(f"complete: the run finished (step {self.resume_step}); nothing to "
+                         "resume")
+        elif self.resumable:
             lines.append(f"resumable from {self.resume_from} (step {self.resume_step}):")
             lines.append(f"  {self.command}")
         else:
@@ -93,15 +97,16 @@ def diagnose(run_dir: Path) -> Report:
     if cfg is not None:
         _check_data(report, cfg, good)
     _check_metrics(report, run_dir)
-    _conclude(report, config_path, good, state)
+    _conclude(report, config_path, good, state, cfg)
     return report
 
 
 def main_doctor(run_dir: Path | str) -> int:
-    """The ``cptrain doctor RUN`` command: print the report; 0 when resumable, else 2."""
+    """The ``cptrain doctor RUN`` command: print the report; 0 when resumable or complete,
+    else 2."""
     report = diagnose(Path(run_dir))
     print(report.render())
-    return 0 if report.resumable else 2
+    return 0 if report.resumable or report.complete else 2
 
 
 # -------------------------------------------------------------------------- hardware
@@ -391,19 +396,47 @@ def _check_metrics(report: Report, run_dir: Path) -> None:
 
 
 # -------------------------------------------------------------------------- verdict
+def _train_command(config_path: Path, cfg: RunConfig | None, world: int) -> str:
+    """The command that really continues this run where it lies now: torchrun with the world
+    size the checkpoints were written with, and the run's current directory when it moved."""
+    launch = "cptrain train"
+    if world > 1:
+        launch = f"torchrun --nproc_per_node={world} -m cptrain.cli train"
+    cmd = f"{launch} {shlex.quote(str(config_path))}"
+    here = config_path.parent
+    if cfg is not None and Path(cfg.run_dir).resolve() != here.resolve():
+        cmd += f" --set run_dir={shlex.quote(str(here))}"  # moved or copied since it ran
+    return cmd
+
+
 def _conclude(
-    report: Report, config_path: Path, good: Path | None, state: dict[str, Any] | None
+    report: Report,
+    config_path: Path,
+    good: Path | None,
+    state: dict[str, Any] | None,
+    cfg: RunConfig | None,
 ) -> None:
-    cmd = f"cptrain train {shlex.quote(str(config_path))}"
+    world = int(state.get("world_size", 1)) if state is not None else 1
+    cmd = _train_command(config_path, cfg, world)
     blocking = [i for i in report.items if i.blocks]
     if good is None or state is None:
         report.blocking = "no complete checkpoint"
         if config_path.is_file():
-            report.blocking += "; start the run again (without --resume)"
-            report.command = cmd
+            report.blocking += "; start the run again (the old attempt is kept under attempts/)"
+            report.command = f"{cmd} --restart"
         return
     if blocking:
         first = blocking[0]
         report.blocking = f"{first.subject}: {first.detail}"
         return
+    if _finished(config_path.parent):
+        report.complete = True
+        return
     report.command = f"{cmd} --resume"
+
+
+def _finished(run_dir: Path) -> bool:
+    try:
+        return bool(json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))["complete"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return False

@@ -165,8 +165,8 @@ def _summary_files(root: Path) -> Iterator[Path]:
         if "summary.json" in filenames:
             dirnames.clear()
             yield Path(dirpath) / "summary.json"
-        else:
-            dirnames.sort()
+        else:  # a restarted run's earlier attempts (train.run_dir.ATTEMPTS) are not runs
+            dirnames[:] = sorted(d for d in dirnames if d != "attempts")
 
 
 def _sweep_manifest(root: Path) -> dict[str, Any]:

@@ -97,8 +97,8 @@ class CheckpointManager:
         found = self.env.broadcast_object(found)
         if found is None:
             raise CheckpointError(
-                f"--resume: no complete checkpoint under {self.root}; start the run without "
-                "--resume"
+                f"--resume: no complete checkpoint under {self.root}; start the run again with "
+                "--restart (what the run_dir holds is kept under attempts/)"
             )
         return Path(found)
 

@@ -8,7 +8,7 @@ import os
 import re
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -57,7 +57,47 @@ class MetricsLog:
             self._f = None
 
 
+ATTEMPTS = "attempts"  # earlier attempts of a restarted run: <run_dir>/attempts/<n>/
+
+# How a run starts: False = a new run (the directory must not hold one), True = resume it,
+# "restart" = move what the directory holds aside and start again, "auto" = resume when a
+# checkpoint exists, else restart (what a requeued job wants).
+StartMode = bool | Literal["auto", "restart"]
+
+
+def set_aside(path: Path) -> Path | None:
+    """Move everything in ``path`` but earlier attempts into ``path/attempts/<n>/`` (never
+    deleted); the new folder, or None when there was nothing to move."""
+    entries = sorted(p for p in path.iterdir() if p.name != ATTEMPTS) if path.is_dir() else []
+    if not entries:
+        return None
+    root = path / ATTEMPTS
+    root.mkdir(exist_ok=True)
+    n = 1 + max((int(p.name) for p in root.iterdir() if p.name.isdigit()), default=0)
+    dest = root / str(n)
+    dest.mkdir()
+    for entry in entries:
+        entry.rename(dest / entry.name)
+    fsutil.fsync_path(dest)
+    fsutil.fsync_path(path)
+    return dest
+
+
 class RunDir:
+    @classmethod
+    def open(cls, path: Path, env: Any, mode: StartMode) -> tuple[RunDir, bool]:
+        """The run directory for ``mode`` and whether the run resumes; rank 0 moves an earlier
+        attempt aside (``restart``, or ``auto`` without a checkpoint) while the others wait."""
+        resume = mode
+        if mode in ("auto", "restart"):
+            if env.is_main:
+                resume = mode == "auto" and bool(list_checkpoints(path / "checkpoints"))
+                moved = None if resume else set_aside(path)
+                if moved is not None:
+                    print(f"the earlier attempt of this run is kept in {moved}")
+            resume = env.broadcast_object(resume if env.is_main else None)
+        return cls(path, resume=bool(resume), is_main=env.is_main), bool(resume)
+
     def __init__(self, path: Path, *, resume: bool, is_main: bool = True):
         self.path = Path(path)
         self.is_main = is_main
@@ -73,7 +113,8 @@ class RunDir:
         if not resume and (list_checkpoints(self.checkpoints) or self.summary_path.exists()):
             raise ConfigError(
                 f"run_dir {self.path} already holds a run; pass --resume to continue it, "
-                "or choose a new run_dir"
+                "--restart to start it again (the old attempt is kept under attempts/), or "
+                "choose a new run_dir"
             )
         self.metrics = MetricsLog(self.path / "metrics.jsonl", enabled=is_main)
 

@@ -35,7 +35,7 @@ from cptrain.train import hooks as H
 from cptrain.train.batches import BatchPlan, make_sampler
 from cptrain.train.data import TrainingData
 from cptrain.train.optim import build_optimizer
-from cptrain.train.run_dir import RunDir
+from cptrain.train.run_dir import RunDir, StartMode
 from cptrain.train.seed import seed_buffer
 from cptrain.train.state import TrainerState
 from cptrain.train.stop import StopRequest
@@ -53,7 +53,7 @@ class Trainer:
         self,
         cfg: RunConfig,
         *,
-        resume: bool = False,
+        resume: StartMode = False,
         progress: bool = True,
         allow_config_change: bool = False,
         stop_after: int | None = None,
@@ -66,7 +66,7 @@ class Trainer:
         self.stop_request = StopRequest()
         self.env = init_distributed(cfg.distributed)
         self._open_data()  # first: a data error leaves no run directory behind
-        self.run_dir = RunDir(Path(cfg.run_dir), resume=resume, is_main=self.env.is_main)
+        self.run_dir, resume = RunDir.open(Path(cfg.run_dir), self.env, resume)
         self._build_model()
         self.optimizer = build_optimizer(self.model, cfg.train, self.schedule.lr(0))
         self.checkpoints = CheckpointManager(
@@ -385,7 +385,7 @@ class Trainer:
         self.run_dir.write_summary(self.summary())
 
 
-def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True,
+def train(cfg: RunConfig, *, resume: StartMode = False, progress: bool = True,
           allow_config_change: bool = False) -> dict[str, Any]:
     trainer = Trainer(cfg, resume=resume, progress=progress,
                       allow_config_change=allow_config_change)
