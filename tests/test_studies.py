@@ -318,3 +318,28 @@ def test_a_group_label_shows_the_effective_alpha_when_rows_round(tmp_path):
         (root / name / "summary.json").write_text(json.dumps(summary))
     runs, _ = collect_runs([root])
     assert sorted(r.group for r in runs) == ["replay α=0.25", "replay α=0.3 (effective 0.312)"]
+
+
+def test_runs_of_one_method_with_other_settings_are_never_pooled_as_seeds(tmp_path):
+    from cptrain.report import collect_runs
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    for root, tokens, seeds in ((a, 200_000, (0, 1)), (b, 24_000, (0,))):
+        for seed in seeds:
+            name = f"sequential_s{seed}"
+            _write_run(root, name, method="sequential", alpha=0.0, seed=seed,
+                       lm=[[5.0, 9.0], [6.0, 5.5]])
+            summary = json.loads((root / name / "summary.json").read_text())
+            summary["config"]["data"] = {"tokens_per_task": tokens}
+            (root / name / "summary.json").write_text(json.dumps(summary))
+    runs, notes = collect_runs([a, b])
+    groups = sorted({r.group for r in runs})
+    assert groups == ["sequential [data.tokens_per_task=200000]",
+                      "sequential [data.tokens_per_task=24000]"]
+    assert any("differ in data.tokens_per_task" in n and "never pooled" in n for n in notes)
+    # the same setting and seed twice: flagged as a repeat, not a second seed
+    runs, notes = collect_runs([a, a])
+    assert any("2 runs of seed 0 with the same settings" in n for n in notes)
+    write_report([a, b], tmp_path / "report")
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "never pooled as seeds" in md and "(n=3)" not in md

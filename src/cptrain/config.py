@@ -401,17 +401,25 @@ def _schema_default(key: str) -> Any:
     return TypeAdapter(field.annotation).dump_python(value, mode="json")
 
 
+def result_settings(config: dict[str, Any]) -> dict[str, Any]:
+    """A resolved config (JSON dump) as dotted keys, without the keys that change nothing
+    about a run's numbers (``_RUN_CONTROL_KEYS``)."""
+    return {
+        k: v
+        for k, v in _flatten(config).items()
+        if not any(k == c or k.startswith(c + ".") for c in _RUN_CONTROL_KEYS)
+    }
+
+
 def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """Result-changing keys whose values differ between two resolved configs (JSON dumps).
 
     A key the older config does not have came with a later cptrain, whose convention is a
     default that does what the code did before: at that default it is no difference, so
     upgrading cptrain neither blocks a resume nor retrains a finished sweep run."""
-    a, b = _flatten(old), _flatten(new)
+    a, b = result_settings(old), result_settings(new)
     diffs = []
     for key in sorted(set(a) | set(b)):
-        if any(key == c or key.startswith(c + ".") for c in _RUN_CONTROL_KEYS):
-            continue
         if key not in a and key in b and b[key] == _schema_default(key):
             continue
         if a.get(key) != b.get(key):

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from cptrain.config import METHODS
+from cptrain.config import METHODS, result_settings
 from cptrain.errors import ConfigError
 from cptrain.flops import run_flops
 from cptrain.fsutil import atomic_write_text
@@ -64,6 +64,7 @@ class Run:
     order: tuple[str, ...]
     axes: dict[str, Any] = field(default_factory=dict)  # sweep axis label → value
     axis_keys: dict[str, str] = field(default_factory=dict)  # sweep axis label → config key
+    variant: str = ""  # the settings that set it apart from runs of the same label (see below)
 
     @property
     def complete(self) -> bool:
@@ -82,7 +83,7 @@ class Run:
         suffix += " additive" if self.alpha and mode == "additive" else ""
         if self.axes:
             suffix += f" {axes_text(self.axes)}"
-        return f"{self.label}{suffix}"
+        return f"{self.label}{suffix}{self.variant}"
 
     @cached_property
     def flops(self) -> dict[str, Any] | None:
@@ -219,7 +220,52 @@ def collect_runs(dirs: Sequence[Path]) -> tuple[list[Run], list[str]]:
             f"no runs found under {', '.join(map(str, dirs))} (no summary.json); pass the "
             "directories of `cptrain train` or `cptrain sweep`"
         )
+    notes += _keep_settings_apart(runs)
     return runs, notes
+
+
+def _settings(run: Run) -> dict[str, Any]:
+    """What sets a run's numbers apart, beyond its group label and its seed."""
+    out = result_settings(run.summary["config"])
+    # the label, the seed, and what tables show as their own columns (size, task order)
+    for key in ("seed", "method", "replay.alpha", "model.preset", *run.axis_keys.values()):
+        out.pop(key, None)
+    out["data.tasks"] = json.dumps(out.get("data.tasks"), sort_keys=True)
+    return out
+
+
+def _keep_settings_apart(runs: list[Run]) -> list[str]:
+    """Runs of one group label must differ in their seed alone: a group is the mean over
+    seeds of one setting. Where runs of one label differ in anything else that changes
+    results, each setting becomes its own group (its differing keys appended to the label),
+    and the report says so; runs repeating one seed of one setting are flagged."""
+    notes = []
+    by_group: dict[tuple[str, str, tuple[str, ...]], list[Run]] = {}
+    for r in runs:  # the cells of Groups: (group, preset, order)
+        by_group.setdefault((r.group, r.preset, r.order), []).append(r)
+    for (group, _, _), members in by_group.items():
+        settings = [_settings(r) for r in members]
+        keys = sorted({k for s in settings for k in s if len({json.dumps(x.get(k), sort_keys=True)
+                                                          for x in settings}) > 1})
+        if keys:
+            for r, st in zip(members, settings, strict=True):
+                r.variant = " [" + ", ".join(f"{k}={_short(st.get(k))}" for k in keys) + "]"
+            notes.append(
+                f"runs labelled {group} differ in {', '.join(keys)}; each setting is its own "
+                "group, never pooled as seeds of one"
+            )
+    seen: dict[tuple[str, str, tuple[str, ...], int], int] = {}
+    for r in runs:
+        key = (r.group, r.preset, r.order, r.seed)
+        seen[key] = seen.get(key, 0) + 1
+    notes += [f"{g} ({p}) holds {n} runs of seed {seed} with the same settings: they are "
+              "repeats, not independent seeds" for (g, p, _, seed), n in seen.items() if n > 1]
+    return notes
+
+
+def _short(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 # ------------------------------------------------------------------------------- statistics
