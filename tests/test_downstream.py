@@ -115,7 +115,7 @@ def fake_run(prepared_dir, tmp_path_factory):
     """A run directory with an exported (untrained) model, as the trainer leaves it."""
     run = tmp_path_factory.mktemp("ds") / "run"
     tok = load_prepared_tokenizer(prepared_dir)
-    model = build_model("tiny", len(tok), seed=0)
+    model = build_model("tiny", len(tok), seed=0, max_positions=32)  # as trained at seq_len 32
     out = run / "models" / f"after_0_{TASK}"
     model.save_pretrained(out)
     for f in (prepared_dir / "tokenizer").iterdir():
@@ -296,7 +296,14 @@ def short_context_run(fake_run, tmp_path_factory):
     cfg = yaml.safe_load((fake_run / "config.yaml").read_text())
     cfg["train"]["seq_len"] = 96
     (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    set_window(run / "models" / f"after_0_{TASK}", 96)  # what the trainer exports at seq_len 96
     return run
+
+
+def set_window(model_dir: Path, positions: int) -> None:
+    path = model_dir / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()),
+                                "max_position_embeddings": positions}))
 
 
 def test_downstream_of_a_short_context_run_sizes_items_in_the_models_tokens(
@@ -313,6 +320,16 @@ def test_downstream_of_a_short_context_run_sizes_items_in_the_models_tokens(
     rec = run_downstream(short_context_run, tasks=[f"cptrain_choice_{TASK}"], items=40)
     assert rec["max_length"] == 96 and "max_length=96" in rec["command"]
     assert 0.0 <= rec["tasks"][f"cptrain_choice_{TASK}"]["acc"] <= 1.0
+    # the same model copied out of the run: the same window, the same items
+    out = short_context_run.parent / "copied"
+    shutil.copytree(model, out)
+    again = run_downstream(out, tasks=[f"cptrain_choice_{TASK}"], items=40,
+                           data_dir=prepared_dir, out_dir=out.parent / "copied_ds")
+    copied = out.parent / "copied_ds" / "tasks" / f"cptrain_choice_{TASK}.jsonl"
+    assert again["max_length"] == 96
+    assert copied.read_text() == (short_context_run / "downstream" / "tasks" /
+                                  f"cptrain_choice_{TASK}.jsonl").read_text()
+    assert again["tasks"] == rec["tasks"]
     path = short_context_run / "downstream" / "tasks" / f"cptrain_choice_{TASK}.jsonl"
     rows = [json.loads(x) for x in path.read_text().splitlines()]
     assert len(rows) >= 20
@@ -369,6 +386,7 @@ def test_downstream_fits_code_and_chinese_items_at_any_context(code_and_chinese_
     run, cfg = code_and_chinese_run
     cfg = {**cfg, "train": {"seq_len": seq_len}}
     (run / "config.yaml").write_text(yaml.safe_dump(cfg, allow_unicode=True))
+    set_window(run / "models" / f"after_0_{TASK}", seq_len)
     rec = run_downstream(run, out_dir=run / f"downstream_{seq_len}", items=20, bpb_chars=300,
                          limit=8)
     assert rec["max_length"] == seq_len
@@ -389,3 +407,47 @@ def test_a_failure_inside_lm_eval_is_one_line_naming_the_tasks():
     with pytest.raises(EnvironmentProblem, match=wanted) as e, _one_line(["cptrain_bpb_zh"]):
         raise OverflowError("math range error\nsecond line")
     assert "\n" not in str(e.value)
+
+
+@pytest.fixture(scope="module")
+def one_task_too_small(fake_run, tmp_path_factory):
+    """The fake run's model over data with a usable task (code) and one whose held-out split
+    is a single short document (tiny)."""
+    from cptrain.config_base import build_config
+    from cptrain.data.prepare import PrepareConfig, prepare
+
+    root = tmp_path_factory.mktemp("small")
+    model = root / "model"  # outside any run: its data is the one passed
+    shutil.copytree(fake_run / "models" / f"after_0_{TASK}", model)
+    code = held_out_documents(Path(yaml.safe_load((fake_run / "config.yaml").read_text())
+                                   ["data"]["dir"]), TASK)
+    tasks = []
+    for name, val in (("code", code), ("tiny", ["def f(): return 1"])):
+        for split, texts in (("train", code), ("val", val)):
+            f = root / "text" / name / f"{split}.jsonl"
+            f.parent.mkdir(parents=True, exist_ok=True)
+            f.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+        tasks.append({"name": name, "train": [str(root / "text" / name / "train.jsonl")],
+                      "val": [str(root / "text" / name / "val.jsonl")]})
+    prepared = prepare(build_config(PrepareConfig, {
+        "out_dir": str(root / "prepared"), "tokenizer": {"path": str(model)}, "tasks": tasks,
+    }), progress=False)
+    return model, prepared
+
+
+def test_a_task_too_small_for_items_is_named_and_spares_the_others(one_task_too_small,
+                                                                   tmp_path, capsys):
+    model, prepared = one_task_too_small
+    common = {"data_dir": prepared, "items": 8, "limit": 4, "bpb_chars": 200}
+    # asked for by name: an error that names it, and nothing half-written
+    with pytest.raises(DataError, match=r"^task tiny: only \d+ held-out documents"):
+        run_downstream(model, tasks=["cptrain_choice_tiny"], out_dir=tmp_path / "a", **common)
+    assert not (tmp_path / "a" / "tasks").exists()
+    # another task asked for: the small one is never built
+    rec = run_downstream(model, tasks=["cptrain_choice_code"], out_dir=tmp_path / "b", **common)
+    assert list(rec["tasks"]) == ["cptrain_choice_code"]
+    # all local tasks: the small one is left out with a warning naming it
+    rec = run_downstream(model, tasks=["local"], out_dir=tmp_path / "c", **common)
+    assert {"cptrain_choice_code", "cptrain_bpb_code"} <= set(rec["tasks"])
+    assert not any("tiny" in t for t in rec["tasks"])
+    assert "warning: task tiny: only" in capsys.readouterr().err

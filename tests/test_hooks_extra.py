@@ -315,6 +315,8 @@ def test_exports_carry_eos_architectures_dtype_and_generation_defaults(make_conf
         config = json.loads((out / "config.json").read_text())
         assert config["architectures"] == ["LlamaForCausalLM"] and config["dtype"] == "float32"
         assert (config["eos_token_id"], config["bos_token_id"]) == (eos, bos)
+        # the context it was trained for, not a preset's 2048
+        assert config["max_position_embeddings"] == cfg.train.seq_len
         generation = json.loads((out / "generation_config.json").read_text())
         assert generation["eos_token_id"] == eos
         assert load_pretrained(out).generation_config.eos_token_id == eos

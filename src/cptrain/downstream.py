@@ -9,7 +9,10 @@ task's held-out documents (the ``val`` split of the prepared data, decoded back 
   characters for scripts without spaces) from *other* held-out documents of the same task,
   chosen closest in characters to the true ending, so length alone does not give the answer.
   Items are sized in tokens of the evaluated model's tokenizer so that context + the longest
-  choice fit its ``max_length`` (the run's ``seq_len``): lm-eval never truncates one.
+  choice fit its ``max_length`` (the model's own window, ``model_max_length``: a preset model
+  exports the ``seq_len`` it was trained at, a released one keeps its own): lm-eval never
+  truncates one. The window comes from the model directory alone, so the items do not depend
+  on where that directory lies.
   Metrics: acc and acc_norm (log-likelihood divided by the ending's length in characters).
 * ``cptrain_bpb_<task>``: bits per byte of held-out documents (``loglikelihood_rolling``).
 
@@ -27,6 +30,7 @@ import logging
 import math
 import os
 import re
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -293,22 +297,35 @@ def build_local_tasks(
     seed: int = 0,
     max_tokens: int | None = None,
     count_tokens: Callable[[str], int] | None = None,
+    skip_unusable: bool = False,
 ) -> list[str]:
     """Write the local lm-eval tasks (YAML + JSONL) for ``tasks`` (default: all prepared ones)
     under ``out_dir``; returns the lm-eval task names. Use ``out_dir`` as ``--include_path``.
+    A task with too few held-out documents is an error naming it, or with ``skip_unusable``
+    a warning (the others are still built).
     With ``max_tokens`` and ``count_tokens`` (see ``token_counter``), every choice item fits
     in ``max_tokens`` tokens of the model that will be evaluated (lm-eval's ``max_length``)."""
     from cptrain.data.prepare import load_prepared
 
     info = load_prepared(Path(data_dir))
     tasks = list(tasks or info["tasks"])
+    built = []
+    # Every task's items first, files after: a task that fails leaves no half-written set.
+    for task in tasks:
+        docs = held_out_documents(Path(data_dir), task)
+        try:
+            rows, delim = make_choice_items(docs, n_items=items, seed=seed,
+                                            max_tokens=max_tokens, count_tokens=count_tokens)
+        except DataError as exc:
+            if not skip_unusable:
+                raise DataError(f"task {task}: {exc}") from None
+            print(f"warning: task {task}: {exc}; its local tasks are left out", file=sys.stderr)
+            continue
+        built.append((task, docs, rows, delim))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     names = []
-    for task in tasks:
-        docs = held_out_documents(Path(data_dir), task)
-        rows, delim = make_choice_items(docs, n_items=items, seed=seed, max_tokens=max_tokens,
-                                        count_tokens=count_tokens)
+    for task, docs, rows, delim in built:
         name = choice_task_name(task)
         _jsonl(out_dir / f"{name}.jsonl", rows)
         body = {
@@ -475,6 +492,15 @@ def _require_lm_eval() -> str:
     return str(getattr(lm_eval, "__version__", "unknown"))
 
 
+def _data_tasks_asked(requested: Sequence[str], run_tasks: list[str]) -> tuple[list[str], bool]:
+    """The data tasks whose local lm-eval tasks ``--tasks`` needs, and whether it asked for all
+    of them (``local``: a task too small for items is then skipped, not fatal)."""
+    names = {n.strip() for item in requested for n in item.split(",") if n.strip()}
+    if names & {"local", LOCAL_TAG}:
+        return list(run_tasks), True
+    return [t for t in run_tasks if {choice_task_name(t), bpb_task_name(t)} & names], False
+
+
 def _split_tasks(requested: Sequence[str], local: list[str]) -> tuple[list[str], list[str]]:
     names = [n.strip() for item in requested for n in item.split(",") if n.strip()]
     if not names:
@@ -553,8 +579,8 @@ def run_downstream(
 ) -> dict[str, Any]:
     """Evaluate one model with lm-eval; writes and returns ``<out_dir>/<model>.json``.
 
-    ``out_dir`` defaults to ``<run>/downstream``; ``max_length`` to the run's training
-    sequence length (the context the model was trained for), else the model's own window.
+    ``out_dir`` defaults to ``<run>/downstream``; ``max_length`` to the model's own window
+    (for a model cptrain trained from a preset, the ``seq_len`` it was trained at).
     Local choice items are sized in tokens of the model's tokenizer to fit ``max_length``.
     """
     version = _require_lm_eval()
@@ -567,19 +593,23 @@ def run_downstream(
         out_dir = tgt.run_dir / "downstream"
     out_dir = Path(out_dir)
     task_dir = out_dir / "tasks"
-    if max_length is None:  # the context the model was trained for
-        max_length = int(cfg["train"]["seq_len"]) if cfg else model_max_length(tgt.model_dir)
+    if max_length is None:  # from the directory alone: a copied-out model gets the same items
+        max_length = model_max_length(tgt.model_dir)
     local: list[str] = []
     if data_dir is not None:
+        from cptrain.data.prepare import load_prepared
+
         # evaluation-only tasks are what a released model knew: scored like trained ones
         run_tasks = (
             [t["name"] for t in cfg["data"]["tasks"]] + list(cfg["data"].get("eval_only") or [])
             if cfg
-            else None
+            else list(load_prepared(data_dir)["tasks"])
         )
-        local = build_local_tasks(data_dir, task_dir, tasks=run_tasks, items=items,
+        wanted, every = _data_tasks_asked(tasks, run_tasks)
+        local = build_local_tasks(data_dir, task_dir, tasks=wanted, items=items,
                                   bpb_chars=bpb_chars, seed=seed, max_tokens=max_length,
-                                  count_tokens=token_counter(tgt.model_dir))
+                                  count_tokens=token_counter(tgt.model_dir),
+                                  skip_unusable=every) if wanted else []
     local_req, hub_req = _split_tasks(tasks, local)
     if not local and not hub_req:
         raise ConfigError(

@@ -274,7 +274,9 @@ def model_for_run(
     if init_from:
         model = load_pretrained(init_from)
     else:
-        model = build_model(preset, vocab_size, seed=seed, max_positions=max(2048, seq_len))
+        # the context it is trained for, so an exported config says what the model knows (a
+        # released model keeps its own: it was pre-trained at that length)
+        model = build_model(preset, vocab_size, seed=seed, max_positions=seq_len)
     # Without an EOS id, generate() on an exported model never stops although every training
     # document ended with one. Only ids the model lacks are filled: a released model keeps its own.
     for key, value in zip(("eos_token_id", "bos_token_id"), separators, strict=True):
