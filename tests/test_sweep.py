@@ -165,6 +165,20 @@ def test_finished_run_with_other_settings_is_not_silently_mixed(tmp_path):
         run_sweep(cfg, progress=False)
 
 
+def test_dry_run_says_changed_where_the_real_sweep_refuses(tmp_path, capsys):
+    cfg = _sweep(tmp_path, methods=["sequential"], presets=["tiny"], seeds=[0, 1])
+    runs = expand_sweep(cfg)
+    for r, lr in zip(runs, (0.123, None), strict=True):
+        r.run_dir.mkdir(parents=True)
+        old = r.config.model_dump(mode="json")
+        old["train"]["lr"] = lr if lr is not None else old["train"]["lr"]
+        (r.run_dir / "summary.json").write_text(json.dumps({"complete": True, "config": old}))
+    run_sweep(cfg, dry_run=True)
+    lines = {ln.split()[0]: ln for ln in capsys.readouterr().out.splitlines()[1:]}
+    assert "CHANGED since it finished (train.lr: " in lines[runs[0].name]
+    assert lines[runs[1].name].rstrip().endswith("done")
+
+
 def test_two_sweeps_on_one_directory_are_refused(tmp_path):
     cfg = _sweep(tmp_path, methods=["sequential"], presets=["tiny"], seeds=[0])
     out = tmp_path / "sweep"
@@ -224,3 +238,14 @@ def test_real_sweep_trains_skips_and_resumes(tmp_path, prepared_dir, capsys):
     again = read_summary(replay)
     assert again["complete"]
     np.testing.assert_allclose(again["loss_matrix"], summaries[1]["loss_matrix"], atol=1e-5)
+
+
+def test_a_resumed_run_counts_only_its_remaining_steps_in_the_eta(tmp_path):
+    from cptrain.sweep import _left, _steps
+
+    cfg = _sweep(tmp_path, methods=["sequential"], presets=["tiny"], seeds=[0])
+    (run,) = expand_sweep(cfg)
+    assert _left(run) == 1.0
+    total = _steps(run.config)
+    (run.run_dir / "checkpoints" / f"step_{total // 4:09d}").mkdir(parents=True)
+    assert _left(run) == pytest.approx(1 - (total // 4) / total)

@@ -301,11 +301,16 @@ def _check_labels(grid: SweepGrid, labels: set[str]) -> None:
                               f"grid ({known}); name methods of grid.methods")
 
 
-def _check_unchanged(run: SweepRun) -> None:
-    """A finished run trained with other settings would silently mix into the results."""
+def _changed(run: SweepRun) -> list[str]:
+    """How a finished run's settings differ from what the sweep file asks of it now."""
     summary = json.loads((run.run_dir / "summary.json").read_text(encoding="utf-8"))
     diffs = config_differences(summary.get("config", {}), run.config.model_dump(mode="json"))
-    diffs = [d for d in diffs if not d.startswith("run_dir:")]  # a moved sweep is still valid
+    return [d for d in diffs if not d.startswith("run_dir:")]  # a moved sweep is still valid
+
+
+def _check_unchanged(run: SweepRun) -> None:
+    """A finished run trained with other settings would silently mix into the results."""
+    diffs = _changed(run)
     if diffs:
         raise ConfigError(
             f"run {run.name} finished with other settings ({diffs[0]}); delete {run.run_dir} "
@@ -322,9 +327,20 @@ def _planned_cost(run: SweepRun) -> float:
     with contextlib.suppress(Exception):
         info = json.loads((Path(cfg.data.dir) / "prepare.json").read_text(encoding="utf-8"))
         vocab = int(info["tokenizer"]["vocab_size"])
+    return planned_flops(cfg.model_dump(mode="json"), vocab, _steps(cfg))
+
+
+def _steps(cfg: RunConfig) -> int:
+    """A run's optimizer steps (BatchPlan's count, without importing the trainer)."""
     tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
-    steps = sum(max(1, math.ceil(cfg.data.budget(t) / tokens_per_step)) for t in cfg.data.tasks)
-    return planned_flops(cfg.model_dump(mode="json"), vocab, steps)
+    return sum(max(1, math.ceil(cfg.data.budget(t) / tokens_per_step)) for t in cfg.data.tasks)
+
+
+def _left(run: SweepRun) -> float:
+    """The fraction of its steps a run still has to train (1 unless it resumes)."""
+    done = [int(p.name.removeprefix("step_")) for p in (run.run_dir / "checkpoints").glob("step_*")
+            if p.name.removeprefix("step_").isdigit()]
+    return max(0.0, 1.0 - max(done, default=0) / _steps(run.config))
 
 
 def _fmt_s(seconds: float) -> str:
@@ -365,7 +381,12 @@ def _exclusive(out_dir: Path) -> Iterator[None]:
 def print_plan(runs: list[SweepRun]) -> None:
     width = max(len(r.name) for r in runs)
     for r in runs:
-        print(f"  {r.name.ljust(width)}  {r.status()}")
+        status = r.status()
+        diffs = _changed(r) if status == "done" else []
+        if diffs:  # what the real sweep refuses must not read "done" here
+            status = (f"CHANGED since it finished ({diffs[0]}); the sweep refuses it: delete "
+                      "the run to retrain it or restore the sweep file")
+        print(f"  {r.name.ljust(width)}  {status}")
 
 
 def run_sweep(
@@ -407,7 +428,9 @@ def _train_all(runs: list[SweepRun], progress: bool) -> None:
     from cptrain.train import train
 
     todo = [r for r in runs if r.status() != "done"]
-    costs = {r.name: _planned_cost(r) for r in todo}
+    # what is left of each run: a resumed one costs (and takes) only its remaining steps, so
+    # its short time does not make the ETA per run look short
+    costs = {r.name: _planned_cost(r) * _left(r) for r in todo}
     spent_cost, t_start = 0.0, time.perf_counter()
     for r in todo:
         i = runs.index(r) + 1
