@@ -1,6 +1,7 @@
 """The training loop end to end. Each method's uninterrupted reference run is trained once per
 module and checked for many things; other tests compare against it."""
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -490,3 +491,36 @@ def test_auto_resume_restarts_an_attempt_without_checkpoint_and_resumes_one_with
     assert train(cfg2, resume="auto", progress=False)["loss_matrix"] == ref_summary["loss_matrix"]
     assert "resuming from" in capsys.readouterr().out
     assert not (tmp_path / "auto2" / "attempts").exists()
+
+
+def test_resume_follows_prepared_data_copied_elsewhere_but_not_other_data(
+    reference, prepared_dir, tmp_path, capsys
+):
+    from cptrain.train import train
+    from cptrain.train.trainer import Trainer
+
+    ref_cfg, ref_summary = reference("sequential")
+    cfg = ref_cfg.model_copy(update={"run_dir": str(tmp_path / "moved")})
+    Trainer(cfg, progress=False, stop_after=8).run()
+    copy = tmp_path / "data-copy"
+    shutil.copytree(prepared_dir, copy)
+    data = cfg.data.model_copy(update={"dir": str(copy)})
+    moved = cfg.model_copy(update={"data": data})
+    assert train(moved, resume=True, progress=False)["loss_matrix"] == ref_summary["loss_matrix"]
+    assert "the prepared data moved (data.dir: " in capsys.readouterr().out
+    # a copy whose shards differ is other data: refused as before
+    cfg2 = ref_cfg.model_copy(update={"run_dir": str(tmp_path / "other")})
+    Trainer(cfg2, progress=False, stop_after=8).run()
+    shard = sorted(copy.rglob("*.bin"))[0]
+    raw = bytearray(shard.read_bytes())
+    raw[0] ^= 1
+    shard.write_bytes(bytes(raw))
+    manifest = shard.parent / "manifest.json"
+    m = json.loads(manifest.read_text())
+    for f in m["files"]:
+        if f["name"] == shard.name:
+            f["sha256"] = hashlib.sha256(bytes(raw)).hexdigest()
+    manifest.write_text(json.dumps(m))
+    other = ref_cfg.model_copy(update={"run_dir": str(tmp_path / "other"), "data": data})
+    with pytest.raises(CheckpointError, match="data.dir"):
+        Trainer(other, resume=True, progress=False)

@@ -74,12 +74,13 @@ def check_resume(
     distributed: bool,
     model_vocab: int,
     checkpoint_vocab: int,
-    tokenizer_sha256: str,
+    identity: dict[str, str],
     data_dir: Path | str,
     allow_config_change: bool = False,
 ) -> None:
     """Raise the first reason why this run cannot resume checkpoint ``path`` (whose state.json
-    is ``state``); with ``allow_config_change`` config differences are only printed."""
+    is ``state``); with ``allow_config_change`` config differences are only printed.
+    ``identity``: the data's tokenizer_sha256 and data_sha256 (``TrainingData.identity``)."""
     from cptrain.errors import CheckpointError, DataError
 
     problem = world_size_problem(
@@ -88,6 +89,15 @@ def check_resume(
     if problem:
         raise CheckpointError(problem)
     diffs = config_problem(state["config"], config)
+    moved = [d for d in diffs if d.startswith("data.dir:")]
+    if moved and state.get("data_sha256") == identity["data_sha256"]:
+        # the same shards, byte for byte, at another path: the run is unchanged
+        print(f"the prepared data moved ({moved[0]}); its shards match the checkpoint's sha256")
+        diffs = [d for d in diffs if d not in moved]
+    elif moved and "data_sha256" not in state:
+        moved[0] += (" (this checkpoint predates data checksums: if the new directory is a "
+                     "byte-identical copy, pass --allow-config-change)")
+        diffs = [moved[0] if d.startswith("data.dir:") else d for d in diffs]
     if diffs and allow_config_change:
         for d in diffs:
             print(f"warning: resuming with a changed config: {d}")
@@ -99,7 +109,7 @@ def check_resume(
             "resume anyway)"
         )
     problem = vocab_problem(checkpoint_vocab, model_vocab, data_dir) or tokenizer_problem(
-        state.get("tokenizer_sha256"), tokenizer_sha256, data_dir
+        state.get("tokenizer_sha256"), identity["tokenizer_sha256"], data_dir
     )
     if problem:
         raise DataError(problem)

@@ -122,7 +122,7 @@ class CheckpointManager:
         *,
         config: dict[str, Any],
         model_vocab: int,
-        tokenizer_sha256: str,
+        identity: dict[str, str],
         data_dir: Path | str,
         allow_config_change: bool = False,
     ) -> tuple[Path, dict[str, Any]]:
@@ -137,7 +137,7 @@ class CheckpointManager:
             distributed=self.env.active,
             model_vocab=model_vocab,
             checkpoint_vocab=self.model_vocab(path),
-            tokenizer_sha256=tokenizer_sha256,
+            identity=identity,
             data_dir=data_dir,
             allow_config_change=allow_config_change,
         )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -34,6 +36,7 @@ class TrainingData:
                 )
         self.window_len = cfg.train.seq_len + 1
         train_sets = {n: open_split(self.dir, n, "train") for n in self.task_names}
+        self.train_sets: dict[str, ShardSet] = train_sets
         self.val_sets: dict[str, ShardSet] = {
             n: open_split(self.dir, n, "val") for n in self.columns
         }
@@ -68,6 +71,19 @@ class TrainingData:
     @property
     def tokenizer_sha256(self) -> str:
         return str(self.prepared["tokenizer"]["sha256"])
+
+    @property
+    def identity(self) -> dict[str, str]:
+        """What the data is, wherever it lies: the tokenizer's sha256 and one over the sha256s
+        of every shard file the run reads (a byte-identical copy elsewhere has the same)."""
+        files = {
+            f"{n}/{split}": [f["sha256"] for f in shard.files]
+            for split, sets in (("train", self.train_sets), ("val", self.val_sets))
+            for n, shard in sets.items()
+        }
+        blob = json.dumps(files, sort_keys=True).encode()
+        return {"tokenizer_sha256": self.tokenizer_sha256,
+                "data_sha256": hashlib.sha256(blob).hexdigest()}
 
     def check_model_tokenizer(self, model_dir: str) -> None:
         """Refuse shards tokenized with another tokenizer than the ``init_from`` model's."""

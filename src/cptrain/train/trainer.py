@@ -151,7 +151,7 @@ class Trainer:
         ck = self.checkpoints
         ck.meta = {
             "config": resolved_config(cfg, self.precision),
-            "tokenizer_sha256": self.data.tokenizer_sha256,
+            **self.data.identity,  # tokenizer_sha256, data_sha256
         }
         ck.register("trainer", self.state, required=True)
         ck.register("sampler", self.sampler, required=True)
@@ -189,7 +189,7 @@ class Trainer:
         path, state = self.checkpoints.resume_point(
             config=self.cfg.model_dump(mode="json"),
             model_vocab=self.model.config.vocab_size,
-            tokenizer_sha256=self.data.tokenizer_sha256,
+            identity=self.data.identity,
             data_dir=self.data.dir,
             allow_config_change=allow_config_change,
         )
