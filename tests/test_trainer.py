@@ -184,13 +184,21 @@ def test_init_from_loads_weights_only(reference, make_config):
     assert t.state.step == 0 and t.optimizer.state == {}
 
 
-def test_bad_data_errors(make_config, tmp_path):
+def test_bad_data_errors(make_config, prepared_dir, tmp_path):
     unprepared = make_config("x", data={"tasks": ["email", "klingon"]})
     with pytest.raises(ConfigError, match="not in"):
         Trainer(unprepared, progress=False)
     assert not Path(unprepared.run_dir).exists(), "a data error left a run directory behind"
     with pytest.raises(DataError, match="fewer than one window"):
         Trainer(make_config("y", train={"seq_len": 100_000}), progress=False)
+    # the split at fault is named: here the validation split, the training one is long enough
+    from cptrain.data.prepare import open_split
+
+    val = min(open_split(prepared_dir, t, "val").num_tokens for t in ("email", "xml", "asyncio"))
+    with pytest.raises(DataError, match=r"task \w+: its val split has \d+ tokens, fewer than one "
+                                        r"window of \d+ \(train.seq_len \+ 1\); lower "
+                                        r"train.seq_len or add validation text"):
+        Trainer(make_config("v", train={"seq_len": val}), progress=False)
     with pytest.raises(DataError, match="cptrain prepare"):
         Trainer(make_config("z", data={"dir": str(tmp_path / "nowhere")}), progress=False)
 
@@ -216,11 +224,13 @@ def test_joint_mixes_all_tasks_for_the_same_steps(reference, make_config):
     assert all(c > 0 for c in cursors), "every task contributes rows from the start"
 
 
-def test_model_vocabulary_smaller_than_shards_is_refused(make_config, tmp_path):
+def test_model_vocabulary_smaller_than_shards_is_refused(make_config, prepared_dir, tmp_path):
     from cptrain.model import build_model
 
     small = build_model("tiny", 100)
     small.save_pretrained(tmp_path / "small-vocab")
+    for f in (prepared_dir / "tokenizer").iterdir():  # its tokenizer is the data's
+        shutil.copy2(f, tmp_path / "small-vocab" / f.name)
     cfg = make_config("v", model={"init_from": str(tmp_path / "small-vocab")})
     with pytest.raises(DataError, match="embedding has 100 rows"):
         Trainer(cfg, progress=False)

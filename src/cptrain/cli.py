@@ -51,14 +51,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     # Validate before importing the trainer: a config mistake is reported without the seconds
     # that torch and transformers take to import.
     cfg = load_run_config(Path(args.config), args.overrides)
+    mode = args.resume or args.restart or args.auto_resume
+    from cptrain.train.preflight import preflight
+
+    data = preflight(cfg, mode)  # data and run-directory mistakes, still without torch
     from cptrain.tables import run_report
     from cptrain.train import train
 
     summary = train(
         cfg,
-        resume=args.resume or args.restart or args.auto_resume,
+        resume=mode,
         progress=_progress(args),
         allow_config_change=args.allow_config_change,
+        data=data,
     )
     print(run_report(summary, title=f"run {cfg.run_dir}: validation loss"))
     if line := compute_line(summary):

@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from cptrain.errors import CheckpointError, ConfigError, EnvironmentProblem
+from cptrain.data.tokenizer import require_gguf
+from cptrain.errors import CheckpointError, ConfigError
 from cptrain.presets import PRESETS
 
 if TYPE_CHECKING:
@@ -136,16 +137,6 @@ def _load_directory(path: Path) -> PreTrainedModel:
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"init_from: cannot load {path}: {_first_line(exc)}") from None
 
-
-def require_gguf() -> None:
-    """EnvironmentProblem unless the ``gguf`` package (transformers' GGUF reader) imports."""
-    try:
-        import gguf  # noqa: F401
-    except ImportError:
-        raise EnvironmentProblem(
-            "reading a .gguf file needs the gguf package, which is not installed; run "
-            "`pip install gguf` (or bash scripts/setup.sh)"
-        ) from None
 
 
 def gguf_architecture(path: Path) -> str:

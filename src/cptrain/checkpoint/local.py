@@ -33,12 +33,12 @@ from safetensors.torch import load, load_file
 from safetensors.torch import save as safetensors_bytes
 
 from cptrain import fsutil
+from cptrain.checkpoint.layout import _STEP_DIR, list_checkpoints
 from cptrain.errors import CheckpointError, EnvironmentProblem
 
 FORMAT = "cptrain-checkpoint-v1"
 OPTIMIZER_FILE = "optimizer.safetensors"
 LEGACY_OPTIMIZER_FILE = "optimizer.pt"
-_STEP_DIR = re.compile(r"^step_(\d+)$")
 _OLD_DIR = re.compile(r"^\.old-step_(\d+)-\d+$")
 _TMP_DIR = re.compile(r"^\.tmp-step_(\d+)")
 _META_KEY = "cptrain"
@@ -310,17 +310,6 @@ def verify(path: Path, *, full: bool = True) -> str | None:
     return None
 
 
-def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
-    """(step, directory) of every ``step_<N>`` directory, sorted by step number."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    found = []
-    for p in root.iterdir():
-        m = _STEP_DIR.match(p.name)
-        if m and p.is_dir():
-            found.append((int(m.group(1)), p))
-    return sorted(found)
 
 
 def leftovers(root: Path) -> list[Path]:

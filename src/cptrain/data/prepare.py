@@ -178,7 +178,7 @@ def open_split(out_dir: Path, task: str, split: str) -> ShardSet:
         raise DataError(f"task {task!r} is evaluation-only in {out_dir} (prepared from val "
                         f"inputs alone), so it has no {split} split; evaluate it only "
                         "(data.eval_only) or give it train inputs and re-run `cptrain prepare`")
-    shards = ShardSet(Path(out_dir) / task / split, name=task)
+    shards = ShardSet(Path(out_dir) / task / split, name=f"{task} {split}")
     expected = info["tokenizer"]["sha256"]
     if shards.tokenizer_sha256 != expected:
         raise DataError(
@@ -271,7 +271,7 @@ def _up_to_date(out: Path, settings: dict[str, Any], fingerprint: str) -> bool:
             return False
         for task, splits in info["tasks"].items():
             for split in splits:
-                ShardSet(out / task / split, name=task)
+                ShardSet(out / task / split, name=f"{task} {split}")
     except (DataError, KeyError, TypeError):
         return False
     return True

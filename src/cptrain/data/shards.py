@@ -276,10 +276,14 @@ class ShardSet:
             raise ValueError(f"window_len must be a positive integer, got {window_len}")
         counts = [len(mm) // window_len for mm in self._maps]
         if sum(counts) == 0:
-            who = f"task {self.name}" if self.name else f"shards {self.path}"
+            # name: "<task> <split>" from open_split, so the message names the split at fault
+            task, _, split = (self.name or "").partition(" ")
+            who = f"task {task}: its {split} split" if split else (
+                f"task {task}" if task else f"shards {self.path}")
+            more = "validation text" if split == "val" else "data"
             raise DataError(
-                f"{who} has {self.num_tokens} tokens, fewer than one window of {window_len}; "
-                "lower seq_len or add data"
+                f"{who} has {self.num_tokens} tokens, fewer than one window of {window_len} "
+                f"(train.seq_len + 1); lower train.seq_len or add {more}"
             )
         views = [
             mm[: c * window_len].reshape(c, window_len)

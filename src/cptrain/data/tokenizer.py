@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cptrain import fsutil
-from cptrain.errors import ConfigError, DataError
+from cptrain.errors import ConfigError, DataError, EnvironmentProblem
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
@@ -157,6 +157,32 @@ def model_tokenizer_sha256(model_dir: Path | str) -> str | None:
     if not (model_dir / "tokenizer.json").is_file():
         return None
     return tokenizer_sha256(load_tokenizer(model_dir))
+
+
+def require_gguf() -> None:
+    """EnvironmentProblem unless the ``gguf`` package (transformers' GGUF reader) imports."""
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        raise EnvironmentProblem(
+            "reading a .gguf file needs the gguf package, which is not installed; run "
+            "`pip install gguf` (or bash scripts/setup.sh)"
+        ) from None
+
+
+def gguf_tokens(path: Path | str) -> list[str] | None:
+    """The vocabulary a ``.gguf`` file carries (``tokenizer.ggml.tokens``, by id), or None
+    when it carries none. Needs the ``gguf`` package (numpy only: no torch)."""
+    require_gguf()
+    import gguf
+
+    try:
+        field = gguf.GGUFReader(str(path)).fields.get("tokenizer.ggml.tokens")
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: not a readable GGUF file ({exc})") from None
+    if field is None:
+        return None
+    return [bytes(field.parts[i]).decode("utf-8", errors="replace") for i in field.data]
 
 
 def model_separators(model_dir: Path | str) -> Separators | None:

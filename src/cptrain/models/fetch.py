@@ -196,7 +196,7 @@ def fetch_model(
             f"{out} exists and is not the result of `cptrain models fetch {name}`; remove it "
             "or choose another --out"
         )
-    from cptrain.model import require_gguf
+    from cptrain.data.tokenizer import require_gguf
 
     require_gguf()
     out.parent.mkdir(parents=True, exist_ok=True)

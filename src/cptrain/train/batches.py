@@ -22,7 +22,7 @@ import numpy as np
 
 from cptrain.config import RunConfig
 from cptrain.data.shards import ShardSet
-from cptrain.errors import CheckpointError, ConfigError, DataError
+from cptrain.errors import CheckpointError, ConfigError
 from cptrain.replay.mixer import mix_counts, split_for_rank
 
 # Per source task, the window indices a step's fresh rows came from.
@@ -50,12 +50,7 @@ class TaskStream:
     ):
         self.shard = shard
         self.window_len = window_len
-        self.n = shard.num_windows(window_len)
-        if self.n == 0:
-            raise DataError(
-                f"task {name} has {shard.num_tokens} training tokens, fewer than one window of "
-                f"{window_len}; lower train.seq_len or add data"
-            )
+        self.n = shard.num_windows(window_len)  # DataError naming the split when none fits
         self._key = (seed, task_key(name))
         self._epoch = -1
         self._perm = np.empty(0, dtype=np.int64)

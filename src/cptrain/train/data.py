@@ -40,8 +40,11 @@ class TrainingData:
         self.val_sets: dict[str, ShardSet] = {
             n: open_split(self.dir, n, "val") for n in self.columns
         }
+        for shard in (*train_sets.values(), *self.val_sets.values()):
+            shard.num_windows(self.window_len)  # DataError naming the task and split if none fits
         # Full checksums once per start (~1 s per GB): a flipped byte that keeps token ids in
-        # the vocabulary would otherwise train silently.
+        # the vocabulary would otherwise train silently. After the cheap checks above, so a
+        # mistake in the config is reported before the data is read.
         for shard in (*train_sets.values(), *self.val_sets.values()):
             shard.verify(full=True)
         load_prepared_tokenizer(self.dir)
@@ -53,12 +56,6 @@ class TrainingData:
             TaskStream(train_sets[n], i, cfg.seed, self.window_len, n, unique_windows=pools[i])
             for i, n in enumerate(self.task_names)
         ]
-        for n, s in self.val_sets.items():
-            if s.num_windows(self.window_len) == 0:
-                raise DataError(
-                    f"task {n}: validation split has {s.num_tokens} tokens, fewer than one "
-                    f"window of {self.window_len}; lower train.seq_len or add validation text"
-                )
         self.vocab_size = max(s.vocab_size for s in (*train_sets.values(), *self.val_sets.values()))
         self.train_tokens = [s.num_tokens for s in train_sets.values()]
 
@@ -85,14 +82,41 @@ class TrainingData:
         return {"tokenizer_sha256": self.tokenizer_sha256,
                 "data_sha256": hashlib.sha256(blob).hexdigest()}
 
-    def check_model_tokenizer(self, model_dir: str) -> None:
-        """Refuse shards tokenized with another tokenizer than the ``init_from`` model's."""
-        from cptrain.data.tokenizer import model_tokenizer_sha256
+    def _check_gguf_vocabulary(self, path: Path, tokens: list[str] | None) -> None:
+        ours = load_prepared_tokenizer(self.dir)
+        vocab = ours.convert_ids_to_tokens(list(range(len(ours))))
+        differ = sum(a != b for a, b in zip(tokens or [], vocab, strict=False))
+        differ += abs(len(tokens or []) - len(vocab))
+        fix = "prepare the data with the model's own tokenizer (tokenizer.path)"
+        if tokens is None:
+            raise DataError(
+                f"model.init_from {path} carries no vocabulary (tokenizer.ggml.tokens), so "
+                f"nothing shows that {self.dir} was tokenized with its tokenizer; {fix}"
+            )
+        if differ:
+            raise DataError(
+                f"model.init_from {path} has another vocabulary than the tokenizer {self.dir} "
+                f"was prepared with ({differ} of {max(len(tokens), len(vocab))} token ids "
+                f"differ); {fix}"
+            )
 
-        if not Path(model_dir).is_dir():
-            return  # a .gguf file: its tokenizer is checked by the vocabulary bound
+    def check_model_tokenizer(self, model_dir: str) -> None:
+        """Refuse shards tokenized with another tokenizer than the ``init_from`` model's, and
+        a model whose tokenizer cannot be compared (trained on, its losses would mean
+        nothing)."""
+        from cptrain.data.tokenizer import gguf_tokens, model_tokenizer_sha256
+
+        if Path(model_dir).is_file():  # a .gguf: its vocabulary, id by id
+            self._check_gguf_vocabulary(Path(model_dir), gguf_tokens(model_dir))
+            return
         found = model_tokenizer_sha256(model_dir)
-        if found is not None and found != self.tokenizer_sha256:
+        if found is None:
+            raise DataError(
+                f"model.init_from {model_dir} has no tokenizer.json, so nothing shows that "
+                f"{self.dir} was tokenized with its tokenizer; save the model's tokenizer there "
+                "(save_pretrained) and prepare the data with it"
+            )
+        if found != self.tokenizer_sha256:
             raise DataError(
                 f"{self.dir} was tokenized with tokenizer {self.tokenizer_sha256[:12]} but the "
                 f"model.init_from model {model_dir} uses tokenizer {found[:12]}; prepare the "

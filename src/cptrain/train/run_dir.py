@@ -83,6 +83,25 @@ def set_aside(path: Path) -> Path | None:
     return dest
 
 
+def check_start(path: Path, mode: StartMode) -> None:
+    """ConfigError when the run directory cannot start as ``mode`` asks (no torch needed):
+    a new run where one exists, or --resume where no checkpoint was ever written."""
+    from cptrain.errors import CheckpointError
+
+    saved = list_checkpoints(path / "checkpoints")
+    if mode is False and (saved or (path / "summary.json").exists()):
+        raise ConfigError(
+            f"run_dir {path} already holds a run; pass --resume to continue it, "
+            "--restart to start it again (the old attempt is kept under attempts/), or "
+            "choose a new run_dir"
+        )
+    if mode is True and not saved:
+        raise CheckpointError(
+            f"--resume: no complete checkpoint under {path / 'checkpoints'}; start the run "
+            "again with --restart (what the run_dir holds is kept under attempts/)"
+        )
+
+
 class RunDir:
     @classmethod
     def open(cls, path: Path, env: Any, mode: StartMode) -> tuple[RunDir, bool]:
@@ -110,12 +129,7 @@ class RunDir:
             raise ConfigError(
                 f"run_dir {self.path} is not writable ({exc.strerror}); choose another run_dir"
             ) from None
-        if not resume and (list_checkpoints(self.checkpoints) or self.summary_path.exists()):
-            raise ConfigError(
-                f"run_dir {self.path} already holds a run; pass --resume to continue it, "
-                "--restart to start it again (the old attempt is kept under attempts/), or "
-                "choose a new run_dir"
-            )
+        check_start(self.path, resume)
         self.metrics = MetricsLog(self.path / "metrics.jsonl", enabled=is_main)
 
     @property

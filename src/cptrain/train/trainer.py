@@ -58,6 +58,7 @@ class Trainer:
         allow_config_change: bool = False,
         stop_after: int | None = None,
         hooks: Sequence[H.Hook] = (),
+        data: TrainingData | None = None,  # already checked before torch (train.preflight)
     ):
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
@@ -65,7 +66,7 @@ class Trainer:
         self.stop_after = stop_after
         self.stop_request = StopRequest()
         self.env = init_distributed(cfg.distributed)
-        self._open_data()  # first: a data error leaves no run directory behind
+        self._open_data(data)  # first: a data error leaves no run directory behind
         self.run_dir, resume = RunDir.open(Path(cfg.run_dir), self.env, resume)
         self._build_model()
         self.optimizer = build_optimizer(self.model, cfg.train, self.schedule.lr(0))
@@ -92,10 +93,10 @@ class Trainer:
             seed_buffer(self, progress and self.env.is_main)
 
     # ----------------------------------------------------------------- set-up
-    def _open_data(self) -> None:
+    def _open_data(self, data: TrainingData | None) -> None:
         cfg = self.cfg
-        self.data = TrainingData(cfg)
-        if cfg.model.init_from:
+        self.data = data if data is not None else TrainingData(cfg)
+        if cfg.model.init_from and data is None:  # preflight checked a given one
             self.data.check_model_tokenizer(cfg.model.init_from)
         self.task_names = self.data.task_names
         self.streams = self.data.streams
@@ -327,11 +328,9 @@ class Trainer:
                 (loss * (part.shape[0] * scale)).backward()
             loss_sum += float(loss.detach()) * part.shape[0]
         total_loss = self.env.sum_scalar(loss_sum) / n_global
-        gnorm = float("nan")
-        if self.cfg.train.grad_clip > 0:
-            gnorm = float(
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
-            )
+        gnorm, clip = float("nan"), self.cfg.train.grad_clip
+        if clip > 0:
+            gnorm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return total_loss, gnorm
@@ -386,9 +385,9 @@ class Trainer:
 
 
 def train(cfg: RunConfig, *, resume: StartMode = False, progress: bool = True,
-          allow_config_change: bool = False) -> dict[str, Any]:
+          allow_config_change: bool = False, data: TrainingData | None = None) -> dict[str, Any]:
     trainer = Trainer(cfg, resume=resume, progress=progress,
-                      allow_config_change=allow_config_change)
+                      allow_config_change=allow_config_change, data=data)
     env = trainer.env
     try:
         return trainer.run()
