@@ -470,8 +470,12 @@ def test_throughput_counts_training_time_and_wall_time_apart(auto_run):
     assert 0 < summary["train_s"] < summary["wall_s"]
     line = compute_line(summary)
     assert line is not None and f"{summary['precision']}," in line and "MFU" in line
-    assert f"exports {summary['export_s']:.0f} s of" in line
+    assert f"exports {summary['export_s']:.0f} s, " in line and " s wall" in line
     assert compute_line({"steps": 3}) is None  # a summary from before these were measured
+    # the parts add up to the wall time: diagnostics are named, the rest is "other"
+    made = {"train_s": 10.0, "eval_s": 2.0, "checkpoint_s": 1.0, "export_s": 1.0,
+            "diagnostics_s": 4.0, "wall_s": 20.0, "precision": "fp32", "tokens_per_s": 1.0}
+    assert compute_line(made).endswith("exports 1 s, diagnostics 4 s, other 2 s of 20 s wall")
 
 
 def test_the_checkpoint_records_what_auto_resolved_to(auto_run):

@@ -83,8 +83,15 @@ def compute_line(summary: dict) -> str | None:
         f"compute: {summary.get('precision', '?')}, {rate:,.0f} training tokens/s; "
         f"training steps {train_s:.0f} s, evaluation {summary.get('eval_s', 0.0):.0f} s, "
         f"checkpoints {summary.get('checkpoint_s', 0.0):.0f} s, "
-        f"exports {summary.get('export_s', 0.0):.0f} s of {summary.get('wall_s', 0.0):.0f} s wall"
+        f"exports {summary.get('export_s', 0.0):.0f} s"
     )
+    parts = train_s + sum(summary.get(k) or 0.0 for k in ("eval_s", "checkpoint_s", "export_s"))
+    if summary.get("diagnostics_s"):  # measurements, timed apart from training
+        line += f", diagnostics {summary['diagnostics_s']:.0f} s"
+        parts += summary["diagnostics_s"]
+    wall = summary.get("wall_s") or 0.0
+    # the rest: the first evaluation, data and buffer set-up, summaries (what the parts miss)
+    line += f", other {max(wall - parts, 0.0):.0f} s of {wall:.0f} s wall"
     if isinstance(summary.get("mfu"), int | float):
         line += (
             f"; MFU {100 * summary['mfu']:.1f}% of {summary['peak_flops']:.3g} FLOP/s "
