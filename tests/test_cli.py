@@ -190,3 +190,36 @@ def test_data_and_run_directory_mistakes_are_reported_before_torch_loads(
     for fragment, line in zip(("klingon not in", "prepare", "already holds a run",
                                "train split has", "no complete checkpoint"), errors, strict=True):
         assert fragment in line, line
+
+
+def test_every_flag_has_help_and_there_is_a_version(capsys):
+    import argparse
+
+    from cptrain import cli
+
+    def walk(parser, path):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    yield from walk(sub, [*path, name])
+            elif action.dest != "help":
+                yield path, action
+
+    found = list(walk(cli.build_parser(), []))
+    assert len(found) > 40
+    assert [(p, a.dest) for p, a in found if not a.help] == []
+    with pytest.raises(SystemExit) as done:
+        cli.main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.startswith("cptrain ")
+
+
+def test_only_rank_zero_prints_the_run_report(prepared_dir, make_config, tmp_path, capsys,
+                                              monkeypatch):
+    cfg = make_config("ranked", data={"tasks": ["email"]})
+    path = tmp_path / "ranked.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    monkeypatch.setenv("RANK", "1")  # what torchrun sets on the second rank
+    from cptrain import cli
+
+    assert cli.cmd_train(cli.build_parser().parse_args(["train", str(path), "--no-progress"])) == 0
+    assert "validation loss" not in capsys.readouterr().out

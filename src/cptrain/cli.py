@@ -65,6 +65,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         allow_config_change=args.allow_config_change,
         data=data,
     )
+    if os.environ.get("RANK", "0") != "0":
+        return 0  # under torchrun the report is rank 0's to print, once
     print(run_report(summary, title=f"run {cfg.run_dir}: validation loss"))
     if line := compute_line(summary):
         print(line)
@@ -244,17 +246,27 @@ def cmd_models_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("cptrain")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cptrain",
         description="Continual pre-training of Llama models with replay and Reptile.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("prepare", help="tokenize text into per-task token shards")
     p.add_argument("config", help="prepare config (YAML)")
     _add_overrides(p)
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("train", help="train on the tasks in sequence")
@@ -281,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="resume even though result-changing settings differ from the checkpoint's",
     )
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="print a run's loss matrix and metrics")
@@ -308,24 +320,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("demo", help="the embedded-corpus demo: en → fr → de")
-    p.add_argument("--runs-dir", default=DEMO_RUNS_DIR)
+    p.add_argument("--runs-dir", default=DEMO_RUNS_DIR,
+                   help=f"where the demo's runs go (default: {DEMO_RUNS_DIR})")
     p.add_argument(
         "--released",
         action="store_true",
         help="continue SmolLM2-135M-Instruct on fr → de, English evaluation-only "
         f"(runs in {RELEASED_RUNS_DIR} unless --runs-dir is given)",
     )
-    p.add_argument("--data-dir", default="data")
+    p.add_argument("--data-dir", default="data",
+                   help="where the demo corpus and its prepared shards go (default: data)")
     p.add_argument("--fresh", action="store_true", help="retrain runs that already finished")
     _add_overrides(p)
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("sweep", help="run a grid of runs (methods x alphas x sizes x seeds)")
     p.add_argument("config", help="sweep config (YAML), e.g. recipes/demo-sweep.yaml")
     _add_overrides(p)
     p.add_argument("--dry-run", action="store_true", help="list the runs, train nothing")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("report", help="tables and figures (report.md / report.html) of runs")
@@ -341,15 +355,16 @@ def build_parser() -> argparse.ArgumentParser:
         default=["local"],
         help="'local' (generated offline tasks) and/or lm-eval task names",
     )
-    p.add_argument("--limit", type=int)
-    p.add_argument("--num-fewshot", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-length", type=int)
+    p.add_argument("--limit", type=int, help="at most this many items per task (a quick look)")
+    p.add_argument("--num-fewshot", type=int, default=0, help="in-context examples (default 0)")
+    p.add_argument("--batch-size", type=int, default=16, help="items per forward (default 16)")
+    p.add_argument("--max-length", type=int,
+                   help="context window (default: the model's own, its config's positions)")
     p.add_argument("--items", type=int, default=200, help="items per generated local task")
     p.add_argument("--data", help="prepared data dir (default: the run's data.dir)")
     p.add_argument("--out", help="where to write results")
     p.add_argument("--online", action="store_true", help="allow hub downloads (hub tasks)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     p.set_defaults(func=cmd_downstream)
 
     p = sub.add_parser("merge", help="evaluate the run's weights merged with its starting model")
@@ -360,7 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("data", help="data utilities")
     dsub = p.add_subparsers(dest="data_command", required=True)
     q = dsub.add_parser("fetch-demo", help="build the embedded multilingual demo corpus")
-    q.add_argument("--out", default="data/demo")
+    q.add_argument("--out", default="data/demo", help="output directory (default: data/demo)")
     q.add_argument("--languages", nargs="*", help="subset, e.g. en fr de (default: all)")
     q.add_argument("--force", action="store_true", help="rebuild even if up to date")
     q.set_defaults(func=cmd_fetch_demo)
