@@ -473,3 +473,39 @@ def test_a_model_directory_without_tokenizer_is_refused_before_training(tmp_path
     with pytest.raises(DataError, match="has no tokenizer.json, so nothing shows that"):
         Trainer(cfg, progress=False)
     assert not Path(cfg.run_dir).exists()
+
+
+@pytest.mark.parametrize("family", ["gpt2", "opt", "bloom"])
+def test_flops_of_families_without_llama_keys_count_their_real_matmuls(family):
+    """GPT-2, OPT, BLOOM: other key names, two-matrix MLPs; the count is their weights'."""
+    from transformers import AutoConfig as AC
+
+    kwargs = {
+        "gpt2": {"n_layer": 2, "n_embd": 32, "n_head": 4, "vocab_size": VOCAB},
+        "opt": {"num_hidden_layers": 2, "hidden_size": 32, "ffn_dim": 80,
+                "num_attention_heads": 4, "vocab_size": VOCAB, "word_embed_proj_dim": 32},
+        "bloom": {"n_layer": 2, "hidden_size": 32, "n_head": 4, "vocab_size": VOCAB},
+    }[family]
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AC.for_model(family, **kwargs))
+    shape = shape_from_hf_config(model.config.to_dict())
+    embeds = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    blocks = sum(p.numel() for n, p in model.named_parameters()
+                 if p.dim() == 2 and id(p) not in embeds and "lm_head" not in n)
+    assert shape.block_matmul_params() == blocks
+    assert shape.layers == 2 and shape.mlp_mats == 2
+
+
+def test_a_gpt2_model_trains_from_init_from(tmp_path, make_config, prepared_dir):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    d = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=VOCAB,
+                               n_positions=64)).save_pretrained(d)
+    for f in (prepared_dir / "tokenizer").iterdir():
+        (d / f.name).write_bytes(f.read_bytes())
+    cfg = make_config("gpt2-run", model={"init_from": str(d)}, data={"tasks": ["email"]})
+    summary = train(cfg, progress=False)
+    assert summary["complete"] and summary["flops"]["flops_per_token"] > 0
+    assert summary["model_shape"]["mlp_mats"] == 2

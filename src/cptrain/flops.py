@@ -60,6 +60,9 @@ class ModelShape:
     # and Qwen3's may be wider or narrower). None (a summary of an older cptrain) means the
     # default.
     head_dim: int | None = None
+    # d×ffn matrices per MLP: 3 for a gated one (Llama, Mistral, Qwen, Gemma, Phi-3), 2 for
+    # GPT-2, OPT, BLOOM, Falcon, GPT-J, GPT-NeoX.
+    mlp_mats: int = 3
 
     def __post_init__(self) -> None:
         if self.head_dim is None:
@@ -71,11 +74,11 @@ class ModelShape:
         return self.heads * int(self.head_dim or 0)
 
     def block_matmul_params(self) -> int:
-        """q/o are d×(heads·head_dim); k/v are d×(kv_heads·head_dim); the gated MLP has
-        three d×ffn matrices."""
+        """q/o are d×(heads·head_dim); k/v are d×(kv_heads·head_dim); the MLP has
+        ``mlp_mats`` d×ffn matrices."""
         d = self.hidden
         kv = self.kv_heads * int(self.head_dim or 0)
-        return self.layers * (2 * d * self.attn_width + 2 * d * kv + 3 * d * self.ffn)
+        return self.layers * (2 * d * self.attn_width + 2 * d * kv + self.mlp_mats * d * self.ffn)
 
     def total_params(self) -> int:
         norms = (2 * self.layers + 1) * self.hidden
@@ -97,36 +100,53 @@ def preset_shape(preset: str, vocab: int) -> ModelShape:
     return ModelShape(s.layers, s.hidden, s.ffn, vocab, s.heads, s.heads)
 
 
-_HF_SHAPE_KEYS = (
-    "num_hidden_layers",
-    "hidden_size",
-    "intermediate_size",
-    "num_attention_heads",
-    "vocab_size",
-)
+# Each shape key and the names other decoder families give it (GPT-2, GPT-J, BLOOM, OPT,
+# Falcon, GPT-NeoX); the first present wins.
+_HF_KEYS = {
+    "layers": ("num_hidden_layers", "n_layer", "num_layers"),
+    "hidden": ("hidden_size", "n_embd", "d_model"),
+    "heads": ("num_attention_heads", "n_head"),
+    "vocab": ("vocab_size",),
+}
+_FFN_KEYS = ("intermediate_size", "n_inner", "ffn_dim", "ffn_hidden_size")
+# Families whose MLP is two matrices (up, down) rather than a gated three.
+_UNGATED = {"gpt2", "gptj", "gpt_neox", "opt", "bloom", "falcon", "gpt_bigcode", "codegen",
+            "gpt_neo", "phi"}
+
+
+def _first(cfg: dict[str, Any], keys: tuple[str, ...]) -> Any:
+    return next((cfg[k] for k in keys if cfg.get(k) is not None), None)
 
 
 def shape_from_hf_config(cfg: dict[str, Any]) -> ModelShape:
     """The shape of a decoder-only model from its Hugging Face config (``config.to_dict()``):
-    Llama, Mistral, Qwen2/3, Gemma and the like; a multimodal config's ``text_config``."""
+    Llama, Mistral, Qwen2/3, Gemma and the like, GPT-2-style families by their own key names
+    (``_HF_KEYS``); a multimodal config's ``text_config``."""
     if isinstance(cfg.get("text_config"), dict) and "num_hidden_layers" not in cfg:
         cfg = cfg["text_config"]
-    missing = [k for k in _HF_SHAPE_KEYS if cfg.get(k) is None]
+    found = {name: _first(cfg, keys) for name, keys in _HF_KEYS.items()}
+    missing = [keys[0] for name, keys in _HF_KEYS.items() if found[name] is None]
     if missing:
         raise ConfigError(
-            f"the model's config has no {', '.join(missing)}: cptrain counts the FLOPs of "
-            f"Llama-style decoder configs (with {', '.join(_HF_SHAPE_KEYS)})"
+            f"the model's config has no {', '.join(missing)} (or another family's name for "
+            "it): cptrain cannot count its FLOPs"
         )
-    heads, hidden = int(cfg["num_attention_heads"]), int(cfg["hidden_size"])
+    heads, hidden = int(found["heads"]), int(found["hidden"])
+    # GPT-2 and GPT-J leave n_inner null for 4·d; OPT, Falcon and BLOOM name it or imply 4·d
+    ffn = int(_first(cfg, _FFN_KEYS) or 4 * hidden)
+    kv = cfg.get("num_key_value_heads") or cfg.get("num_kv_heads")
+    if kv is None and cfg.get("multi_query"):
+        kv = 1  # Falcon's multi-query attention
     return ModelShape(
-        layers=int(cfg["num_hidden_layers"]),
+        layers=int(found["layers"]),
         hidden=hidden,
-        ffn=int(cfg["intermediate_size"]),
-        vocab=int(cfg["vocab_size"]),
+        ffn=ffn,
+        vocab=int(found["vocab"]),
         heads=heads,
-        kv_heads=int(cfg.get("num_key_value_heads") or heads),
+        kv_heads=int(kv or heads),
         tied=bool(cfg.get("tie_word_embeddings", False)),
         head_dim=int(cfg.get("head_dim") or hidden // heads),
+        mlp_mats=2 if cfg.get("model_type") in _UNGATED else 3,
     )
 
 
