@@ -534,3 +534,32 @@ def test_resume_follows_prepared_data_copied_elsewhere_but_not_other_data(
     other = ref_cfg.model_copy(update={"run_dir": str(tmp_path / "other"), "data": data})
     with pytest.raises(CheckpointError, match="data.dir"):
         Trainer(other, resume=True, progress=False)
+
+
+def test_merge_plots_only_siblings_of_the_same_start_and_checks_the_start(reference, tmp_path):
+    import yaml
+
+    from cptrain import cli
+
+    cfg, _ = reference("sequential")
+    sibling, _ = reference("replay")
+    skip = shutil.ignore_patterns("checkpoints", "replay")
+    run = tmp_path / "runs" / "seq"
+    shutil.copytree(cfg.run_dir, run, ignore=skip)
+    shutil.copytree(sibling.run_dir, tmp_path / "runs" / "replay", ignore=skip)
+    unrelated = tmp_path / "runs" / "other-budget"
+    shutil.copytree(sibling.run_dir, unrelated, ignore=skip)
+    s = json.loads((unrelated / "summary.json").read_text())
+    s["config"]["data"]["tokens_per_task"] *= 10  # same task names, another experiment
+    (unrelated / "summary.json").write_text(json.dumps(s))
+    assert cli.main(["merge", str(run), "--lambdas", "0.5"]) == 0
+    result = json.loads((run / "merge" / "merge.json").read_text())
+    assert [s["run"] for s in result["siblings"]] == ["replay"]
+    assert [r["lambda"] for r in result["rows"]] == [0.5]
+    # a start that is not the run's (here: another seed's initialisation) is refused
+    c = yaml.safe_load((run / "config.yaml").read_text())
+    (run / "config.yaml").write_text(yaml.safe_dump({**c, "seed": 1}))
+    with pytest.raises(CheckpointError, match=r"are not those .* started from: \w+ loss"):
+        from cptrain.merge import merge_losses
+
+        merge_losses(run, [0.5])

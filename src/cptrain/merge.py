@@ -18,8 +18,8 @@ import numpy as np
 import torch
 
 from cptrain import fsutil
-from cptrain.config import RunConfig, load_run_config
-from cptrain.errors import ConfigError
+from cptrain.config import RunConfig, load_run_config, result_settings
+from cptrain.errors import CheckpointError, ConfigError
 
 DEFAULT_LAMBDAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
@@ -79,7 +79,7 @@ def merge_losses(run: Path, lambdas: list[float]) -> dict[str, Any]:
     b = final.state_dict()
     autocast = torch.bfloat16 if _trained_precision(run, cfg) == "bf16" else None
     rows = []
-    for lam in lambdas:
+    for lam in sorted({0.0, *lambdas}):  # λ = 0 first: it checks the start weights
         with torch.no_grad():
             start.load_state_dict({k: torch.lerp(a[k], b[k], lam) for k in a}, strict=True)
         losses = evaluate_tasks(
@@ -90,18 +90,52 @@ def merge_losses(run: Path, lambdas: list[float]) -> dict[str, Any]:
             batch_size=cfg.eval.batch_size,
             autocast=autocast,
         )
-        rows.append({"lambda": lam, "val_loss": losses})
+        if lam == 0.0:
+            _check_start(run, cfg, losses)
+        if lam in lambdas:
+            rows.append({"lambda": lam, "val_loss": losses})
+    rows.sort(key=lambda r: lambdas.index(r["lambda"]))
     return {"run": str(run), "columns": data.columns, "rows": rows}
 
 
+def _check_start(run: Path, cfg: RunConfig, losses: dict[str, float]) -> None:
+    """The weights rebuilt as the start must be those the run started from: their losses are
+    the run's ``loss_before`` (else every merge would interpolate from other weights)."""
+    before = json.loads((run / "summary.json").read_text(encoding="utf-8")).get("loss_before")
+    if not isinstance(before, dict):
+        return  # a summary older than loss_before: nothing to compare with
+    off = {k: losses[k] - v for k, v in before.items() if k in losses}
+    worst = max(off, key=lambda k: abs(off[k]), default=None)
+    if worst is not None and abs(off[worst]) > 1e-3:
+        start = cfg.model.init_from or f"preset {cfg.model.preset}, seed {cfg.seed}"
+        raise CheckpointError(
+            f"the start weights ({start}) are not those {run} started from: {worst} loss "
+            f"{losses[worst]:.4f} at λ = 0, {before[worst]:.4f} before training; restore the "
+            "model the run started from"
+        )
+
+
+# What may differ between a run and the siblings plotted beside its merges: the method.
+_METHOD_KEYS = ("method", "replay.", "reptile.")
+
+
+def _start_and_budget(config: dict[str, Any]) -> dict[str, Any]:
+    """A run's result-changing settings but its method's: the same start model, data, budget
+    and training settings make other methods comparable points on the merge plot."""
+    return {k: v for k, v in result_settings(config).items() if not k.startswith(_METHOD_KEYS)}
+
+
 def _siblings(run: Path, columns: list[str]) -> list[tuple[str, dict[str, float]]]:
+    """Finished runs beside ``run`` that differ from it in the method alone."""
+    mine = _start_and_budget(json.loads((run / "summary.json").read_text("utf-8"))["config"])
     out = []
     for other in sorted(run.parent.glob("*/summary.json")):
         if other.parent.resolve() == run.resolve():
             continue
         s = json.loads(other.read_text(encoding="utf-8"))
         cols = [*s.get("tasks", []), *(s.get("eval_only") or [])]
-        if cols == columns and s.get("complete") and s.get("loss_matrix"):
+        if (cols == columns and s.get("complete") and s.get("loss_matrix")
+                and _start_and_budget(s.get("config") or {}) == mine):
             out.append((other.parent.name, dict(zip(cols, s["loss_matrix"][-1], strict=True))))
     return out
 
