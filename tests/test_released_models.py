@@ -509,3 +509,17 @@ def test_a_gpt2_model_trains_from_init_from(tmp_path, make_config, prepared_dir)
     summary = train(cfg, progress=False)
     assert summary["complete"] and summary["flops"]["flops_per_token"] > 0
     assert summary["model_shape"]["mlp_mats"] == 2
+
+
+def test_a_refused_init_from_leaves_no_run_directory(tmp_path, make_config, prepared_dir):
+    from transformers import BertConfig, BertForMaskedLM
+
+    bert = tmp_path / "bert"
+    BertForMaskedLM(BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1,
+                               num_attention_heads=2, intermediate_size=64)).save_pretrained(bert)
+    for f in (prepared_dir / "tokenizer").iterdir():
+        (bert / f.name).write_bytes(f.read_bytes())
+    cfg = make_config("from-bert", model={"init_from": str(bert)})
+    with pytest.raises(CheckpointError, match="not a decoder-only causal LM"):
+        Trainer(cfg, progress=False)
+    assert not Path(cfg.run_dir).exists()

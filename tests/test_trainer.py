@@ -417,6 +417,7 @@ def test_seeded_replay_draws_seed_rows_and_resumes_bit_identically(make_config):
     drawn = [r.get("buffer_rows_drawn_seed", 0) for r in read_metrics(full.run_dir, "train")]
     assert drawn[0] > 0, "step 0 already replays seed rows"
     assert (Path(full.run_dir) / "replay_seed_1.txt").read_text().count("--- row") == 8
+    assert not (Path(full.run_dir) / "seed_work").exists()  # generation scratch, removed
     part = make_config("seeded-part", checkpoint={"every": 4}, **extra)
     Trainer(part, progress=False, stop_after=9).run()
     resumed = train(part, resume=True, progress=False)

@@ -3,6 +3,8 @@ starting model's pre-training data, from a prepared proxy task or sampled from t
 
 from __future__ import annotations
 
+import contextlib
+import shutil
 from typing import TYPE_CHECKING
 
 from cptrain.data.prepare import load_prepared_tokenizer, open_split
@@ -64,3 +66,7 @@ def seed_buffer(trainer: Trainer, progress: bool) -> None:
                 decode=tok.decode, sample_path=trainer.run_dir.path / f"replay_seed_{i}.txt",
             )
         trainer.buffer.add_seed(rows, origin=i, name=src.label)
+    # The generation's resumable scratch is in the buffer now: nothing reads it again.
+    shutil.rmtree(root / "seed_work" / f"rank_{env.rank}", ignore_errors=True)
+    with contextlib.suppress(OSError):
+        (root / "seed_work").rmdir()  # the last rank to finish removes the folder

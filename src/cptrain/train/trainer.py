@@ -66,9 +66,9 @@ class Trainer:
         self.stop_after = stop_after
         self.stop_request = StopRequest()
         self.env = init_distributed(cfg.distributed)
-        self._open_data(data)  # first: a data error leaves no run directory behind
-        self.run_dir, resume = RunDir.open(Path(cfg.run_dir), self.env, resume)
+        self._open_data(data)  # data and model first: their errors leave no run directory
         self._build_model()
+        self.run_dir, resume = RunDir.open(Path(cfg.run_dir), self.env, resume)
         self.optimizer = build_optimizer(self.model, cfg.train, self.schedule.lr(0))
         self.checkpoints = CheckpointManager(
             self.run_dir.checkpoints,
