@@ -84,6 +84,15 @@ def test_prepare_train_eval_round_trip(prepared_dir, tmp_path, capsys):
     shown = in_process(capsys, "eval", str(run_dir))
     assert shown.returncode == 0
     assert f"{summary['loss_matrix'][1][0]:.3f}" in shown.stdout
+    assert "side by side" not in shown.stdout  # one run: nothing to compare
+    twin = tmp_path / "twin"
+    import shutil
+
+    shutil.copytree(run_dir, twin, ignore=shutil.ignore_patterns("checkpoints", "replay"))
+    both = in_process(capsys, "eval", str(run_dir), str(twin))
+    table = both.stdout.split("side by side")[1].splitlines()
+    assert table[1].split()[:4] == ["method", "forgetting", "retained", "learned"]
+    assert [ln.split()[0] for ln in table[2:4]] == ["run", "twin"]
     again = in_process(capsys, "train", str(p), "--no-progress")
     assert_one_line_error(again, "already holds a run")
     # the real command line, as a user meets it

@@ -113,13 +113,16 @@ def _read_summary(run: Path) -> dict:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from cptrain.tables import run_report
+    from cptrain.tables import comparison_table, run_report
 
-    for run in args.runs:
-        summary = _read_summary(Path(run))
+    summaries = [(run, _read_summary(Path(run))) for run in args.runs]
+    for run, summary in summaries:
         print(run_report(summary, title=f"run {run}: validation loss"))
         if line := compute_line(summary):
             print(line)
+    if len(summaries) > 1:  # side by side, one seed each: `cptrain report` tests differences
+        print("\nside by side (one run each, no test; `cptrain report RUN…` compares seeds):")
+        print(comparison_table([(Path(r).name, s) for r, s in summaries]))
     return 0
 
 
