@@ -232,3 +232,20 @@ def test_only_rank_zero_prints_the_run_report(prepared_dir, make_config, tmp_pat
 
     assert cli.cmd_train(cli.build_parser().parse_args(["train", str(path), "--no-progress"])) == 0
     assert "validation loss" not in capsys.readouterr().out
+
+
+def test_prepare_prints_only_its_own_line_to_stdout(tmp_path):
+    """The tokenizer trainer's progress (native code) goes to stderr, not into stdout."""
+    import json
+
+    text = tmp_path / "a.jsonl"
+    text.write_text("".join(json.dumps({"text": f"doc {i} " + "words here " * 50}) + "\n"
+                            for i in range(40)))
+    cfg = tmp_path / "prep.yaml"
+    cfg.write_text(yaml.safe_dump({"out_dir": str(tmp_path / "out"),
+                                   "tokenizer": {"vocab_size": 300},
+                                   "tasks": [{"name": "a", "train": [str(text)],
+                                              "val": [str(text)]}]}))
+    proc = cptrain("prepare", str(cfg))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [f"prepared data in {tmp_path / 'out'}"]

@@ -12,9 +12,12 @@ directory exactly as ``cptrain prepare`` records it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import os
+import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,7 +89,8 @@ def train_tokenizer(
         show_progress=progress,
     )
     used = [0]
-    backend.train_from_iterator(_capped(texts, max_bytes, used), trainer=trainer)
+    with _stdout_to_stderr():  # the Rust trainer's progress bar writes newlines to stdout
+        backend.train_from_iterator(_capped(texts, max_bytes, used), trainer=trainer)
     if used[0] == 0:
         raise DataError("no text to train the tokenizer on; give the tasks non-empty train inputs")
     tok = _wrap(backend)
@@ -168,6 +172,21 @@ def require_gguf() -> None:
             "reading a .gguf file needs the gguf package, which is not installed; run "
             "`pip install gguf` (or bash scripts/setup.sh)"
         ) from None
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr() -> Iterator[None]:
+    """File descriptor 1 points at stderr for the block (what native code prints included), so
+    stdout carries only cptrain's own lines."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def gguf_tokens(path: Path | str) -> list[str] | None:
