@@ -273,3 +273,17 @@ def test_foreign_bars_print_one_line_each_where_ours_print_lines(monkeypatch) ->
     assert "\r" not in log.getvalue()
     assert len(lines) == 2 and "Running requests" in lines[0] and "500/500" in lines[0]
     assert lines[1] == "a warning"
+
+
+def test_a_bar_with_its_own_eta_prints_one_remaining_time_as_lines(clock):
+    """The training bar's format has no {remaining}: its ETA is in the postfix. Piped, the
+    lines keep to that: one remaining time, not tqdm's beside it."""
+    from cptrain.train.hooks import ProgressBar
+
+    out = io.StringIO()
+    with progress_bar(total=10, unit="step", file=out, bar_format=ProgressBar.FORMAT) as bar:
+        bar.set_postfix_str("ETA 00:05, en loss 5.0", refresh=False)
+        clock.t += 1.0
+        bar.update(5)
+    last = out.getvalue().splitlines()[-1]
+    assert "<" not in last and last.count("ETA") == 1, last

@@ -161,6 +161,10 @@ class LineProgress:
         self.disable = False
         self.fp: TextIO = sys.stderr if file is None else file
         self.interval = interval
+        # A bar whose format leaves tqdm's remaining time out (it shows its own ETA in the
+        # postfix) must not print two remaining times as lines either.
+        fmt = _bar_only.get("bar_format")
+        self.show_remaining = fmt is None or "{remaining" in fmt
         self.start_t = _now()
         self._closed = False
         if isinstance(postfix, Mapping):
@@ -260,7 +264,8 @@ class LineProgress:
         now = _now() if now is None else now
         total = self.total if self.total and self.n < self.total + 0.5 else None
         fmt = (
-            "{n_fmt}/{total_fmt} {unit} ({percentage:.0f}%) [{elapsed}<{remaining}, {rate_fmt}"
+            "{n_fmt}/{total_fmt} {unit} ({percentage:.0f}%) [{elapsed}"
+            + ("<{remaining}" if self.show_remaining else "") + ", {rate_fmt}"
             if total
             else "{n_fmt} {unit} [{elapsed}, {rate_fmt}"
         ) + "{postfix}]"
