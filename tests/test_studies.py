@@ -264,10 +264,11 @@ def test_paired_table_splits_retained_into_learned_and_after_learning(tmp_path):
     write_report([root], out)
     paired = (out / "report.md").read_text().split("## Paired differences against sequential")[1]
     header = next(line for line in paired.splitlines() if line.startswith("| run group"))
-    assert header.rstrip(" |").endswith("Δ after learning")
+    assert header.rstrip(" |").endswith("Δ after learning | Δ first task learned")
     row = next(line for line in paired.splitlines() if line.startswith("| replay"))
     cells = [c.strip() for c in row.strip("|").split("|")]
-    retained, learned, after = cells[2], cells[3], cells[5]
+    retained, learned, after, first = cells[2], cells[3], cells[5], cells[6]
+    assert float(first.split()[0]) == pytest.approx(-0.4, abs=0.02)
     for c in (retained, learned):
         assert float(c.split()[0]) == pytest.approx(-0.2, abs=0.02)
         assert "significantly lower" in c

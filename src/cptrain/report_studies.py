@@ -46,15 +46,22 @@ METRICS = (("retained_loss", "retained"), ("learned_loss", "learned"), ("forgett
 # retained splits exactly into Δ learned (learning each task better) + Δ this (keeping it), so
 # a method that learns faster is not credited with retention it did not add (issue 21).
 DRIFT = ("after_learning", "after learning")
-PAIRED_METRICS = (*METRICS, DRIFT)
+# The first task's loss right after training it: learning before anything could be forgotten
+# (a replay batch then repeats rows of that task only).
+FIRST = ("first_learned", "first task learned")
+PAIRED_METRICS = (*METRICS, DRIFT, FIRST)
 
 
 def metric(run: Run, key: str) -> float | None:
-    """A run's summary figure, or ``after_learning`` (retained − learned) derived from two."""
+    """A run's summary figure, or one derived from its summary: ``after_learning`` (retained −
+    learned) and ``first_learned`` (the loss matrix's first diagonal cell)."""
     s = run.summary
     if key == DRIFT[0]:
         r, lrn = s.get("retained_loss"), s.get("learned_loss")
         return None if r is None or lrn is None else r - lrn
+    if key == FIRST[0]:
+        lm = s.get("loss_matrix") or []
+        return float(lm[0][0]) if lm and lm[0] else None
     return s.get(key)
 
 # Ibrahim et al. 2024 ("Simple and Scalable Strategies to Continually Pre-train LLMs"), 405M,
@@ -114,7 +121,8 @@ def paired_section(done: Sequence[Run], baseline: str | None) -> Section | None:
         "settings; mean ± 95% t-interval over the pairs and a paired t-test. Negative = lower "
         f"loss (better) than {baseline}. Δ retained = Δ learned + Δ after learning: the first "
         "is learning each task better (its loss right after training it), the second keeping "
-        "it (the mean rise of each task's loss after it was learned). "
+        "it (the mean rise of each task's loss after it was learned); Δ first task learned "
+        "is the first task's loss right after training it, before anything can be forgotten. "
         + family_note(len(groups), "settings of each column")
         + " " + n_note([len(found[g]) for g in groups], "pairs per setting", paired=True)
     )
