@@ -46,3 +46,30 @@ def test_summary_of_a_short_run_carries_the_paper_code_forgetting(make_config):
     assert first and not any("grad_cos" in r or "loss_replay_earlier" in r for r in first)
     assert any("loss_replay_current" in r for r in first)
     assert any("loss_replay_earlier" in r for r in rows if r not in first)
+
+
+def test_every_row_weighs_the_same_in_a_mixed_batchs_loss(make_config):
+    """A step's loss is the token mean over all its rows, fresh and replayed alike: it equals
+    the row-count-weighted mean of the fresh and replayed rows' losses (measured apart, at the
+    same weights), with micro-batches splitting the batch anywhere."""
+    cfg = make_config(
+        "weights", method="replay", replay={"alpha": 0.25, "visibility_lag": 1},
+        train={"log_every": 1, "micro_batch_size": 3},
+        data={"tasks": ["email", "xml"]}, diagnostics={"every": 1},
+    )
+    Trainer(cfg, progress=False).run()
+    checked = 0
+    for r in read_metrics(cfg.run_dir, "train"):
+        groups = [(k, r[f"loss_{k}"]) for k in ("fresh", "replay_current", "replay_earlier")
+                  if f"loss_{k}" in r]
+        if len(groups) < 2 or r["replay_rows"] == 0:
+            continue
+        n_rep = r["replay_rows"]
+        n_fresh = 8 - n_rep
+        share = r.get("replay_current_share", 1.0)
+        counts = {"fresh": n_fresh, "replay_current": n_rep * share,
+                  "replay_earlier": n_rep * (1 - share)}
+        mean = sum(counts[k] * v for k, v in groups) / sum(counts[k] for k, _ in groups)
+        assert r["loss"] == pytest.approx(mean, rel=1e-5), r
+        checked += 1
+    assert checked >= 10
