@@ -344,3 +344,14 @@ def test_runs_of_one_method_with_other_settings_are_never_pooled_as_seeds(tmp_pa
     write_report([a, b], tmp_path / "report")
     md = (tmp_path / "report" / "report.md").read_text()
     assert "never pooled as seeds" in md and "(n=3)" not in md
+
+
+def test_an_entrys_task_fields_survive_the_task_order(tmp_path, prepared_dir):
+    path = _sweep(tmp_path, {
+        "methods": ["sequential", {"method": "sequential", "name": "seq-repeat", "set": {
+            "data": {"tasks": [{"name": "en", "unique_tokens": 640}, {"name": "fr"}]}}}],
+        "seeds": [0],
+    }, prepared_dir)
+    by = {r.name.split("_")[0]: r.config for r in expand_sweep(load_sweep(path))}
+    assert by["seq-repeat"].data.tasks[0].unique_tokens == 640
+    assert by["sequential"].data.tasks[0].unique_tokens is None

@@ -272,7 +272,8 @@ def expand_sweep(cfg: SweepConfig) -> list[SweepRun]:
                 "reptile": {"enabled": method.reptile},
             },
         )
-        raw["data"]["tasks"] = _task_specs(base, order)
+        # from the merged config: an entry's set may give the tasks their own fields
+        raw["data"]["tasks"] = _task_specs(raw, order)
         run_cfg = build_config(RunConfig, raw, source=f"sweep run {name}")
         coords = {"label": spec.name or method.label, "method": spec.method, "alpha": alpha,
                   "preset": preset, "seed": seed, "order": list(order), "axes": values,
