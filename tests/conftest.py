@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import sys
 import sysconfig
 from pathlib import Path
@@ -130,6 +131,14 @@ def tiny_run_config(run_dir: Path, data_dir: Path, **sections: Any) -> RunConfig
         "eval": {"windows": 8, "batch_size": 8},
     }
     return build_config(RunConfig, _merge(raw, sections))
+
+
+def with_tokenizer(model_dir: Path, prepared: Path) -> Path:
+    """``model_dir`` given the tokenizer ``prepared`` was made with, as a released model
+    directory carries its own (``init_from`` refuses a model without one)."""
+    for f in (Path(prepared) / "tokenizer").iterdir():
+        shutil.copy2(f, Path(model_dir) / f.name)
+    return Path(model_dir)
 
 
 def read_metrics(run_dir: Path | str, kind: str | None = None) -> list[dict[str, Any]]:

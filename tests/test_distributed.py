@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import model_after, read_metrics, read_summary, tiny_run_config
+from conftest import model_after, read_metrics, read_summary, tiny_run_config, with_tokenizer
 from test_released_models import tiny_model
 
 from cptrain.config import RunConfig
@@ -95,9 +95,9 @@ def module_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def qwen2_dir(module_dir) -> Path:
+def qwen2_dir(module_dir, prepared_dir) -> Path:
     tiny_model("qwen2").save_pretrained(module_dir / "qwen2")  # q/k/v biases, tied head
-    return module_dir / "qwen2"
+    return with_tokenizer(module_dir / "qwen2", prepared_dir)
 
 
 def multi_configs(module_dir: Path, data: Path, qwen2: Path) -> dict[str, RunConfig]:

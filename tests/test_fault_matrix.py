@@ -216,7 +216,7 @@ def test_no_complete_checkpoint_is_a_one_line_error(world, capsys):
     for _, path in ckpt.list_checkpoints(world.run / "checkpoints"):
         flip(path / "model" / "model.safetensors")
     line = one_line_error(capsys, cptrain(str(world.config), "--resume"))
-    assert "no complete checkpoint under" in line and "without --resume" in line
+    assert "no complete checkpoint under" in line and "with --restart" in line
 
 
 # ------------------------------------------------------------------------- disk full

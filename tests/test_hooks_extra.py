@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import read_metrics
+from conftest import read_metrics, with_tokenizer
 
 from cptrain.checkpoint.export import base_model_facts, model_card
 from cptrain.cli import main
@@ -133,6 +133,7 @@ def released_base(prepared_dir, tmp_path_factory) -> Path:
     """A model directory as `cptrain models fetch` leaves it: weights and its MANIFEST.json."""
     out = tmp_path_factory.mktemp("base") / "tiny-release"
     build_model("tiny", len(load_prepared_tokenizer(prepared_dir)), seed=5).save_pretrained(out)
+    with_tokenizer(out, prepared_dir)
     manifest = {
         "format": FORMAT,
         "name": "tiny-release",

@@ -74,11 +74,11 @@ def test_task_orders_and_preset_settings_apply(tmp_path):
 def test_method_entries_can_carry_names_alphas_and_settings(tmp_path):
     cfg = _sweep(tmp_path, presets=["tiny"], seeds=[0], methods=[
         "reptile", {"method": "reptile", "name": "reptile-k50", "set": {"reptile": {"k": 50}}},
-        {"method": "replay", "alphas": [0.1]},
+        {"method": "replay", "alphas": [0.25]},
     ])
     runs = {r.name: r.config for r in expand_sweep(cfg)}
     assert set(runs) == {"reptile_tiny_s0_a-b-c", "reptile-k50_tiny_s0_a-b-c",
-                         "replay-a0.1_tiny_s0_a-b-c"}
+                         "replay-a0.25_tiny_s0_a-b-c"}
     assert runs["reptile-k50_tiny_s0_a-b-c"].reptile.k == 50
     assert runs["reptile_tiny_s0_a-b-c"].reptile.k == 7
 

@@ -77,8 +77,7 @@ def set_aside(path: Path) -> Path | None:
     dest = root / str(n)
     dest.mkdir()
     for entry in entries:
-        entry.rename(dest / entry.name)
-    fsutil.fsync_path(dest)
+        fsutil.move_into_place(entry, dest / entry.name)
     fsutil.fsync_path(path)
     return dest
 
