@@ -355,3 +355,18 @@ def test_an_entrys_task_fields_survive_the_task_order(tmp_path, prepared_dir):
     by = {r.name.split("_")[0]: r.config for r in expand_sweep(load_sweep(path))}
     assert by["seq-repeat"].data.tasks[0].unique_tokens == 640
     assert by["sequential"].data.tasks[0].unique_tokens is None
+
+
+def test_paired_differences_are_never_pooled_across_sizes(tmp_path):
+    root, coords = tmp_path / "sizes", []
+    for preset in ("nano", "micro"):
+        for seed in range(3):
+            _write_run(root, f"sequential_{preset}_s{seed}", method="sequential", alpha=0.0,
+                       seed=seed, preset=preset, lm=[[5.0, 9.0], [6.0, 5.5]], coords=coords)
+            _write_run(root, f"replay_{preset}_s{seed}", method="replay", alpha=0.25, seed=seed,
+                       preset=preset, lm=[[5.0, 9.0], [5.5, 5.5]], coords=coords)
+    _manifest(root, coords, "sequential")
+    runs, _ = __import__("cptrain.report", fromlist=["collect_runs"]).collect_runs([root])
+    found = pairs(runs, "sequential")
+    assert sorted(found) == ["replay α=0.25 [micro]", "replay α=0.25 [nano]"]
+    assert all(len(v) == 3 for v in found.values())

@@ -76,6 +76,9 @@ def pairs(runs: Sequence[Run], baseline: str) -> dict[str, list[tuple[Run, Run]]
     """group → [(run, its baseline run)] for every run not of the baseline method."""
     base = [r for r in runs if r.label == baseline]
     out: dict[str, list[tuple[Run, Run]]] = defaultdict(list)
+    # one row per size (and task order) when there are several: differences are never pooled
+    # across settings that are not seeds of one another
+    sizes, orders = len({r.preset for r in runs}) > 1, len({r.order for r in runs}) > 1
     for r in runs:
         if r.label == baseline:
             continue
@@ -83,7 +86,9 @@ def pairs(runs: Sequence[Run], baseline: str) -> dict[str, list[tuple[Run, Run]]
             if (b.seed, b.preset, b.order) == (r.seed, r.preset, r.order) and all(
                 _setting(r, k, b.axis_keys.get(k)) == v for k, v in b.axes.items()
             ):
-                out[r.group].append((r, b))
+                key = r.group + (f" [{r.preset}]" if sizes else "")
+                key += f" [{'→'.join(r.order)}]" if orders else ""
+                out[key].append((r, b))
                 break
     return out
 
