@@ -451,3 +451,13 @@ def test_a_task_too_small_for_items_is_named_and_spares_the_others(one_task_too_
     assert {"cptrain_choice_code", "cptrain_bpb_code"} <= set(rec["tasks"])
     assert not any("tiny" in t for t in rec["tasks"])
     assert "warning: task tiny: only" in capsys.readouterr().err
+
+
+def test_no_git_noise_outside_a_repository(fake_run, tmp_path, monkeypatch, capfd):
+    """lm-eval asks git for the current directory's commit; outside a repository git's
+    "fatal: not a git repository" must not reach the user."""
+    monkeypatch.chdir(tmp_path)  # not a git repository
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))
+    run_downstream(fake_run, tasks=[f"cptrain_choice_{TASK}"], out_dir=tmp_path / "ds",
+                   items=8, limit=4)
+    assert "not a git repository" not in capfd.readouterr().err

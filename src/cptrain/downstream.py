@@ -673,7 +673,7 @@ def _evaluate(
     if max_length:
         kwargs["max_length"] = max_length
     lm = HFLM(**kwargs)
-    with _quiet("lm_eval"), foreign_bars(), _one_line(local + hub):
+    with _quiet("lm_eval"), foreign_bars(), _one_line(local + hub), _quiet_git_hash():
         res = simple_evaluate(
             model=lm,
             tasks=[*local, *hub],
@@ -689,6 +689,30 @@ def _evaluate(
     if res is None:
         raise EnvironmentProblem("lm-eval returned no results (non-zero rank?); run on one process")
     return {name: _metrics(vals) for name, vals in res["results"].items()}
+
+
+@contextlib.contextmanager
+def _quiet_git_hash() -> Iterator[None]:
+    """lm-eval records ``git describe`` of the current directory (not the model's) and lets
+    git print "fatal: not a git repository" outside one; ask git with its stderr silenced."""
+    import subprocess
+
+    from lm_eval import evaluator
+
+    def quiet() -> str | None:
+        try:
+            out = subprocess.run(["git", "describe", "--always"], capture_output=True,
+                                 text=True, timeout=10, check=False)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout.strip() or None
+
+    saved = evaluator.get_git_commit_hash
+    evaluator.get_git_commit_hash = quiet
+    try:
+        yield
+    finally:
+        evaluator.get_git_commit_hash = saved
 
 
 def _cli_equivalent(model_dir: Path, names: list[str], task_dir: Path, max_length: int | None,
