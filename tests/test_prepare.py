@@ -287,3 +287,24 @@ def test_foreign_out_dir_is_not_replaced(tmp_path: Path, corpus: Path) -> None:
 def test_inputs_inside_out_dir_are_refused(tmp_path: Path, corpus: Path) -> None:
     with pytest.raises(ConfigError, match="lies inside out_dir"):
         prepare(config(tmp_path, corpus, out_dir=str(corpus)), progress=False)
+
+
+def test_a_holdout_that_keeps_no_document_fails_before_any_tokenizing(
+    tmp_path: Path, corpus: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """99 short documents at val_fraction 0.01 hold out none (as a README-style config once
+    did): known from the documents alone, so no tokenizer is trained first."""
+    from cptrain.data import prepare as prep
+
+    docs = [f"document number {i} with a few words" for i in range(99)]
+    assert not any(prep._is_val(d, 0.01) for d in docs)  # the case under test
+    write_jsonl(corpus / "few.jsonl", docs)
+
+    def no_tokenizing(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the tokenizer was trained before the check")
+
+    monkeypatch.setattr(prep, "_make_tokenizer", no_tokenizing)
+    tasks = [{"name": "few", "train": [str(corpus / "few.jsonl")]}]
+    with pytest.raises(DataError, match="task few: val_fraction 0.01 leaves no document for val"):
+        prepare(config(tmp_path, corpus, tasks=tasks, val_fraction=0.01,
+                       out_dir=str(tmp_path / "few")), progress=False)

@@ -319,6 +319,8 @@ def _build(
     progress: bool,
 ) -> dict[str, Any]:
     start = time.monotonic()
+    for task in cfg.tasks:
+        _check_holdout(cfg, task)
     tok = _make_tokenizer(cfg, staging / TOKENIZER_DIR, progress)
     sha = tokenizer_sha256(tok)
     seps = document_separators(tok, cfg.tokenizer.path)
@@ -428,6 +430,20 @@ def _write_task(
         for w in writers.values():
             w.abort()
         raise
+
+
+def _check_holdout(cfg: PrepareConfig, task: TaskInputs) -> None:
+    """Before any tokenizing: a task without val inputs must hold out a document by
+    ``val_fraction`` and keep one for training. Reads documents until it has seen both (at
+    once for a corpus of any size; a small one, the case that fails, is read whole)."""
+    if task.val or not task.train:
+        return
+    seen = {True: False, False: False}
+    for doc in iter_documents_many(task.train, cfg.text_key):
+        seen[_is_val(doc, cfg.val_fraction)] = True
+        if all(seen.values()):
+            return
+    raise _no_documents(task.name, cfg.val_fraction, "val" if not seen[True] else "train")
 
 
 def _require_documents(task: TaskInputs, fraction: float, writers: dict[str, ShardWriter]) -> None:
