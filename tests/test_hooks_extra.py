@@ -175,6 +175,7 @@ def test_task_exports_carry_a_model_card_that_cptrain_export_repeats(
         assert "α = 0.25" in card and "k = 3, ε = 0.5" in card
         assert "`email`" in card and "`asyncio`" in card and "`xml`" in card
         assert "| 1 | `email` | 1,536 | 6 | yes |" in card
+        assert "xml forgetting (final − before)" in card  # what the base knew, kept or lost
         lines = card.splitlines()
         row = next(ln for ln in lines if ln.startswith("before "))
         assert row.split()[1:] == [f"{before[c]:.3f}" for c in ("email", "asyncio", "xml")]
@@ -321,3 +322,25 @@ def test_exports_carry_eos_architectures_dtype_and_generation_defaults(make_conf
         generation = json.loads((out / "generation_config.json").read_text())
         assert generation["eos_token_id"] == eos
         assert load_pretrained(out).generation_config.eos_token_id == eos
+
+
+def test_a_card_names_the_hub_id_the_replay_seed_and_a_half_precision_base(make_config,
+                                                                          tmp_path):
+    from cptrain.models.fetch import FORMAT, MANIFEST
+
+    known = tmp_path / "smollm2"
+    known.mkdir()
+    (known / MANIFEST).write_text(json.dumps({"format": FORMAT, "name": "smollm2-135m"}))
+    assert base_model_facts(str(known))["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    half = tmp_path / "half"
+    half.mkdir()
+    (half / "config.json").write_text(json.dumps({"torch_dtype": "bfloat16"}))
+    config = make_config("c", method="replay").model_dump(mode="json")
+    config["model"]["init_from"] = str(half)
+    config["replay"]["seed"] = [{"source": "task", "task": "xml", "tokens": 4096},
+                                {"source": "self", "tokens": 2048, "temperature": 1.0,
+                                 "top_p": 0.95}]
+    card = model_card(config, TrainerState().state_dict())
+    assert "replay seed: 4,096 tokens of `xml`" in card
+    assert "replay seed: 2,048 tokens of text sampled from the starting model" in card
+    assert "these weights are float32" in card and "were bfloat16" in card

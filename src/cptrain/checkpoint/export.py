@@ -179,6 +179,12 @@ def _card_weights(
         lines.append(
             f"> **Note:** the base weights come from a quantized GGUF file and were {base['note']}."
         )
+    if base.get("dtype"):
+        lines.append(
+            f"> **Note:** these weights are float32 (the optimizer's master weights); the base "
+            f"model's were {base['dtype']}, half the size. `torch_dtype={base['dtype']}` in "
+            "`from_pretrained` loads them as the base was."
+        )
     return [title, "\n\n".join(lines)]
 
 
@@ -237,6 +243,11 @@ def _card_method(config: dict[str, Any]) -> list[str]:
         )
     else:
         lines.append("- experience replay: none (α = 0)")
+    for src in replay.get("seed") or []:  # rows in the buffer before the first task
+        what = f"`{src.get('task')}`" if src.get("source") == "task" else (
+            f"text sampled from the starting model (temperature {src.get('temperature')}, "
+            f"top_p {src.get('top_p')})")
+        lines.append(f"- replay seed: {src.get('tokens'):,} tokens of {what}")
     if reptile.get("enabled"):
         lines.append(
             f"- Reptile: k = {reptile.get('k')}, ε = {reptile.get('epsilon')} "
@@ -270,7 +281,11 @@ def _card_losses(config: dict[str, Any], st: dict[str, Any], tasks: list[str]) -
     )
     if matrix:
         periodic = metrics.evaluations_from_history(st.get("eval_history", []))
-        table += "\n" + metrics_line(metrics.summarize(matrix, periodic))
+        found = metrics.summarize(matrix, periodic)
+        if eval_only and len(before) == len(columns):  # what the base knew, kept or lost
+            found["eval_only_forgetting"] = metrics.forgetting_since_start(
+                matrix, before, tasks, eval_only)
+        table += "\n" + metrics_line(found)
     return [
         "## Loss matrix\n\nValidation loss (nats per token) on held-out windows of each task: "
         "row `before` is the starting model, row *t* the weights after task *t*.\n\n"
@@ -291,17 +306,24 @@ def base_model_facts(init_from: str | None) -> dict[str, Any]:
 
         manifest = _read_json(path / MANIFEST)
         if manifest.get("format") == FORMAT:
+            from cptrain.models.registry import KNOWN_MODELS
+
             quant = str((manifest.get("source") or {}).get("quantization", ""))
+            known = KNOWN_MODELS.get(str(manifest.get("name")))
             facts.update(
-                base_model=manifest.get("name") or str(init_from),
+                # the Hub id where one is known: what the Hub links a card's base_model to
+                base_model=(known.hub_id if known and known.hub_id else None)
+                or manifest.get("name") or str(init_from),
                 title=manifest.get("model"),
                 license=manifest.get("license"),
                 note=manifest.get("note") if quant not in _FULL_PRECISION else None,
             )
             return facts
-        facts["license"] = _front_matter(path / CARD).get("license") or _read_json(
-            path / "config.json"
-        ).get("license")
+        config = _read_json(path / "config.json")
+        facts["license"] = _front_matter(path / CARD).get("license") or config.get("license")
+        dtype = config.get("dtype") or config.get("torch_dtype")
+        if dtype in ("bfloat16", "float16"):
+            facts["dtype"] = dtype
     elif path.is_file():
         facts.update(_gguf_facts(path))
     return facts

