@@ -518,3 +518,19 @@ def test_auto_is_the_default_precision():
     from cptrain.config import TrainConfig
 
     assert TrainConfig().precision == "auto"
+
+
+def test_training_threads_default_to_the_cpus_others_leave_free(monkeypatch):
+    from cptrain import hardware_cache as hc
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(hc, "our_cpus", lambda: {0, 1, 2, 3})
+    monkeypatch.setattr(hc, "others_now", lambda seconds=0.1: 0.5)  # two cores busy
+    assert hc.cpu_threads(None) == 2
+    monkeypatch.setattr(hc, "others_now", lambda seconds=0.1: 1.0)
+    assert hc.cpu_threads(None) == 1  # never none
+    monkeypatch.setattr(hc, "others_now", lambda seconds=0.1: None)  # cannot tell: all
+    assert hc.cpu_threads(None) == 4
+    assert hc.cpu_threads(3) == 3  # train.threads wins
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # torchrun's per-rank setting
+    assert hc.cpu_threads(None) == 1

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from cptrain import metrics
 from cptrain.flops import run_flops, shape_from_hf_config, summary_facts
 
@@ -39,6 +41,7 @@ def run_summary(trainer: Trainer) -> dict[str, Any]:
         "precision": trainer.precision,  # what train.precision (maybe auto) resolved to
         "precision_evidence": trainer.precision_evidence,  # and why (cptrain.hardware)
         "complete": trainer.finished,
+        "threads": torch.get_num_threads(),  # train.threads, or the free CPUs at start
         "warnings": trainer.warnings,  # what the run start printed (BatchPlan.warnings)
     }
     if lm:

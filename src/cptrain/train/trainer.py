@@ -29,6 +29,7 @@ from cptrain.distributed import init_distributed, set_grad_sync, shutdown, wrap_
 from cptrain.errors import DataError
 from cptrain.evaluate import evaluate_tasks, token_loss
 from cptrain.hardware import resolved_config, run_precision
+from cptrain.hardware_cache import cpu_threads
 from cptrain.model import count_parameters, model_for_run
 from cptrain.schedule import Schedule
 from cptrain.train import hooks as H
@@ -60,8 +61,7 @@ class Trainer:
         hooks: Sequence[H.Hook] = (),
         data: TrainingData | None = None,  # already checked before torch (train.preflight)
     ):
-        if cfg.train.threads:
-            torch.set_num_threads(cfg.train.threads)
+        torch.set_num_threads(cpu_threads(cfg.train.threads))  # the free CPUs, unless set
         self.cfg = cfg
         self.stop_after = stop_after
         self.stop_request = StopRequest()
