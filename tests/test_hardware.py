@@ -531,6 +531,7 @@ def test_training_threads_default_to_the_cpus_others_leave_free(monkeypatch):
     assert hc.cpu_threads(None) == 1  # never none
     monkeypatch.setattr(hc, "others_now", lambda seconds=0.1: None)  # cannot tell: all
     assert hc.cpu_threads(None) == 4
+    assert hc.cpu_threads(None, cap=2) == 2  # never above torch's own default
     assert hc.cpu_threads(3) == 3  # train.threads wins
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # torchrun's per-rank setting
     assert hc.cpu_threads(None) == 1

@@ -178,9 +178,10 @@ def others_now(seconds: float = 0.1) -> float | None:
     return share
 
 
-def cpu_threads(requested: int | None) -> int:
+def cpu_threads(requested: int | None, cap: int | None = None) -> int:
     """Training threads: ``train.threads`` when set, else ``OMP_NUM_THREADS`` (torchrun sets
-    it per rank), else the CPUs of this process that other processes leave free now. Measured
+    it per rank), else the CPUs of this process that other processes leave free now, at most
+    ``cap`` (torch's default). Measured
     (benches/threads.py, 2 cores, AMD EPYC): quiet, 2 threads train 1.72× faster than 1; beside
     one busy core, 0.71× (OpenMP threads wait on the core they share), so counting the busy
     cores out is what pays. Results do not depend on it (same loss matrix at 1 and 2)."""
@@ -192,7 +193,8 @@ def cpu_threads(requested: int | None) -> int:
     cpus = len(our_cpus())
     busy = others_now(0.2)
     free = cpus if busy is None else round(cpus * (1.0 - min(max(busy, 0.0), 1.0)))
-    return max(1, min(free, cpus))
+    # cap: torch's own default (physical cores): hyperthreads do not add matmul throughput
+    return max(1, min(free, cpus, cap or cpus))
 
 
 @dataclass(frozen=True)

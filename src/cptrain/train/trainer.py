@@ -61,7 +61,7 @@ class Trainer:
         hooks: Sequence[H.Hook] = (),
         data: TrainingData | None = None,  # already checked before torch (train.preflight)
     ):
-        torch.set_num_threads(cpu_threads(cfg.train.threads))  # the free CPUs, unless set
+        torch.set_num_threads(cpu_threads(cfg.train.threads, torch.get_num_threads()))
         self.cfg = cfg
         self.stop_after = stop_after
         self.stop_request = StopRequest()
