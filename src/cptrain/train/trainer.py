@@ -44,6 +44,7 @@ from cptrain.train.summary import run_summary
 
 # save_pretrained's per-file progress bars would interleave with the training bar.
 hf_logging.disable_progress_bar()
+_TORCH_THREADS = torch.get_num_threads()  # torch's default, before any run sets its own
 
 
 class Trainer:
@@ -61,7 +62,7 @@ class Trainer:
         hooks: Sequence[H.Hook] = (),
         data: TrainingData | None = None,  # already checked before torch (train.preflight)
     ):
-        torch.set_num_threads(cpu_threads(cfg.train.threads, torch.get_num_threads()))
+        torch.set_num_threads(cpu_threads(cfg.train.threads, _TORCH_THREADS))
         self.cfg = cfg
         self.stop_after = stop_after
         self.stop_request = StopRequest()
