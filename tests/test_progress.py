@@ -287,3 +287,27 @@ def test_a_bar_with_its_own_eta_prints_one_remaining_time_as_lines(clock):
         bar.update(5)
     last = out.getvalue().splitlines()[-1]
     assert "<" not in last and last.count("ETA") == 1, last
+
+
+def test_a_pty_of_zero_columns_gets_lines_not_an_invisible_bar():
+    import fcntl
+    import os
+    import pty
+    import struct
+    import termios
+
+    from cptrain.progress import _isatty
+
+    leader, follower = pty.openpty()
+    try:
+        stream = os.fdopen(follower, "w")
+        fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 0, 0, 0))
+        assert stream.isatty() and not _isatty(stream)
+        fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+        assert _isatty(stream)
+        bar = progress_bar(total=3, file=stream)
+        assert not isinstance(bar, LineProgress)
+        bar.close()
+        stream.close()
+    finally:
+        os.close(leader)

@@ -114,9 +114,13 @@ class _BarFilter:
 
 
 def _isatty(stream: Any) -> bool:
+    """A terminal a bar can be drawn on: a tty with a width (a pty of 0 columns, as some job
+    runners open, would show nothing of a bar; it gets lines)."""
     try:
-        return bool(stream.isatty())
-    except (AttributeError, ValueError, OSError):  # no isatty, or a closed file
+        if not stream.isatty():
+            return False
+        return os.get_terminal_size(stream.fileno()).columns > 0
+    except (AttributeError, ValueError, OSError):  # no isatty/fileno, or a closed file
         return False
 
 
