@@ -119,9 +119,12 @@ def _isatty(stream: Any) -> bool:
     try:
         if not stream.isatty():
             return False
-        return os.get_terminal_size(stream.fileno()).columns > 0
-    except (AttributeError, ValueError, OSError):  # no isatty/fileno, or a closed file
+    except (AttributeError, ValueError, OSError):  # no isatty, or a closed file
         return False
+    try:
+        return os.get_terminal_size(stream.fileno()).columns > 0
+    except (AttributeError, ValueError, OSError):  # a terminal whose size cannot be read
+        return True
 
 
 class LineProgress:
