@@ -144,6 +144,7 @@ def released_base(prepared_dir, tmp_path_factory) -> Path:
         "files": {},
     }
     (out / MANIFEST).write_text(json.dumps(manifest))
+    (out / "LICENSE").write_text("Apache License 2.0 (the base model's own text)\n")
     return out
 
 
@@ -189,6 +190,9 @@ def test_task_exports_carry_a_model_card_that_cptrain_export_repeats(
     assert (tmp_path / "out" / "README.md").read_text(encoding="utf-8") == (
         exported[-1] / "README.md"
     ).read_text(encoding="utf-8")
+    # the base model's licence travels with every export of weights derived from it
+    for d in (*exported, tmp_path / "out"):
+        assert (d / "LICENSE").read_text() == (released_base / "LICENSE").read_text()
     # Weights readable like the files beside them (safetensors alone writes 0600), on every path
     weights = [*(d / "model.safetensors" for d in exported), tmp_path / "out" / "model.safetensors",
                *run.glob("checkpoints/step_*/model/model.safetensors")]

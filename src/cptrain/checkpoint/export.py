@@ -82,9 +82,11 @@ def export_model(
     out: Path,
     tokenizer_dir: Path | None,
     card: str | None = None,
+    base: str | None = None,
 ) -> None:
     """Write ``out`` atomically (temp sibling, then rename over any old copy); collective.
-    ``card``, when given, becomes its ``README.md``."""
+    ``card``, when given, becomes its ``README.md``; ``base`` (``model.init_from``) gives its
+    licence files."""
     full = full_state_dict(model, env)
     if env.is_main:
         with fsutil.built_dir(out, what=f"exporting {out}",
@@ -92,7 +94,23 @@ def export_model(
             write_model_dir(model, tmp, tokenizer_dir, full)
             if card is not None:
                 fsutil.atomic_write_text(tmp / CARD, card)
+            copy_base_licence(base, tmp)
     env.barrier()
+
+
+_LICENCE_FILES = ("LICENSE*", "LICENCE*", "NOTICE*", "COPYING*")
+
+
+def copy_base_licence(base: str | None, out: Path) -> None:
+    """The base model's licence files beside weights derived from it (its licence asks for
+    them to travel with the weights); nothing for a fresh model or a .gguf file."""
+    if not base or not Path(base).is_dir():
+        return
+    for pattern in _LICENCE_FILES:
+        for f in sorted(Path(base).glob(pattern)):
+            if f.is_file() and not (Path(out) / f.name).exists():
+                shutil.copy2(f, Path(out) / f.name)
+                (Path(out) / f.name).chmod(0o644)
 
 
 def export_checkpoint(path: Path, out: Path) -> None:
@@ -109,6 +127,7 @@ def export_checkpoint(path: Path, out: Path) -> None:
         shutil.copytree(Path(path) / "model", tmp)
         if card is not None:
             fsutil.atomic_write_text(tmp / CARD, card)
+            copy_base_licence(state["config"].get("model", {}).get("init_from"), tmp)
 
 
 # --------------------------------------------------------------------------- model cards

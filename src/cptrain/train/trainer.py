@@ -337,8 +337,7 @@ class Trainer:
         return total_loss, gnorm
 
     def evaluate(self, kind: str | None = None) -> dict[str, float]:
-        """Every task's validation loss (evaluation-only tasks too); with ``kind``, hooks see
-        it (and log it)."""
+        """Every task's validation loss (evaluation-only ones too); ``kind``: hooks log it."""
         with self.clock.timed("eval"), self._weights_shown():
             losses = evaluate_tasks(
                 self.model, self.data.val_sets, window_len=self.data.window_len,
@@ -371,7 +370,8 @@ class Trainer:
 
     def export(self, out: Path, card: str | None = None) -> None:
         with self.clock.timed("export"), self._weights_shown():
-            export_model(self.model, self.env, out, self.data.tokenizer_dir, card=card)
+            export_model(self.model, self.env, out, self.data.tokenizer_dir, card=card,
+                         base=self.cfg.model.init_from)
 
     def close(self) -> None:
         self.run_dir.metrics.close()
