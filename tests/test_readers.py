@@ -251,3 +251,17 @@ def test_not_utf8_and_corrupt_gzip(tmp_path: Path) -> None:
 def test_corrupt_parquet(tmp_path: Path) -> None:
     (tmp_path / "a.parquet").write_bytes(b"PAR1 garbage")
     assert "not a readable parquet" in one_line_error(tmp_path / "a.parquet")
+
+
+def test_an_empty_input_directory_is_a_sentence_that_reads(tmp_path):
+    import pytest
+
+    from cptrain.data.readers import list_sources
+    from cptrain.errors import DataError
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError) as err:
+        list_sources(tmp_path / "empty")
+    msg = str(err.value)
+    assert "holds no supported input; put .txt, .jsonl" in msg
+    assert "directory files" not in msg

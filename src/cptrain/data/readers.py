@@ -65,7 +65,8 @@ def list_sources(path: Path) -> list[Path]:
         sources = _walk_dir(path)
         if not sources:
             raise DataError(
-                f"directory {path} holds no supported input; put {_SUPPORTED_TEXT} files in it"
+                f"directory {path} holds no supported input; put .txt, .jsonl, .jsonl.gz or "
+                ".parquet files (or Hugging Face dataset directories) in it"
             )
         return sources
     if _suffix_kind(path) is None:
