@@ -23,7 +23,13 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from cptrain.config_base import StrictModel, apply_overrides, build_config, read_yaml
+from cptrain.config_base import (
+    StrictModel,
+    apply_overrides,
+    build_config,
+    read_yaml,
+    without_unset,
+)
 from cptrain.presets import DEFAULT_LR, PRESETS
 from cptrain.replay.config import ReplayConfig
 from cptrain.replay.mixer import mix_counts, replay_share
@@ -70,11 +76,7 @@ class TaskSpec(StrictModel):
 
     @model_serializer(mode="wrap")
     def _unique_only_when_set(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        # Without it the dump is what it was before the key existed: older runs still resume.
-        out: dict[str, Any] = handler(self)
-        if out.get("unique_tokens") is None:
-            out.pop("unique_tokens", None)
-        return out
+        return without_unset(handler(self), "unique_tokens")
 
     @field_validator("name")
     @classmethod

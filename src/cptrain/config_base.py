@@ -21,6 +21,15 @@ class StrictModel(BaseModel):
     )
 
 
+def without_unset(out: dict[str, Any], key: str) -> dict[str, Any]:
+    """A model's dump without ``key`` where it is None: a key added later leaves the dump of a
+    config that does not set it as it was, so configs and checkpoints written earlier compare
+    equal (config_differences) and resume."""
+    if out.get(key) is None:
+        out.pop(key, None)
+    return out
+
+
 def _format_validation_error(err: ValidationError, source: str) -> str:
     first = err.errors()[0]
     path = ".".join(

@@ -23,8 +23,8 @@ and the ranks agree on the reference: the replayed earlier-task rows when any ra
 
 On the same steps, ``loss_fresh``, ``loss_replay_current`` and ``loss_replay_earlier`` are the
 mean token losses of the step's fresh rows and of its replayed rows of the current and of
-earlier tasks, at the weights the step starts from (``row_losses``; in every task, also where
-no gradient reference exists).
+earlier tasks, at the weights the step starts from: from the gradients' forward passes, or,
+in a step with nothing to compare (the first task), from ``row_losses``.
 
 Nothing here changes training: gradients come from ``torch.autograd.grad``, never ``.grad``,
 and the replayed rows' origins are re-derived from the buffer without drawing from it.
@@ -88,8 +88,6 @@ class GradientDiagnostics(Hook):
         split = self._split_replay(trainer, batch)
         empty = batch.fresh[:0]
         earlier, current = split if split is not None else (empty, empty)
-        losses = row_losses(trainer, {"fresh": batch.fresh, "replay_current": current,
-                                      "replay_earlier": earlier})
         # Under DDP the ranks meet in all-reduces below, so they must all take the same branch:
         # decide on the global counts, every rank's replayed rows together.
         n_earlier, n_current = _global_counts(env, [len(earlier), len(current)])
@@ -97,8 +95,8 @@ class GradientDiagnostics(Hook):
             ref, kind = earlier, "replay"
         else:
             probe = self._probe(trainer, batch)  # the same rows on every rank: split them
-            if probe is None:
-                return losses
+            if probe is None:  # no gradient to compare: the row losses alone, from their own pass
+                return row_losses(trainer, {"fresh": batch.fresh, "replay_current": current})
             ref, kind = (probe[env.rank :: env.world_size] if env.active else probe), "probe"
         from cptrain.alignment import all_reduce_sum, gradient_alignments
 
@@ -113,13 +111,16 @@ class GradientDiagnostics(Hook):
             autocast_dtype=trainer.autocast,
             reduce=all_reduce_sum if env.active else None,
         )
-        out: dict[str, Any] = {**losses, **measured[0]}
-        out["grad_cos_fresh_rows"] = out.pop("rows_fresh")
+        out: dict[str, Any] = measured[0]  # loss_fresh among them: the row losses come with the
+        out["grad_cos_fresh_rows"] = out.pop("rows_fresh")  # gradients' forward passes
         out["grad_cos_ref_rows"] = out.pop("rows_replay")
         out["grad_ref"] = kind
+        if kind == "replay":
+            out["loss_replay_earlier"] = out["loss_replay"]
         if n_earlier + n_current:
             out["replay_current_share"] = n_current / (n_earlier + n_current)
         if n_current:
+            out["loss_replay_current"] = measured[1]["loss_replay"]
             out["grad_cos_current"] = measured[1]["grad_cos"]
             out["grad_cos_current_ref_rows"] = measured[1]["rows_replay"]
         if batch.task > 0 and math.isfinite(out["grad_cos"]):

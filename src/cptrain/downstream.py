@@ -492,17 +492,22 @@ def _require_lm_eval() -> str:
     return str(getattr(lm_eval, "__version__", "unknown"))
 
 
+def _task_names(requested: Sequence[str]) -> list[str]:
+    """``--tasks`` as names: each argument may hold several, comma-separated."""
+    return [n.strip() for item in requested for n in item.split(",") if n.strip()]
+
+
 def _data_tasks_asked(requested: Sequence[str], run_tasks: list[str]) -> tuple[list[str], bool]:
     """The data tasks whose local lm-eval tasks ``--tasks`` needs, and whether it asked for all
     of them (``local``: a task too small for items is then skipped, not fatal)."""
-    names = {n.strip() for item in requested for n in item.split(",") if n.strip()}
+    names = set(_task_names(requested))
     if names & {"local", LOCAL_TAG}:
         return list(run_tasks), True
     return [t for t in run_tasks if {choice_task_name(t), bpb_task_name(t)} & names], False
 
 
 def _split_tasks(requested: Sequence[str], local: list[str]) -> tuple[list[str], list[str]]:
-    names = [n.strip() for item in requested for n in item.split(",") if n.strip()]
+    names = _task_names(requested)
     if not names:
         raise ConfigError("--tasks is empty; use local, a local task name, or e.g. hellaswag")
     chosen_local, hub = [], []

@@ -58,12 +58,18 @@ def domains(summary: dict[str, Any]) -> tuple[list[str], list[str]]:
     return tasks[:1], tasks[1:] or tasks[:1]
 
 
-def merge_losses(run: Path, lambdas: list[float]) -> dict[str, Any]:
+def merge_losses(
+    run: Path, lambdas: list[float], summary: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Every task's loss at θ_start + λ(θ_final − θ_start) for each λ; ``summary`` is the run's
+    summary.json (read here when not given)."""
     from cptrain.evaluate import evaluate_tasks
     from cptrain.model import load_pretrained, model_for_run
     from cptrain.train.data import TrainingData
 
     cfg = load_run_config(run / "config.yaml")
+    if summary is None:
+        summary = json.loads((run / "summary.json").read_text(encoding="utf-8"))
     data = TrainingData(cfg)
     start = model_for_run(
         cfg.model.preset,
@@ -91,17 +97,16 @@ def merge_losses(run: Path, lambdas: list[float]) -> dict[str, Any]:
             autocast=autocast,
         )
         if lam == 0.0:
-            _check_start(run, cfg, losses)
+            _check_start(run, cfg, losses, summary.get("loss_before"))
         if lam in lambdas:
             rows.append({"lambda": lam, "val_loss": losses})
     rows.sort(key=lambda r: lambdas.index(r["lambda"]))
     return {"run": str(run), "columns": data.columns, "rows": rows}
 
 
-def _check_start(run: Path, cfg: RunConfig, losses: dict[str, float]) -> None:
+def _check_start(run: Path, cfg: RunConfig, losses: dict[str, float], before: Any) -> None:
     """The weights rebuilt as the start must be those the run started from: their losses are
     the run's ``loss_before`` (else every merge would interpolate from other weights)."""
-    before = json.loads((run / "summary.json").read_text(encoding="utf-8")).get("loss_before")
     if not isinstance(before, dict):
         return  # a summary older than loss_before: nothing to compare with
     off = {k: losses[k] - v for k, v in before.items() if k in losses}
@@ -125,9 +130,12 @@ def _start_and_budget(config: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in result_settings(config).items() if not k.startswith(_METHOD_KEYS)}
 
 
-def _siblings(run: Path, columns: list[str]) -> list[tuple[str, dict[str, float]]]:
-    """Finished runs beside ``run`` that differ from it in the method alone."""
-    mine = _start_and_budget(json.loads((run / "summary.json").read_text("utf-8"))["config"])
+def _siblings(
+    run: Path, columns: list[str], config: dict[str, Any]
+) -> list[tuple[str, dict[str, float]]]:
+    """Finished runs beside ``run`` (whose resolved config is ``config``) that differ from it
+    in the method alone."""
+    mine = _start_and_budget(config)
     out = []
     for other in sorted(run.parent.glob("*/summary.json")):
         if other.parent.resolve() == run.resolve():
@@ -146,13 +154,13 @@ def write_merge(run: Path, lambdas: list[float]) -> Path:
     if not (run / "config.yaml").is_file() or not (run / "summary.json").is_file():
         raise ConfigError(f"{run} is not a finished cptrain run (no config.yaml / summary.json)")
     summary = json.loads((run / "summary.json").read_text(encoding="utf-8"))
-    result = merge_losses(run, lambdas)
+    result = merge_losses(run, lambdas, summary)
     old, new = domains(summary)
     for row in result["rows"]:
         row["old_loss"] = float(np.mean([row["val_loss"][c] for c in old]))
         row["new_loss"] = float(np.mean([row["val_loss"][c] for c in new]))
     result.update(old_domain=old, new_domain=new)
-    siblings = _siblings(run, result["columns"])
+    siblings = _siblings(run, result["columns"], summary["config"])
     result["siblings"] = [
         {"run": name, "old_loss": float(np.mean([f[c] for c in old])),
          "new_loss": float(np.mean([f[c] for c in new]))}

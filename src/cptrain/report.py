@@ -33,6 +33,7 @@ from cptrain.errors import ConfigError
 from cptrain.flops import run_flops
 from cptrain.fsutil import atomic_write_text
 from cptrain.presets import PRESETS
+from cptrain.replay.mixer import effective_alpha
 from cptrain.report_figures import Curves, bars_figure, curves_figure, scaling_figure
 from cptrain.report_stats import METHOD, mean_ci, n_note, versus_lowest
 from cptrain.report_stats import fmt as _fmt
@@ -76,9 +77,9 @@ class Run:
         mode = self.summary["config"].get("replay", {}).get("mode", "substitute")
         suffix = f" α={self.alpha:g}" if self.alpha else ""
         rows = self.summary.get("rows_per_step")
-        if self.alpha and isinstance(rows, dict) and rows.get("fresh", 0) + rows.get("replay", 0):
+        if self.alpha and isinstance(rows, dict):
             # whole rows: α=0.3 of 16 replays 5 (0.3125); the label must not claim 0.3
-            share = rows.get("replay", 0) / (rows.get("fresh", 0) + rows.get("replay", 0))
+            share = effective_alpha(rows.get("fresh", 0), rows.get("replay", 0))
             suffix += f" (effective {share:.3g})" if abs(share - self.alpha) > 1e-9 else ""
         suffix += " additive" if self.alpha and mode == "additive" else ""
         if self.axes:

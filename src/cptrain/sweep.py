@@ -27,6 +27,7 @@ from typing import Any
 
 from pydantic import Field, field_validator
 
+from cptrain.checkpoint.layout import list_checkpoints
 from cptrain.config import METHODS, RunConfig, config_differences
 from cptrain.config_base import StrictModel, apply_overrides, build_config, read_yaml, set_path
 from cptrain.errors import ConfigError
@@ -339,9 +340,8 @@ def _steps(cfg: RunConfig) -> int:
 
 def _left(run: SweepRun) -> float:
     """The fraction of its steps a run still has to train (1 unless it resumes)."""
-    done = [int(p.name.removeprefix("step_")) for p in (run.run_dir / "checkpoints").glob("step_*")
-            if p.name.removeprefix("step_").isdigit()]
-    return max(0.0, 1.0 - max(done, default=0) / _steps(run.config))
+    done = list_checkpoints(run.run_dir / "checkpoints")
+    return max(0.0, 1.0 - (done[-1][0] if done else 0) / _steps(run.config))
 
 
 def _fmt_s(seconds: float) -> str:

@@ -6,7 +6,17 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from cptrain.errors import CheckpointError
+
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def no_checkpoint(root: Path) -> CheckpointError:
+    """What --resume says where nothing can be resumed (none written, or all damaged)."""
+    return CheckpointError(
+        f"--resume: no complete checkpoint under {root}; start the run again with --restart "
+        "(what the run_dir holds is kept under attempts/)"
+    )
 
 
 def list_checkpoints(root: Path) -> list[tuple[int, Path]]:

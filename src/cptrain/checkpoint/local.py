@@ -310,8 +310,6 @@ def verify(path: Path, *, full: bool = True) -> str | None:
     return None
 
 
-
-
 def leftovers(root: Path) -> list[Path]:
     """Temporary directories that interrupted saves left behind (safe to delete)."""
     root = Path(root)

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 import torch
 
 from cptrain.checkpoint import compat, local, sharded
+from cptrain.checkpoint.layout import no_checkpoint
 from cptrain.distributed import DistEnv
 from cptrain.errors import CheckpointError
 
@@ -96,10 +97,7 @@ class CheckpointManager:
                 local.prune(self.root, self.keep_last, protect=path)
         found = self.env.broadcast_object(found)
         if found is None:
-            raise CheckpointError(
-                f"--resume: no complete checkpoint under {self.root}; start the run again with "
-                "--restart (what the run_dir holds is kept under attempts/)"
-            )
+            raise no_checkpoint(self.root)
         return Path(found)
 
     @staticmethod

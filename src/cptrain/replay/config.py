@@ -16,7 +16,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from cptrain.config_base import StrictModel
+from cptrain.config_base import StrictModel, without_unset
 from cptrain.errors import ConfigError
 
 BOUNDED_POLICIES = ("reservoir", "fifo", "task_balanced")
@@ -241,12 +241,7 @@ class ReplayConfig(StrictModel):
 
     @model_serializer(mode="wrap")
     def _seed_only_when_set(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        # Without a seed the dump is what it was before replay.seed existed, so configs and
-        # checkpoints written earlier compare equal (config_differences) and resume.
-        out: dict[str, Any] = handler(self)
-        if out.get("seed") is None:
-            out.pop("seed", None)
-        return out
+        return without_unset(handler(self), "seed")
 
     @field_validator("alpha")
     @classmethod

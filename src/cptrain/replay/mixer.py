@@ -10,7 +10,7 @@ from cptrain.errors import ConfigError
 MODES = ("substitute", "additive")
 
 
-def _exact(alpha: float) -> Fraction:
+def exact_alpha(alpha: float) -> Fraction:
     # The decimal the user wrote (0.3), not its binary neighbour (0.2999…), so that halves
     # such as 0.3·5 = 1.5 round up as promised.
     return Fraction(repr(float(alpha)))
@@ -22,7 +22,7 @@ def _round_half_up(x: Fraction) -> int:
 
 def replay_share(alpha: float, mode: str) -> Fraction:
     """Replayed rows per batch row asked for: α (substitute) or α/(1−α) (additive)."""
-    a = _exact(alpha)
+    a = exact_alpha(alpha)
     return a if mode == "substitute" else a / (1 - a)
 
 

@@ -23,7 +23,7 @@ import numpy as np
 from cptrain.config import RunConfig
 from cptrain.data.shards import ShardSet
 from cptrain.errors import CheckpointError, ConfigError
-from cptrain.replay.mixer import mix_counts, split_for_rank
+from cptrain.replay.mixer import effective_alpha, exact_alpha, mix_counts, split_for_rank
 
 # Per source task, the window indices a step's fresh rows came from.
 Used = list[tuple[int, np.ndarray]]
@@ -132,12 +132,11 @@ class BatchPlan:
         windows more than once."""
         out = []
         total = self.n_fresh + self.n_replay
-        if cfg.replay.alpha > 0 and Fraction(self.n_replay, total) != Fraction(
-            repr(cfg.replay.alpha)
-        ):
+        if cfg.replay.alpha > 0 and Fraction(self.n_replay, total) != exact_alpha(cfg.replay.alpha):
             out.append(
                 f"replay.alpha={cfg.replay.alpha:g} replays {self.n_replay} of {total} rows a "
-                f"step ({self.n_replay / total:.1%}, not {cfg.replay.alpha:.1%}): the rows are "
+                f"step ({effective_alpha(self.n_fresh, self.n_replay):.1%}, not "
+                f"{cfg.replay.alpha:.1%}): the rows are "
                 "whole; pick a batch size where the share is exact to get it"
             )
         for spec, steps, stream in zip(cfg.data.tasks, self.task_steps, streams, strict=True):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +70,7 @@ class TrainingData:
     def tokenizer_sha256(self) -> str:
         return str(self.prepared["tokenizer"]["sha256"])
 
-    @property
+    @cached_property
     def identity(self) -> dict[str, str]:
         """What the data is, wherever it lies: the tokenizer's sha256 and one over the sha256s
         of every shard file the run reads (a byte-identical copy elsewhere has the same)."""
@@ -83,16 +84,16 @@ class TrainingData:
                 "data_sha256": hashlib.sha256(blob).hexdigest()}
 
     def _check_gguf_vocabulary(self, path: Path, tokens: list[str] | None) -> None:
-        ours = load_prepared_tokenizer(self.dir)
-        vocab = ours.convert_ids_to_tokens(list(range(len(ours))))
-        differ = sum(a != b for a, b in zip(tokens or [], vocab, strict=False))
-        differ += abs(len(tokens or []) - len(vocab))
         fix = "prepare the data with the model's own tokenizer (tokenizer.path)"
         if tokens is None:
             raise DataError(
                 f"model.init_from {path} carries no vocabulary (tokenizer.ggml.tokens), so "
                 f"nothing shows that {self.dir} was tokenized with its tokenizer; {fix}"
             )
+        ours = load_prepared_tokenizer(self.dir)
+        vocab = ours.convert_ids_to_tokens(list(range(len(ours))))
+        differ = sum(a != b for a, b in zip(tokens, vocab, strict=False))
+        differ += abs(len(tokens) - len(vocab))
         if differ:
             raise DataError(
                 f"model.init_from {path} has another vocabulary than the tokenizer {self.dir} "

@@ -13,7 +13,7 @@ from typing import Any, Literal
 import yaml
 
 from cptrain import fsutil
-from cptrain.checkpoint import list_checkpoints
+from cptrain.checkpoint.layout import list_checkpoints, no_checkpoint
 from cptrain.config import RunConfig
 from cptrain.errors import ConfigError
 
@@ -85,8 +85,6 @@ def set_aside(path: Path) -> Path | None:
 def check_start(path: Path, mode: StartMode) -> None:
     """ConfigError when the run directory cannot start as ``mode`` asks (no torch needed):
     a new run where one exists, or --resume where no checkpoint was ever written."""
-    from cptrain.errors import CheckpointError
-
     saved = list_checkpoints(path / "checkpoints")
     if mode is False and (saved or (path / "summary.json").exists()):
         raise ConfigError(
@@ -95,10 +93,7 @@ def check_start(path: Path, mode: StartMode) -> None:
             "choose a new run_dir"
         )
     if mode is True and not saved:
-        raise CheckpointError(
-            f"--resume: no complete checkpoint under {path / 'checkpoints'}; start the run "
-            "again with --restart (what the run_dir holds is kept under attempts/)"
-        )
+        raise no_checkpoint(path / "checkpoints")
 
 
 class RunDir:
