@@ -248,4 +248,9 @@ def test_prepare_prints_only_its_own_line_to_stdout(tmp_path):
                                               "val": [str(text)]}]}))
     proc = cptrain("prepare", str(cfg))
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.splitlines() == [f"prepared data in {tmp_path / 'out'}"]
+    n = json.loads((tmp_path / "out" / "prepare.json").read_text())["tasks"]["a"]["train"]
+    assert n["num_documents"] == 40
+    tokens = f"{n['num_tokens']:,} tokens (40 documents)"
+    assert proc.stdout.splitlines() == [f"prepared data in {tmp_path / 'out'}",
+                                        f"  a: train {tokens}, val {tokens}"]
+    assert "\n\n" not in proc.stderr  # the tokenizer trainer's bar draws nothing off a terminal

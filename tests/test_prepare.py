@@ -305,6 +305,27 @@ def test_a_holdout_that_keeps_no_document_fails_before_any_tokenizing(
 
     monkeypatch.setattr(prep, "_make_tokenizer", no_tokenizing)
     tasks = [{"name": "few", "train": [str(corpus / "few.jsonl")]}]
-    with pytest.raises(DataError, match="task few: val_fraction 0.01 leaves no document for val"):
+    with pytest.raises(DataError, match="task few: val_fraction 0.01 holds out none of its 99 "
+                       r"documents; .* set val_fraction to at least (0\.\d+)") as err:
         prepare(config(tmp_path, corpus, tasks=tasks, val_fraction=0.01,
                        out_dir=str(tmp_path / "few")), progress=False)
+    monkeypatch.undo()
+    suggested = float(str(err.value).rsplit(" ", 1)[-1])
+    out = prepare(config(tmp_path, corpus, tasks=tasks, val_fraction=suggested,
+                         out_dir=str(tmp_path / "few")), progress=False)
+    assert load_prepared(out)["tasks"]["few"]["val"]["num_documents"] == 1
+
+
+
+def test_a_task_can_name_its_own_text_key(tmp_path: Path, corpus: Path) -> None:
+    """Sources with different field names in one prepare config: the task's key wins."""
+    other = corpus / "content.jsonl"
+    other.write_text("".join(json.dumps({"content": d}) + "\n" for d in FR), encoding="utf-8")
+    tasks = [{"name": "en", "train": [str(corpus / "en" / "train.jsonl")]},
+             {"name": "fr", "train": [str(other)], "text_key": "content"}]
+    with pytest.raises(DataError, match="no key 'text'"):
+        prepare(config(tmp_path, corpus, tasks=[tasks[0], {**tasks[1], "text_key": None}]),
+                progress=False)
+    out = prepare(config(tmp_path, corpus, tasks=tasks), progress=False)
+    fr = load_prepared(out)["tasks"]["fr"]
+    assert fr["train"]["num_documents"] + fr["val"]["num_documents"] == len(FR)

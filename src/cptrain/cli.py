@@ -37,11 +37,16 @@ def cmd_fetch_demo(args: argparse.Namespace) -> int:
 
 def cmd_prepare(args: argparse.Namespace) -> int:
     from cptrain.config_base import load_config
-    from cptrain.data.prepare import PrepareConfig, prepare
+    from cptrain.data.prepare import PrepareConfig, load_prepared, prepare
 
     cfg = load_config(PrepareConfig, Path(args.config), args.overrides)
     out = prepare(cfg, progress=_progress(args))
     print(f"prepared data in {out}")
+    for name, splits in load_prepared(out)["tasks"].items():
+        # What a user needs to choose data.tokens_per_task (and to see a thin val split).
+        print(f"  {name}: " + ", ".join(f"{split} {s['num_tokens']:,} tokens "
+                                        f"({s['num_documents']:,} documents)"
+                                        for split, s in splits.items()))
     return 0
 
 

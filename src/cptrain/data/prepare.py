@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import sys
@@ -76,6 +77,7 @@ class TaskInputs(StrictModel):
     name: str = Field(pattern=_TASK_NAME)
     train: list[Path] = Field(default_factory=list)  # empty (with val): evaluation-only task
     val: list[Path] = Field(default_factory=list)  # empty: hold out val_fraction of train docs
+    text_key: str | None = Field(None, min_length=1)  # None: the config's text_key
 
     @field_validator("name")
     @classmethod
@@ -236,6 +238,8 @@ def _settings(cfg: PrepareConfig) -> dict[str, Any]:
     for task in data["tasks"]:
         for split in SPLITS:
             task[split] = [str(Path(p).resolve()) for p in task[split]]
+        if task["text_key"] is None:
+            del task["text_key"]  # outputs prepared before per-task keys stay up to date
     return data
 
 
@@ -380,7 +384,7 @@ def _check_model_vocab(tok: PreTrainedTokenizerFast, path: Path) -> None:
 def _tokenizer_texts(cfg: PrepareConfig, task: TaskInputs, share: int) -> Iterator[str]:
     """Up to ``share`` bytes of the task's training documents (held-out documents excluded)."""
     used = 0
-    for doc in iter_documents_many(task.train, cfg.text_key):
+    for doc in iter_documents_many(task.train, _text_key(cfg, task)):
         if not task.val and _is_val(doc, cfg.val_fraction):
             continue
         if used >= share:
@@ -396,6 +400,15 @@ def _is_val(doc: str, fraction: float) -> bool:
     """Whole-document hold-out by content hash: stable across runs and input order."""
     digest = hashlib.blake2b(doc.encode("utf-8"), digest_size=8).digest()
     return int.from_bytes(digest, "little") < fraction * 2**64
+
+
+def _split_position(doc: str) -> float:
+    digest = hashlib.blake2b(doc.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2**64
+
+
+def _text_key(cfg: PrepareConfig, task: TaskInputs) -> str:
+    return task.text_key or cfg.text_key
 
 
 def _write_task(
@@ -416,13 +429,13 @@ def _write_task(
         with _progress_bar(task.name, progress) as bar:
             if task.val:
                 for split in task.splits:
-                    docs = iter_documents_many(getattr(task, split), cfg.text_key)
+                    docs = iter_documents_many(getattr(task, split), _text_key(cfg, task))
                     _encode_into(docs, lambda _d, w=writers[split]: w, tok, cfg.batch_size, bar)
             else:
                 def route(doc: str) -> ShardWriter:
                     return writers["val" if _is_val(doc, cfg.val_fraction) else "train"]
 
-                docs = iter_documents_many(task.train, cfg.text_key)
+                docs = iter_documents_many(task.train, _text_key(cfg, task))
                 _encode_into(docs, route, tok, cfg.batch_size, bar)
         _require_documents(task, cfg.val_fraction, writers)
         return {split: _summary(w.close()) for split, w in writers.items()}
@@ -439,10 +452,19 @@ def _check_holdout(cfg: PrepareConfig, task: TaskInputs) -> None:
     if task.val or not task.train:
         return
     seen = {True: False, False: False}
-    for doc in iter_documents_many(task.train, cfg.text_key):
+    lowest, count = 1.0, 0
+    for doc in iter_documents_many(task.train, _text_key(cfg, task)):
         seen[_is_val(doc, cfg.val_fraction)] = True
         if all(seen.values()):
             return
+        lowest, count = min(lowest, _split_position(doc)), count + 1
+    if count >= 2 and lowest < 0.499:
+        # The smallest fraction that holds out a document is known from the hashes read.
+        raise DataError(
+            f"task {task.name}: val_fraction {cfg.val_fraction} holds out none of its {count} "
+            f"documents; give the task val inputs or set val_fraction to at least "
+            f"{math.ceil(lowest * 1000 + 1e-9) / 1000:g}"
+        )
     raise _no_documents(task.name, cfg.val_fraction, "val" if not seen[True] else "train")
 
 

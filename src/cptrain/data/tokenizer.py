@@ -86,7 +86,8 @@ def train_tokenizer(
         vocab_size=vocab_size,
         special_tokens=[EOS_TOKEN],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=progress,
+        # Away from a terminal the Rust bar draws nothing but blank lines.
+        show_progress=progress and sys.stderr.isatty(),
     )
     used = [0]
     with _stdout_to_stderr():  # the Rust trainer's progress bar writes newlines to stdout
