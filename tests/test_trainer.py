@@ -373,6 +373,9 @@ def test_merge_endpoints_reproduce_start_and_final_losses(reference, tmp_path):
     assert (run / "merge" / "merge.png").stat().st_size > 0
     assert [s["run"] for s in result["siblings"]] == ["replay"]
     assert result["old_domain"] == ["email"] and result["new_domain"] == ["xml", "asyncio"]
+    # a run from random weights: the table says λ = 0 holds no earlier knowledge
+    assert result["from_scratch"] and "started from random weights" in (
+        run / "merge" / "merge.md").read_text()
 
 
 def test_merge_interior_lambdas_match_an_independent_interpolation(reference, tmp_path):
@@ -564,3 +567,36 @@ def test_merge_plots_only_siblings_of_the_same_start_and_checks_the_start(refere
         from cptrain.merge import merge_losses
 
         merge_losses(run, [0.5])
+
+
+def test_run_start_warns_of_a_validation_split_too_small_to_measure(prepared_dir, make_config,
+                                                                    tmp_path):
+    """A val split of a few windows gives losses that move with the windows, not the model."""
+    from cptrain.config_base import build_config
+    from cptrain.data.prepare import PrepareConfig, prepare
+    from cptrain.train.trainer import Trainer
+
+    thin = tmp_path / "thin.jsonl"
+    thin.write_text(json.dumps({"text": "a short held-out note about email headers " * 12}) + "\n")
+    text = prepared_dir.parent / "text"
+    out = prepare(build_config(PrepareConfig, {
+        "out_dir": str(tmp_path / "prepared"),
+        "tokenizer": {"path": str(prepared_dir / "tokenizer")},
+        "tasks": [{"name": "email", "train": [str(text / "email" / "train.jsonl")],
+                   "val": [str(thin)]},
+                  {"name": "xml", "train": [str(text / "xml" / "train.jsonl")],
+                   "val": [str(text / "xml" / "val.jsonl")]}]}), progress=False)
+    trainer = Trainer(make_config("thin", data={"dir": str(out), "tasks": ["email", "xml"]}),
+                      progress=False)
+    trainer.close()
+    have = trainer.data.val_sets["email"].num_windows(trainer.data.window_len)
+    assert 0 < have < 16 <= trainer.data.val_sets["xml"].num_windows(trainer.data.window_len)
+    assert trainer.warnings == [
+        f"task email: its val split holds {have} window(s) of 32 tokens "
+        f"({trainer.data.val_sets['email'].num_tokens:,} tokens), fewer than eval.windows "
+        f"{trainer.cfg.eval.windows}: its validation losses rest on {have}; give it more val "
+        "text (or a larger val_fraction when preparing)"]
+    # The union loss weighs each task by the windows its loss averages.
+    w = trainer.cfg.eval.windows
+    assert trainer.data.union_loss({"email": 4.0, "xml": 6.0}, w) == pytest.approx(
+        (4.0 * have + 6.0 * w) / (have + w))

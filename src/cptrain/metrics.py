@@ -168,9 +168,11 @@ def learned_loss(loss_matrix: Sequence[Sequence[float]]) -> float:
 
 
 def union_loss(task_losses: Sequence[float], weights: Sequence[float] | None = None) -> float:
-    """Loss on the union of all tasks' validation sets: a token-weighted mean of per-task losses."""
+    """Loss on the union of all tasks' validation sets: a token-weighted mean of per-task losses
+    (``weights``: the windows each loss averages; equal or none, the plain mean)."""
     losses = np.asarray(task_losses, dtype=np.float64)
-    w = np.ones_like(losses) if weights is None else np.asarray(weights, dtype=np.float64)
+    equal = weights is None or len(set(weights)) <= 1  # the plain mean, to the last bit
+    w = np.ones_like(losses) if equal else np.asarray(weights, dtype=np.float64)
     return float((losses * w).sum() / w.sum())
 
 

@@ -16,7 +16,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -25,8 +25,13 @@ from cptrain.data.shards import ShardSet
 from cptrain.errors import CheckpointError, ConfigError
 from cptrain.replay.mixer import effective_alpha, exact_alpha, mix_counts, split_for_rank
 
+if TYPE_CHECKING:
+    from cptrain.train.data import TrainingData
+
 # Per source task, the window indices a step's fresh rows came from.
 Used = list[tuple[int, np.ndarray]]
+# Fewer validation windows than this (and than eval.windows) get a warning at the start.
+THIN_VALIDATION = 16
 
 
 def task_key(name: str) -> int:
@@ -126,10 +131,10 @@ class BatchPlan:
             task_steps=steps,
         )
 
-    def warnings(self, cfg: RunConfig, streams: list[TaskStream], show: bool) -> list[str]:
+    def warnings(self, cfg: RunConfig, data: TrainingData, show: bool) -> list[str]:
         """What the user should know before the run trains (printed to stderr with ``show``):
-        a replay share that rounds to another than asked, and a task whose budget draws its
-        windows more than once."""
+        a replay share that rounds to another than asked, a task whose budget draws its
+        windows more than once, and a validation split too small for ``eval.windows``."""
         out = []
         total = self.n_fresh + self.n_replay
         if cfg.replay.alpha > 0 and Fraction(self.n_replay, total) != exact_alpha(cfg.replay.alpha):
@@ -139,13 +144,24 @@ class BatchPlan:
                 f"{cfg.replay.alpha:.1%}): the rows are "
                 "whole; pick a batch size where the share is exact to get it"
             )
-        for spec, steps, stream in zip(cfg.data.tasks, self.task_steps, streams, strict=True):
+        for spec, steps, stream in zip(cfg.data.tasks, self.task_steps, data.streams,
+                                       strict=True):
             passes = steps * self.n_fresh / stream.n
             if passes > 1 and spec.unique_tokens is None:
                 out.append(
                     f"task {spec.name}: its budget draws {steps * self.n_fresh:,} training "
                     f"windows of its {stream.n:,} ({passes:.1f} passes): windows repeat; lower "
                     "its tokens, add data, or set unique_tokens to make repetition deliberate"
+                )
+        for name, shard in data.val_sets.items():
+            have = shard.num_windows(data.window_len)
+            if have < min(cfg.eval.windows, THIN_VALIDATION):
+                # A loss over a handful of windows moves with the windows, not the model.
+                out.append(
+                    f"task {name}: its val split holds {have} window(s) of {cfg.train.seq_len} "
+                    f"tokens ({shard.num_tokens:,} tokens), fewer than eval.windows "
+                    f"{cfg.eval.windows}: its validation losses rest on {have}; give it more "
+                    "val text (or a larger val_fraction when preparing)"
                 )
         for line in out if show else []:
             print(f"warning: {line}", file=sys.stderr)

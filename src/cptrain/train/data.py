@@ -9,6 +9,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from cptrain import metrics
 from cptrain.config import RunConfig
 from cptrain.data.prepare import load_prepared, load_prepared_tokenizer, open_split
 from cptrain.data.shards import ShardSet
@@ -59,6 +60,15 @@ class TrainingData:
         ]
         self.vocab_size = max(s.vocab_size for s in (*train_sets.values(), *self.val_sets.values()))
         self.train_tokens = [s.num_tokens for s in train_sets.values()]
+
+    def union_loss(self, losses: dict[str, float], windows: int) -> float:
+        """The loss on these columns' validation windows together: a task whose val split
+        holds fewer than ``windows`` (eval.windows) windows weighs less."""
+        from cptrain.evaluate import eval_indices  # torch: this module is read before it
+
+        counts = [len(eval_indices(self.val_sets[n].num_windows(self.window_len), windows))
+                  for n in losses]
+        return metrics.union_loss(list(losses.values()), counts)
 
     @property
     def separators(self) -> tuple[int | None, int | None]:

@@ -27,7 +27,6 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from cptrain import metrics
 from cptrain.errors import ConfigError
 from cptrain.progress import Progress, progress_bar
 
@@ -255,7 +254,7 @@ class MetricsLogger(Hook):
                 "step": trainer.state.step,
                 "task": trainer.task_name,
                 "val_loss": losses,
-                "union_loss": metrics.union_loss(list(losses.values())),
+                "union_loss": trainer.data.union_loss(losses, trainer.cfg.eval.windows),
             }
         )
 
@@ -422,7 +421,8 @@ class TensorBoard(Hook):
         step = trainer.state.step
         for task, loss in losses.items():
             self._writer.add_scalar(f"val_loss/{task}", loss, step)
-        self._writer.add_scalar("union_loss", metrics.union_loss(list(losses.values())), step)
+        union = trainer.data.union_loss(losses, trainer.cfg.eval.windows)
+        self._writer.add_scalar("union_loss", union, step)
         self._writer.flush()
 
     def on_run_end(self, trainer: Trainer) -> None:

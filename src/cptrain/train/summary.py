@@ -49,7 +49,8 @@ def run_summary(trainer: Trainer) -> dict[str, Any]:
         # forgetting_task_end: the loss-matrix rows alone; forgetting_paper_code(_in_loop):
         # the official code's (opposite sign, all tasks averaged: cptrain.metrics' docstring).
         out.update(metrics.summarize(lm, state.periodic_evaluations()))
-        out["union_loss"] = metrics.union_loss(lm[-1][: len(trainer.task_names)])
+        final = dict(zip(trainer.task_names, lm[-1], strict=False))
+        out["union_loss"] = trainer.data.union_loss(final, trainer.cfg.eval.windows)
         if state.loss_before and trainer.data.eval_only:
             out["eval_only_forgetting"] = metrics.forgetting_since_start(
                 lm, state.loss_before, trainer.task_names, trainer.data.eval_only

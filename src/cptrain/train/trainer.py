@@ -102,7 +102,7 @@ class Trainer:
         self.task_names = self.data.task_names
         self.streams = self.data.streams
         self.plan = BatchPlan.build(cfg, self.env.world_size, self.env.rank)
-        self.warnings = self.plan.warnings(cfg, self.streams, show=self.env.is_main)
+        self.warnings = self.plan.warnings(cfg, self.data, show=self.env.is_main)
         self.sampler = make_sampler(cfg, self.streams, self.plan, self.data.train_tokens)
         self.schedule = Schedule.for_run(cfg.train, cfg.peak_lr, self.plan.task_steps)
 
