@@ -31,11 +31,11 @@ def test_defaults_follow_the_paper():
     [
         ({"trian": {}}, "trian: unknown key"),
         ({"train": {"seq_len": "long"}}, "train.seq_len"),
-        ({"train": {"batch_size": 0}}, "train.batch_size"),
+        ({"train": {"batch_size": 0}}, "train.batch_size: must be >= 1 (got 0)"),
         ({"train": {"batch_size": 4, "micro_batch_size": 8}}, "micro_batch_size"),
         ({"train": {"precision": "fp8"}}, "train.precision"),
         ({"model": {"preset": "huge"}}, "unknown preset 'huge'"),
-        ({"data": {"dir": "d", "tasks": []}}, "data.tasks"),
+        ({"data": {"dir": "d", "tasks": []}}, "data.tasks: must list at least 1 item(s) (got 0)"),
         ({"data": {"dir": "d", "tasks": ["en", "en"]}}, "repeated: en"),
         ({"data": {"dir": "d", "tasks": ["../etc"]}}, "task names"),
         ({"method": "magic"}, "method: unknown method 'magic'; choose one of sequential,"),

@@ -78,7 +78,8 @@ def test_scripts_without_spaces_are_cut_in_characters():
 
 
 def test_too_little_held_out_text_is_a_data_error():
-    with pytest.raises(DataError, match="long enough"):
+    with pytest.raises(DataError,
+                       match=r"only 3 of 3 held-out document\(s\) are long enough .* need 4"):
         make_choice_items(_docs(n=3), n_items=5)
 
 
@@ -440,7 +441,7 @@ def test_a_task_too_small_for_items_is_named_and_spares_the_others(one_task_too_
     model, prepared = one_task_too_small
     common = {"data_dir": prepared, "items": 8, "limit": 4, "bpb_chars": 200}
     # asked for by name: an error that names it, and nothing half-written
-    with pytest.raises(DataError, match=r"^task tiny: only \d+ held-out documents"):
+    with pytest.raises(DataError, match=r"^task tiny: only \d+ of \d+ held-out document"):
         run_downstream(model, tasks=["cptrain_choice_tiny"], out_dir=tmp_path / "a", **common)
     assert not (tmp_path / "a" / "tasks").exists()
     # another task asked for: the small one is never built

@@ -277,7 +277,11 @@ def test_sweep_labels_name_the_groups(tmp_path):
 def test_no_runs_or_damaged_summaries(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match="no runs found"):
-        write_report([tmp_path / "empty"], tmp_path / "out")
+        write_report([tmp_path / "empty"], tmp_path / "empty" / "report")
+    assert not any((tmp_path / "empty").iterdir())  # no half-made report left behind
+    with pytest.raises(ConfigError, match="missing is not a directory"):
+        write_report([tmp_path / "missing"], tmp_path / "missing" / "report")
+    assert not (tmp_path / "missing").exists()
     make_run(tmp_path / "s", "sequential")
     bad = tmp_path / "s" / "broken"
     bad.mkdir()

@@ -346,6 +346,35 @@ def test_runs_of_one_method_with_other_settings_are_never_pooled_as_seeds(tmp_pa
     assert "never pooled as seeds" in md and "(n=3)" not in md
 
 
+def test_replay_of_two_settings_meets_only_the_baseline_of_its_own(tmp_path):
+    """Replay runs of two budgets are two sentences, each against sequential of its budget
+    (never one mean over both); a replay run's unused Reptile keys split nothing."""
+    from cptrain.report import collect_runs
+
+    root = tmp_path / "runs"
+    for tokens, shift in ((100_000, 0.0), (150_000, 1.0)):
+        for method, alpha, loss in (("sequential", 0.0, 6.0), ("replay", 0.25, 5.0)):
+            if method == "sequential" and tokens == 150_000:
+                continue  # the second budget has no baseline
+            for seed in (0, 1):
+                name = f"{method}_{tokens}_s{seed}"
+                _write_run(root, name, method=method, alpha=alpha, seed=seed,
+                           lm=[[loss + shift, 9.0], [loss + shift, loss + shift]],
+                           fpt=8000.0 if alpha else 6000.0)
+                summary = json.loads((root / name / "summary.json").read_text())
+                summary["config"]["data"] = {"tokens_per_task": tokens}
+                summary["config"]["reptile"]["k"] = 5 if seed else 500  # unused: no Reptile
+                (root / name / "summary.json").write_text(json.dumps(summary))
+    runs, notes = collect_runs([root])
+    assert not any("reptile" in n for n in notes)
+    assert len({r.group for r in runs if r.method == "sequential"}) == 1
+    write_report([root], tmp_path / "report")
+    md = (tmp_path / "report" / "report.md").read_text()
+    lines = [line for line in md.splitlines() if " on tiny reaches retained loss" in line]
+    assert len(lines) == 1, lines  # the 150k replay runs have no baseline of their own
+    assert "[data.tokens_per_task=100000]" in lines[0] and "loss 5.000 " in lines[0]
+
+
 def test_an_entrys_task_fields_survive_the_task_order(tmp_path, prepared_dir):
     path = _sweep(tmp_path, {
         "methods": ["sequential", {"method": "sequential", "name": "seq-repeat", "set": {

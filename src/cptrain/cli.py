@@ -132,6 +132,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
+    from cptrain.train.run_dir import require_finished
+
+    require_finished(Path(args.run))  # before torch is imported: a wrong path fails at once
     from cptrain.merge import merge_table, parse_lambdas, write_merge
 
     lambdas = parse_lambdas(args.lambdas)
@@ -151,13 +154,17 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    run = Path(args.run)
+    nothing = ConfigError(f"{run}: no complete checkpoint to export; train (or resume) it first")
+    if not (run / "checkpoints").is_dir():
+        raise nothing  # before torch is imported: a mistyped path fails at once
+
     from cptrain import checkpoint as ckpt
     from cptrain.checkpoint.export import export_checkpoint
 
-    run = Path(args.run)
     path, skipped = ckpt.latest_complete(run / "checkpoints")
     if path is None:
-        raise ConfigError(f"{run}: no complete checkpoint to export; train (or resume) it first")
+        raise nothing
     for reason in skipped:
         print(f"skipping damaged or incomplete checkpoint {reason}")
     out = Path(args.out) if args.out else run / "export"
@@ -183,9 +190,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from cptrain.report import write_report
+    from cptrain.train.run_dir import check_run_dirs
 
     dirs = [Path(d) for d in args.dirs]
+    check_run_dirs(dirs)  # a mistyped path fails in a blink: the report's imports take seconds
+
+    from cptrain.report import write_report
+
     out = Path(args.out) if args.out else (dirs[0] / "report" if len(dirs) == 1 else Path("report"))
     html = write_report(dirs, out)
     print(f"report: {html}")

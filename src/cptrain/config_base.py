@@ -30,12 +30,29 @@ def without_unset(out: dict[str, Any], key: str) -> dict[str, Any]:
     return out
 
 
+# pydantic's bound errors, in the words of the rest of cptrain's messages
+_BOUNDS = {
+    "greater_than": (">", "gt"),
+    "greater_than_equal": (">=", "ge"),
+    "less_than": ("<", "lt"),
+    "less_than_equal": ("<=", "le"),
+    "too_short": ("at least", "min_length"),  # of a list
+}
+
+
 def _format_validation_error(err: ValidationError, source: str) -> str:
     first = err.errors()[0]
     path = ".".join(
         s if (s := str(p)).isprintable() and "." not in s else repr(s) for p in first["loc"]
     )
     msg = first["msg"].removeprefix("Value error, ")  # pydantic's wording, not ours
+    bound = _BOUNDS.get(first["type"])
+    if bound is not None:
+        op, ctx_key = bound
+        got = first.get("input")
+        limit = first.get("ctx", {}).get(ctx_key)
+        msg = (f"must list at least {limit} item(s) (got {len(got)})" if op == "at least"
+               else f"must be {op} {limit} (got {got!r})")
     if first["type"] == "extra_forbidden":
         msg = "unknown key (check spelling; see the recipes/ examples for valid keys)"
     extra = f" ({len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""

@@ -126,8 +126,10 @@ def make_choice_items(
     usable = [i for i, u in enumerate(units) if len(u.items) >= span]
     if len(usable) < 4 or len({i for i, u in enumerate(units) if len(u.items) >= end_len}) < 4:
         raise DataError(
-            f"only {len(usable)} held-out documents are long enough ({span} "
-            f"{'characters' if by_char else 'words'}) for choice items; add validation text"
+            f"only {len(usable)} of {len(docs)} held-out document(s) "
+            f"{'is' if len(usable) == 1 else 'are'} long enough ({span} "
+            f"{'characters' if by_char else 'words'}) for choice items, which need 4; add "
+            "validation text"
         )
     budget = None
     if max_tokens is not None:

@@ -20,6 +20,7 @@ import torch
 from cptrain import fsutil
 from cptrain.config import RunConfig, load_run_config, result_settings
 from cptrain.errors import CheckpointError, ConfigError
+from cptrain.train.run_dir import require_finished
 
 DEFAULT_LAMBDAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
@@ -151,15 +152,15 @@ def _siblings(
 def write_merge(run: Path, lambdas: list[float]) -> Path:
     """Evaluate the merges, write merge.json, merge.md and merge.png under RUN/merge/."""
     run = Path(run)
-    if not (run / "config.yaml").is_file() or not (run / "summary.json").is_file():
-        raise ConfigError(f"{run} is not a finished cptrain run (no config.yaml / summary.json)")
+    require_finished(run)
     summary = json.loads((run / "summary.json").read_text(encoding="utf-8"))
     result = merge_losses(run, lambdas, summary)
     old, new = domains(summary)
     for row in result["rows"]:
         row["old_loss"] = float(np.mean([row["val_loss"][c] for c in old]))
         row["new_loss"] = float(np.mean([row["val_loss"][c] for c in new]))
-    result.update(old_domain=old, new_domain=new)
+    result.update(old_domain=old, new_domain=new,
+                  from_scratch=not (summary.get("config") or {}).get("model", {}).get("init_from"))
     siblings = _siblings(run, result["columns"], summary["config"])
     result["siblings"] = [
         {"run": name, "old_loss": float(np.mean([f[c] for c in old])),
@@ -191,6 +192,11 @@ def merge_table(result: dict[str, Any]) -> str:
     lines.append("")
     lines.append(f"λ = 0: the starting model; λ = 1: the run's final model. Old domain: {old}; "
                  f"new domain: {new} (mean validation loss).")
+    if result.get("from_scratch"):
+        lines.append("")
+        lines.append("This run started from random weights (no model.init_from): λ = 0 is an "
+                     "untrained model, so this curve says nothing about keeping earlier "
+                     "knowledge; merging is meant for a run that continues a pretrained model.")
     return "\n".join(lines) + "\n"
 
 

@@ -19,6 +19,7 @@ import html
 import json
 import math
 import os
+import shutil
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ from cptrain.report_figures import Curves, bars_figure, curves_figure, scaling_f
 from cptrain.report_stats import METHOD, mean_ci, n_note, versus_lowest
 from cptrain.report_stats import fmt as _fmt
 from cptrain.scaling import fit_groups, replay_vs_size
+from cptrain.train.run_dir import check_run_dirs
 
 # The α = 0 method each replay method is compared with when asking "replay or a bigger model?":
 # the one that differs only in not replaying (replay → sequential, mer → reptile).
@@ -66,6 +68,7 @@ class Run:
     axes: dict[str, Any] = field(default_factory=dict)  # sweep axis label → value
     axis_keys: dict[str, str] = field(default_factory=dict)  # sweep axis label → config key
     variant: str = ""  # the settings that set it apart from runs of the same label (see below)
+    variant_keys: tuple[str, ...] = ()  # the config keys named in ``variant``
 
     @property
     def complete(self) -> bool:
@@ -123,6 +126,7 @@ class Run:
         s, f = self.summary, self.flops or {}
         return {
             "run": self.name, "group": self.group, "label": self.label, "method": self.method,
+            "variant": self.variant,
             "alpha": self.alpha, "preset": self.preset, "seed": self.seed,
             "params": s.get("params"),
             "flops_per_incoming_token": f.get("flops_per_incoming_token"),
@@ -192,9 +196,8 @@ def collect_runs(dirs: Sequence[Path]) -> tuple[list[Run], list[str]]:
     """Every run under ``dirs`` (run or sweep directories) and notes on what was skipped."""
     runs: list[Run] = []
     notes: list[str] = []
+    check_run_dirs(dirs)
     for root in map(Path, dirs):
-        if not root.is_dir():
-            raise ConfigError(f"{root} is not a directory; pass run or sweep directories")
         labels = _sweep_labels(root)
         for f in _summary_files(root):
             try:
@@ -228,6 +231,10 @@ def collect_runs(dirs: Sequence[Path]) -> tuple[list[Run], list[str]]:
 def _settings(run: Run) -> dict[str, Any]:
     """What sets a run's numbers apart, beyond its group label and its seed."""
     out = result_settings(run.summary["config"])
+    # Keys of a method the run does not use change nothing (reptile.k of a replay run).
+    unused = (*(("replay.",) if not run.alpha else ()),
+              *(("reptile.",) if not out.get("reptile.enabled") else ()))
+    out = {k: v for k, v in out.items() if not k.startswith(unused)} if unused else out
     # the label, the seed, and what tables show as their own columns (size, task order)
     for key in ("seed", "method", "replay.alpha", "model.preset", *run.axis_keys.values()):
         out.pop(key, None)
@@ -251,6 +258,7 @@ def _keep_settings_apart(runs: list[Run]) -> list[str]:
         if keys:
             for r, st in zip(members, settings, strict=True):
                 r.variant = " [" + ", ".join(f"{k}={_short(st.get(k))}" for k in keys) + "]"
+                r.variant_keys = tuple(keys)
             notes.append(
                 f"runs labelled {group} differ in {', '.join(keys)}; each setting is its own "
                 "group, never pooled as seeds of one"
@@ -441,7 +449,7 @@ def _overview(runs: list[Run], done: list[Run], dirs: Sequence[Path], notes: lis
         "Forgetting = final loss − best earlier loss of each task, averaged over all tasks but "
         "the last (positive = forgot); retained = mean final loss over all tasks; learned = "
         "mean loss on each task right after training it; union = loss on all tasks' "
-        "validation data together."
+        "validation windows together (a task with fewer windows weighs less)."
     )
     sec.blocks += notes
     caution = precision_caution(done, "what the runs vary")
@@ -689,7 +697,7 @@ def _scaling_section(done: list[Run], fig_dir: Path) -> Section | None:
         for x in ("params", "flops_per_incoming_token")
         for y, _ in y_keys
     }
-    answer = _replay_vs_size_text(points)
+    answer = _replay_vs_size_text(done, points)
     if answer:
         sec.blocks += answer
     # Same size, same Reptile setting, growing α: compute spent on replay instead of on size.
@@ -727,7 +735,24 @@ def _scaling_section(done: list[Run], fig_dir: Path) -> Section | None:
     return sec
 
 
-def _replay_vs_size_text(points: list[dict[str, Any]]) -> list[str]:
+def _replay_vs_size_text(done: list[Run], points: list[dict[str, Any]]) -> list[str]:
+    # A replay setting meets only the baseline runs of its own setting: runs are told apart by
+    # the keys that split a label into settings (replay's and Reptile's own keys aside).
+    keys = sorted({k for r in done for k in r.variant_keys
+                   if not k.startswith(("replay.", "reptile."))})
+    by_setting: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r, p in zip(done, points, strict=True):
+        st = _settings(r)
+        by_setting[json.dumps([st.get(k) for k in keys], default=str)].append(p)
+    lines = [line for pts in by_setting.values() for line in _replay_vs_size_lines(pts)]
+    if lines:
+        lines.insert(0, "Replay or a bigger model? Each replay setting set against a power law "
+                        "of the α = 0 method's retained loss over model size (a 2× larger model "
+                        "costs ≈2× the FLOPs per token; replay at α costs 1/(1−α)×):")
+    return lines
+
+
+def _replay_vs_size_lines(points: list[dict[str, Any]]) -> list[str]:
     lines = []
     for method, own_base in BASELINE_OF.items():
         if not any(p["method"] == method and p["alpha"] for p in points):
@@ -743,10 +768,6 @@ def _replay_vs_size_text(points: list[dict[str, Any]]) -> list[str]:
         base_label = base_pts[0]["label"]
         for item in replay_vs_size(sub, "retained_loss", baseline=base_label):
             lines.append(item.sentence("retained loss", base_label))
-    if lines:
-        lines.insert(0, "Replay or a bigger model? Each replay setting set against a power law "
-                        "of the α = 0 method's retained loss over model size (a 2× larger model "
-                        "costs ≈2× the FLOPs per token; replay at α costs 1/(1−α)×):")
     return lines
 
 
@@ -854,9 +875,16 @@ def write_report(dirs: Sequence[Path], out_dir: Path) -> Path:
     """Write ``out_dir/report.md``, ``out_dir/report.html`` and ``out_dir/figures/``; returns
     the HTML path."""
     out_dir = Path(out_dir)
+    check_run_dirs(dirs)  # before out_dir (often inside the first of them) is made
     fig_dir = out_dir / "figures"
+    made = not out_dir.exists()
     fig_dir.mkdir(parents=True, exist_ok=True)
-    sections = build_sections([Path(d) for d in dirs], fig_dir)
+    try:
+        sections = build_sections([Path(d) for d in dirs], fig_dir)
+    except BaseException:
+        if made:  # no runs, or a failure: leave no empty report directory behind
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
     stamp = dt.datetime.now().strftime("%Y-%m-%d %H:%M")
     title = f"cptrain report ({stamp})"
     atomic_write_text(out_dir / "report.md", _to_markdown(title, sections, out_dir))

@@ -164,7 +164,7 @@ def _mean_by(points: Iterable[dict[str, Any]], keys: tuple[str, ...], y: str) ->
     acc: dict[Any, list[float]] = defaultdict(list)
     for p in points:
         if p.get(y) is not None:
-            acc[tuple(p[k] for k in keys)].append(float(p[y]))
+            acc[tuple(p.get(k, "") for k in keys)].append(float(p[y]))
     return {k: float(np.mean(v)) for k, v in acc.items()}
 
 
@@ -183,9 +183,10 @@ class ReplayVsSize:
     loss_2x: float | None  # the fit's loss for a baseline twice as large
     extrapolated: bool
     baseline_sizes: int = 2  # how many sizes of the baseline were trained
+    variant: str = ""  # the settings that keep it apart from other runs of its label
 
     def sentence(self, metric: str, baseline: str) -> str:
-        name = f"{self.label} α={self.alpha:g} on {self.preset}"
+        name = f"{self.label} α={self.alpha:g}{self.variant} on {self.preset}"
         cost = f"{self.flops_ratio:.2f}× the FLOPs per incoming token"
         if self.baseline_sizes < 2:
             # No larger model was trained: nothing is known about what size would buy.
@@ -224,19 +225,20 @@ def replay_vs_size(
     size_fit = fits.get(0)
     # A fit whose loss grows with size cannot say how much size would buy.
     usable = size_fit is not None and size_fit.b > 0
-    keys = ("label", "alpha", "preset")
+    keys = ("label", "alpha", "preset", "variant")  # settings of one label are never pooled
     means = _mean_by(points, keys, y_key)
     params = _mean_by(points, keys, "params")
     flops = _mean_by(points, keys, "flops_per_incoming_token")
+    base_variants = {p.get("variant", "") for p in base_pts}
     out = []
-    for (label, alpha, preset), loss in sorted(means.items(),
-                                               key=lambda kv: (params[kv[0]], str(kv[0]))):
+    for key, loss in sorted(means.items(), key=lambda kv: (params[kv[0]], str(kv[0]))):
+        label, alpha, preset, variant = key
         if not alpha:
             continue
-        base_key = (baseline, 0.0, preset)
-        n = params[(label, alpha, preset)]
+        base_key = (baseline, 0.0, preset, next(iter(base_variants)) if base_variants else "")
+        n = params[key]
         base_flops = flops.get(base_key)
-        ratio = flops[(label, alpha, preset)] / base_flops if base_flops else 1 / (1 - alpha)
+        ratio = flops[key] / base_flops if base_flops else 1 / (1 - alpha)
         eq = loss_2x = None
         extrapolated = False
         if usable and size_fit is not None:
@@ -246,6 +248,6 @@ def replay_vs_size(
             extrapolated = not all(inside)
         out.append(
             ReplayVsSize(label, alpha, preset, n, loss, means.get(base_key), ratio, eq, loss_2x,
-                         extrapolated, len({p["params"] for p in base_pts}))
+                         extrapolated, len({p["params"] for p in base_pts}), variant)
         )
     return out

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -94,6 +95,20 @@ def check_start(path: Path, mode: StartMode) -> None:
         )
     if mode is True and not saved:
         raise no_checkpoint(path / "checkpoints")
+
+
+def check_run_dirs(dirs: Sequence[Path]) -> None:
+    """ConfigError for a path that is not a directory (`cptrain report`'s arguments), checked
+    before anything heavy is imported or any output directory is made."""
+    for root in map(Path, dirs):
+        if not root.is_dir():
+            raise ConfigError(f"{root} is not a directory; pass run or sweep directories")
+
+
+def require_finished(run: Path) -> None:
+    """ConfigError unless ``run`` holds a run's config.yaml and summary.json (torch-free)."""
+    if not (run / "config.yaml").is_file() or not (run / "summary.json").is_file():
+        raise ConfigError(f"{run} is not a finished cptrain run (no config.yaml / summary.json)")
 
 
 class RunDir:
