@@ -26,7 +26,7 @@ timeout 480 "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 \
 import json, sys
 from pathlib import Path
 import torch
-from cptrain.model import PRESETS, build_model, count_parameters
+from cptrain.models.build import PRESETS, build_model, count_parameters
 
 run = Path(sys.argv[1])
 recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]

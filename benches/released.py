@@ -27,9 +27,9 @@ from throughput import bare_loop
 
 from cptrain.config import RunConfig
 from cptrain.config_base import build_config
-from cptrain.data.demo_corpus import demo_corpus_ready, fetch_demo
 from cptrain.data.prepare import PrepareConfig, open_split, prepare
-from cptrain.model import load_pretrained
+from cptrain.demo.corpus import demo_corpus_ready, fetch_demo
+from cptrain.models.build import load_pretrained
 from cptrain.models.fetch import fetch_model
 from cptrain.replay.seeding import generate_rows
 from cptrain.train import Trainer

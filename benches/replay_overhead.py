@@ -27,9 +27,9 @@ from replay_buffer_io import single_row_rate  # noqa: E402
 
 from cptrain.config import RunConfig  # noqa: E402
 from cptrain.config_base import build_config  # noqa: E402
-from cptrain.data.demo_corpus import demo_corpus_ready, fetch_demo  # noqa: E402
 from cptrain.data.prepare import prepare  # noqa: E402
-from cptrain.demo import prepare_config  # noqa: E402
+from cptrain.demo.corpus import demo_corpus_ready, fetch_demo  # noqa: E402
+from cptrain.demo.embedded import prepare_config  # noqa: E402
 from cptrain.train import Trainer  # noqa: E402
 
 

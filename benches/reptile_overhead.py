@@ -22,8 +22,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from cptrain.model import build_model, count_parameters
-from cptrain.reptile import Reptile, ReptileConfig
+from cptrain.models.build import build_model, count_parameters
+from cptrain.train.reptile import Reptile, ReptileConfig
 
 MIB = 1024**2
 

@@ -24,10 +24,10 @@ import torch.nn.functional as F
 
 from cptrain.config import RunConfig
 from cptrain.config_base import build_config
-from cptrain.data.demo_corpus import demo_corpus_ready, fetch_demo
 from cptrain.data.prepare import open_split, prepare
-from cptrain.demo import prepare_config
-from cptrain.model import build_model
+from cptrain.demo.corpus import demo_corpus_ready, fetch_demo
+from cptrain.demo.embedded import prepare_config
+from cptrain.models.build import build_model
 from cptrain.train import Trainer
 
 

@@ -42,14 +42,14 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
 # them up when the other is nearly done. Measured with `--durations=0` on 2 cores; a file
 # missing here only runs later, nothing else changes.
 HEAVY_FIRST = (
-    "test_distributed.py",  # 61 s of the 327 s the files take together
-    "test_downstream.py",
-    "test_demo_corpus.py",
-    "test_trainer.py",
-    "test_fault_matrix.py",
-    "reliability/test_kill_anywhere.py",
-    "test_reptile.py",
-    "test_report.py",
+    "e2e/test_distributed.py",  # 61 s of the 327 s the files take together
+    "evaluation/test_downstream.py",
+    "demo/test_corpus.py",
+    "train/test_trainer.py",
+    "e2e/test_fault_matrix.py",
+    "e2e/test_kill_anywhere.py",
+    "train/test_reptile.py",
+    "report/test_document.py",
     "test_progress.py",
 )
 

@@ -83,7 +83,7 @@ def test_yaml_errors_are_one_line(tmp_path):
 
 def test_config_layer_imports_neither_torch_nor_transformers():
     code = (
-        "import sys, cptrain.config, cptrain.flops, cptrain.presets; "
+        "import sys, cptrain.config, cptrain.models.flops, cptrain.models.presets; "
         "heavy = {'torch', 'transformers'} & set(sys.modules); "
         "assert not heavy, heavy"
     )

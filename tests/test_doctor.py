@@ -288,9 +288,9 @@ def test_not_a_run_directory(tmp_path):
 def test_doctor_hardware_measures_again_and_shows_old_and_new(tmp_path, monkeypatch, capsys):
     import torch
 
-    from cptrain import hardware
-    from cptrain import hardware_cache as cache
-    from cptrain.model import build_model
+    from cptrain.hardware import cache
+    from cptrain.hardware import probe as hardware
+    from cptrain.models.build import build_model
 
     monkeypatch.setenv(cache.CACHE_ENV, str(tmp_path / "cache"))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

@@ -2,10 +2,10 @@
 
 from pathlib import Path
 
-from cptrain import demo
 from cptrain.config import load_run_config
 from cptrain.config_base import load_config
 from cptrain.data.prepare import PrepareConfig
+from cptrain.demo import embedded as demo
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 

@@ -29,7 +29,7 @@ def _progress(args: argparse.Namespace) -> bool:
 
 
 def cmd_fetch_demo(args: argparse.Namespace) -> int:
-    from cptrain.data.demo_corpus import fetch_demo
+    from cptrain.demo.corpus import fetch_demo
 
     fetch_demo(Path(args.out), args.languages or None, force=args.force)
     return 0
@@ -60,7 +60,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from cptrain.train.preflight import preflight
 
     data = preflight(cfg, mode)  # data and run-directory mistakes, still without torch
-    from cptrain.tables import run_report
+    from cptrain.report.tables import run_report
     from cptrain.train import train
 
     summary = train(
@@ -118,7 +118,7 @@ def _read_summary(run: Path) -> dict:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from cptrain.tables import comparison_table, run_report
+    from cptrain.report.tables import comparison_table, run_report
 
     summaries = [(run, _read_summary(Path(run))) for run in args.runs]
     for run, summary in summaries:
@@ -135,7 +135,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from cptrain.train.run_dir import require_finished
 
     require_finished(Path(args.run))  # before torch is imported: a wrong path fails at once
-    from cptrain.merge import merge_table, parse_lambdas, write_merge
+    from cptrain.evaluation.merge import merge_table, parse_lambdas, write_merge
 
     lambdas = parse_lambdas(args.lambdas)
     out = write_merge(Path(args.run), lambdas)
@@ -195,7 +195,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     dirs = [Path(d) for d in args.dirs]
     check_run_dirs(dirs)  # a mistyped path fails in a blink: the report's imports take seconds
 
-    from cptrain.report import write_report
+    from cptrain.report.document import write_report
 
     out = Path(args.out) if args.out else (dirs[0] / "report" if len(dirs) == 1 else Path("report"))
     html = write_report(dirs, out)
@@ -205,7 +205,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_downstream(args: argparse.Namespace) -> int:
-    from cptrain.downstream import format_results, run_downstream
+    from cptrain.evaluation.downstream import format_results, run_downstream
 
     rec = run_downstream(
         Path(args.target),
@@ -230,7 +230,7 @@ RELEASED_RUNS_DIR = "runs/demo-released"
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from cptrain.demo import run_demo, run_released_demo
+    from cptrain.demo.embedded import run_demo, run_released_demo
 
     runs_dir = args.runs_dir
     if args.released and runs_dir == DEMO_RUNS_DIR:

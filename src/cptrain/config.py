@@ -30,7 +30,7 @@ from cptrain.config_base import (
     read_yaml,
     without_unset,
 )
-from cptrain.presets import DEFAULT_LR, PRESETS
+from cptrain.models.presets import DEFAULT_LR, PRESETS
 from cptrain.replay.config import ReplayConfig
 from cptrain.replay.mixer import mix_counts, replay_share
 

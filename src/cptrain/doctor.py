@@ -8,7 +8,7 @@ matches the data. Prints what is intact, what is damaged, and the command that r
 ``cptrain doctor --hardware``: measures this machine's probes again, ignoring the cache (the
 matmul peak MFU divides by, and the bf16 speedup of every model shape ``precision: auto`` has
 probed here), prints the cached and the new values with their evidence side by side, and
-caches the new ones (``cptrain.hardware``).
+caches the new ones (``cptrain.hardware.probe``).
 """
 
 from __future__ import annotations
@@ -114,8 +114,8 @@ def main_hardware() -> int:
     """The ``cptrain doctor --hardware`` command (see the module docstring); 0."""
     import torch
 
-    from cptrain import hardware
-    from cptrain import hardware_cache as cache
+    from cptrain.hardware import cache
+    from cptrain.hardware import probe as hardware
 
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     key = hardware.machine_key(device)
@@ -168,7 +168,7 @@ def _show(what: str, old: Any, new: dict[str, Any], fmt: Any) -> bool:
 
 def _cached_evidence(record: Any) -> dict[str, Any] | None:
     """A cached record as evidence (with its doubt), None when there is none to show."""
-    from cptrain.hardware_cache import Measurement
+    from cptrain.hardware.cache import Measurement
 
     found = Measurement.from_json(record)
     return found.evidence() if found is not None else None

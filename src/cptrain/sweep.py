@@ -32,7 +32,7 @@ from cptrain.config import METHODS, RunConfig, config_differences
 from cptrain.config_base import StrictModel, apply_overrides, build_config, read_yaml, set_path
 from cptrain.errors import ConfigError
 from cptrain.fsutil import atomic_write_json
-from cptrain.presets import PRESETS
+from cptrain.models.presets import PRESETS
 
 MANIFEST = "sweep.json"
 
@@ -322,7 +322,7 @@ def _check_unchanged(run: SweepRun) -> None:
 
 def _planned_cost(run: SweepRun) -> float:
     """Relative cost (FLOPs) of a run, for the ETA; the vocabulary comes from the data."""
-    from cptrain.flops import planned_flops
+    from cptrain.models.flops import planned_flops
 
     cfg = run.config
     vocab = 32000
@@ -425,7 +425,7 @@ def run_sweep(
 
 
 def _train_all(runs: list[SweepRun], progress: bool) -> None:
-    from cptrain.tables import metrics_line
+    from cptrain.report.tables import metrics_line
     from cptrain.train import train
 
     todo = [r for r in runs if r.status() != "done"]

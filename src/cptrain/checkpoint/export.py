@@ -250,7 +250,7 @@ def _card_data(config: dict[str, Any], st: dict[str, Any], tasks: list[str]) -> 
 
 
 def _card_method(config: dict[str, Any]) -> list[str]:
-    from cptrain.presets import DEFAULT_LR
+    from cptrain.models.presets import DEFAULT_LR
 
     replay, reptile, train = (config.get(k, {}) for k in ("replay", "reptile", "train"))
     alpha = float(replay.get("alpha", 0.0))
@@ -283,8 +283,8 @@ def _card_method(config: dict[str, Any]) -> list[str]:
 
 
 def _card_losses(config: dict[str, Any], st: dict[str, Any], tasks: list[str]) -> list[str]:
-    from cptrain import metrics
-    from cptrain.tables import loss_matrix_table, metrics_line
+    from cptrain.evaluation import metrics
+    from cptrain.report.tables import loss_matrix_table, metrics_line
 
     eval_only = list(config.get("data", {}).get("eval_only", []))
     columns = [*tasks, *eval_only]

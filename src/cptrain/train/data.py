@@ -9,11 +9,11 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from cptrain import metrics
 from cptrain.config import RunConfig
 from cptrain.data.prepare import load_prepared, load_prepared_tokenizer, open_split
 from cptrain.data.shards import ShardSet
 from cptrain.errors import ConfigError, DataError
+from cptrain.evaluation import metrics
 from cptrain.train.batches import TaskStream
 
 
@@ -64,7 +64,7 @@ class TrainingData:
     def union_loss(self, losses: dict[str, float], windows: int) -> float:
         """The loss on these columns' validation windows together: a task whose val split
         holds fewer than ``windows`` (eval.windows) windows weighs less."""
-        from cptrain.evaluate import eval_indices  # torch: this module is read before it
+        from cptrain.evaluation.losses import eval_indices  # torch: this module is read before it
 
         counts = [len(eval_indices(self.val_sets[n].num_windows(self.window_len), windows))
                   for n in losses]

@@ -81,7 +81,7 @@ class Throughput(Hook):
       checkpoints and exporting weights;
     * ``mfu``: model FLOPs/s (``flops.flops_per_token`` × tokens_per_s) ÷ the peak matmul
       FLOP/s of every process's device at the dtype the matmuls run in (measured per machine
-      and cached while its evidence holds: ``cptrain.hardware``; ``summary()`` gives that
+      and cached while its evidence holds: ``cptrain.hardware.probe``; ``summary()`` gives that
       evidence as ``peak_evidence``); rank 0 only.
 
     Run totals survive a resume (a checkpointed component); ``summary()`` reports them."""
@@ -117,8 +117,8 @@ class Throughput(Hook):
             self.counts[kind] += 1
 
     def on_run_start(self, trainer: Trainer) -> None:
-        from cptrain import hardware
-        from cptrain.flops import flops_per_token, shape_from_hf_config
+        from cptrain.hardware import probe as hardware
+        from cptrain.models.flops import flops_per_token, shape_from_hf_config
 
         self._start = self._t = time.perf_counter()
         self._since = dict.fromkeys(self.KINDS, 0.0)
@@ -149,7 +149,7 @@ class Throughput(Hook):
         if self.peak_flops and self._device is not None:
             flops = self._flops_per_token * record["tokens_per_s"] / trainer.env.world_size
             if flops > self.peak_flops:  # a peak measured on a busy machine: measure again
-                from cptrain import hardware
+                from cptrain.hardware import probe as hardware
 
                 found = hardware.peak(
                     self._device, self.peak_dtype, at_least=flops, measure=not self._rechecked

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from cptrain import metrics
 from cptrain.errors import CheckpointError
+from cptrain.evaluation import metrics
 
 
 @dataclass

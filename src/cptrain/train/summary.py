@@ -6,8 +6,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from cptrain import metrics
-from cptrain.flops import run_flops, shape_from_hf_config, summary_facts
+from cptrain.evaluation import metrics
+from cptrain.models.flops import run_flops, shape_from_hf_config, summary_facts
 
 if TYPE_CHECKING:
     from cptrain.train.trainer import Trainer
@@ -39,7 +39,7 @@ def run_summary(trainer: Trainer) -> dict[str, Any]:
         ),
         "wall_s": state.wall_s,
         "precision": trainer.precision,  # what train.precision (maybe auto) resolved to
-        "precision_evidence": trainer.precision_evidence,  # and why (cptrain.hardware)
+        "precision_evidence": trainer.precision_evidence,  # and why (cptrain.hardware.probe)
         "complete": trainer.finished,
         "threads": torch.get_num_threads(),  # train.threads, or the free CPUs at start
         "warnings": trainer.warnings,  # what the run start printed (BatchPlan.warnings)
@@ -47,7 +47,7 @@ def run_summary(trainer: Trainer) -> dict[str, Any]:
     if lm:
         # forgetting: every evaluation after a task was trained (periodic ones too);
         # forgetting_task_end: the loss-matrix rows alone; forgetting_paper_code(_in_loop):
-        # the official code's (opposite sign, all tasks averaged: cptrain.metrics' docstring).
+        # the official code's (opposite sign, all tasks averaged: see cptrain.evaluation.metrics).
         out.update(metrics.summarize(lm, state.periodic_evaluations()))
         final = dict(zip(trainer.task_names, lm[-1], strict=False))
         out["union_loss"] = trainer.data.union_loss(final, trainer.cfg.eval.windows)

@@ -24,19 +24,19 @@ from transformers.utils import logging as hf_logging
 from cptrain.checkpoint.export import export_model
 from cptrain.checkpoint.manager import CheckpointManager
 from cptrain.config import RunConfig
-from cptrain.diagnostics import GradientDiagnostics
 from cptrain.distributed import init_distributed, set_grad_sync, shutdown, wrap_model
 from cptrain.errors import DataError
-from cptrain.evaluate import evaluate_tasks, token_loss
-from cptrain.hardware import resolved_config, run_precision
-from cptrain.hardware_cache import cpu_threads
-from cptrain.model import count_parameters, model_for_run
-from cptrain.schedule import Schedule
+from cptrain.evaluation.losses import evaluate_tasks, token_loss
+from cptrain.hardware.cache import cpu_threads
+from cptrain.hardware.probe import resolved_config, run_precision
+from cptrain.models.build import count_parameters, model_for_run
 from cptrain.train import hooks as H
 from cptrain.train.batches import BatchPlan, make_sampler
 from cptrain.train.data import TrainingData
+from cptrain.train.diagnostics import GradientDiagnostics
 from cptrain.train.optim import build_optimizer
 from cptrain.train.run_dir import RunDir, StartMode
+from cptrain.train.schedule import Schedule
 from cptrain.train.seed import seed_buffer
 from cptrain.train.state import TrainerState
 from cptrain.train.stop import StopRequest
@@ -139,7 +139,7 @@ class Trainer:
                 resolver=lambda task_id, idx: self.streams[task_id].rows(idx),
             )
         if cfg.reptile.enabled:
-            from cptrain.reptile import Reptile
+            from cptrain.train.reptile import Reptile
 
             self.reptile = Reptile(
                 self.model.named_parameters(),

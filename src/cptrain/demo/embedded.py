@@ -1,0 +1,538 @@
+"""`cptrain demo`: English → French → German on the embedded corpus, methods side by side."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from cptrain.config import RunConfig
+from cptrain.config_base import apply_overrides, build_config
+from cptrain.data.prepare import PrepareConfig, prepare
+from cptrain.demo.corpus import demo_corpus_ready, fetch_demo
+from cptrain.fsutil import atomic_write_json, atomic_write_text
+from cptrain.report.document import write_report
+from cptrain.report.tables import comparison_table, run_report
+from cptrain.train import train
+
+TASKS = ("en", "fr", "de")
+
+# Sized so that the five methods below fit in 8 minutes on 2 CPU cores in fp32 (see README).
+BASE_RUN: dict[str, Any] = {
+    "seed": 0,
+    "model": {"preset": "tiny"},
+    "data": {"tasks": list(TASKS), "tokens_per_task": 300_000},
+    "train": {
+        "seq_len": 128,
+        "batch_size": 32,
+        "lr": 2e-3,
+        "min_lr": 1e-4,
+        "warmup": 0.02,
+        "precision": "auto",  # bf16 where this machine computes it faster (cptrain.hardware.probe)
+        "log_every": 10,
+    },
+    # every 25 of the 73 steps per task = 3 points per task for the loss curves of the report
+    "eval": {"windows": 64, "batch_size": 64, "every": 25},
+    # cos(∇ fresh, ∇ replayed rows of earlier tasks) every 25 steps; methods without replay
+    # use a probe batch from earlier tasks, so every method gets the same interference measure.
+    "diagnostics": {"every": 25},
+}
+
+# The paper's Reptile (k=500, ε=0.1) spans tens of thousands of steps; this demo has 219.
+# k and ε are scaled down (README, "Reptile at demo scale"): ε as measured at 369 steps, k
+# scaled with the steps per task (25 at 123 steps per task, 15 at 73: ~5 meta-updates a task).
+REPTILE_K = 15
+REPTILE_EPSILON = 0.8
+
+# name → config overrides on top of BASE_RUN
+METHODS: dict[str, dict[str, Any]] = {
+    "sequential": {"method": "sequential"},
+    "replay-25": {"method": "replay", "replay": {"alpha": 0.25}},
+    "replay-50": {"method": "replay", "replay": {"alpha": 0.5}},
+    "reptile": {"method": "reptile", "reptile": {"k": REPTILE_K, "epsilon": REPTILE_EPSILON}},
+    "mer-25": {
+        "method": "mer",
+        "replay": {"alpha": 0.25},
+        "reptile": {"k": REPTILE_K, "epsilon": REPTILE_EPSILON},
+    },
+}
+
+
+def prepare_config(data_dir: Path) -> PrepareConfig:
+    demo = data_dir / "demo"
+    return build_config(
+        PrepareConfig,
+        {
+            "out_dir": str(data_dir / "prepared" / "demo"),
+            "tokenizer": {"vocab_size": 4096},
+            "tasks": [
+                {
+                    "name": lang,
+                    "train": [str(demo / lang / "train.jsonl")],
+                    "val": [str(demo / lang / "val.jsonl")],
+                }
+                for lang in TASKS
+            ],
+        },
+        source="demo prepare config",
+    )
+
+
+def _method_config(
+    base: dict[str, Any],
+    method: dict[str, Any],
+    *,
+    run_dir: Path,
+    prepared: Path,
+    overrides: list[str],
+    source: str,
+) -> RunConfig:
+    """``base`` with one method's sections merged in (one level deep), then ``--set``."""
+    raw = json.loads(json.dumps(base))
+    for key, value in method.items():
+        if isinstance(value, dict):
+            raw.setdefault(key, {}).update(value)
+        else:
+            raw[key] = value
+    raw["run_dir"] = str(run_dir)
+    raw["data"]["dir"] = str(prepared)
+    raw = apply_overrides(raw, overrides)
+    return build_config(RunConfig, raw, source=source)
+
+
+def demo_run_config(name: str, runs_dir: Path, data_dir: Path, overrides: list[str]) -> RunConfig:
+    return _method_config(
+        BASE_RUN,
+        METHODS[name],
+        run_dir=runs_dir / name,
+        prepared=data_dir / "prepared" / "demo",
+        overrides=overrides,
+        source=f"demo config ({name})",
+    )
+
+
+def _train_methods(
+    configs: dict[str, RunConfig], *, fresh: bool, progress: bool, what: str
+) -> dict[str, dict[str, Any]]:
+    """Train each config in turn: a finished run is reused, an interrupted one resumed."""
+    results: dict[str, dict[str, Any]] = {}
+    for name, cfg in configs.items():
+        run_dir = Path(cfg.run_dir)
+        summary_path = run_dir / "summary.json"
+        if fresh and run_dir.exists():
+            shutil.rmtree(run_dir)
+        if summary_path.exists() and json.loads(summary_path.read_text()).get("complete"):
+            print(f"[{name}] already trained in {run_dir} (use --fresh to retrain)")
+            results[name] = json.loads(summary_path.read_text())
+            continue
+        resume = (run_dir / "checkpoints").is_dir()
+        print(f"[{name}] training {what} in {run_dir}")
+        results[name] = train(cfg, resume=resume, progress=progress)
+    return results
+
+
+def run_demo(
+    *, runs_dir: Path, data_dir: Path, fresh: bool, progress: bool, overrides: list[str]
+) -> dict[str, dict[str, Any]]:
+    t0 = time.perf_counter()
+    if not demo_corpus_ready(data_dir / "demo", TASKS):
+        fetch_demo(data_dir / "demo", TASKS)
+    prepare(prepare_config(data_dir), progress=progress)
+    configs = {name: demo_run_config(name, runs_dir, data_dir, overrides) for name in METHODS}
+    results = _train_methods(configs, fresh=fresh, progress=progress, what=" → ".join(TASKS))
+    print()
+    for name, s in results.items():
+        print(run_report(s, title=f"== {name}: validation loss (row: after task, column: task)"))
+        print()
+    print(comparison_table(list(results.items())))
+    steps = next(iter(results.values()))["steps"] if results else 0
+    print(
+        "\nforgetting = final loss − best earlier loss, averaged over en and fr (positive = "
+        "forgot); retained = mean final loss; learned = mean loss right after each task; grad "
+        "cos = mean cos(∇ current task, ∇ replayed or earlier-task rows) after the first task."
+        f"\nReptile here: k={REPTILE_K} steps, ε={REPTILE_EPSILON} over {steps} steps (the "
+        "paper: k=500, ε=0.1 over tens of thousands of steps)."
+    )
+    if "mer-25" in results and "replay-25" in results:
+        print(mer_vs_replay(results["mer-25"], results["replay-25"]))
+    report = write_report([runs_dir], runs_dir / "report")
+    print(f"demo finished in {time.perf_counter() - t0:.0f} s; runs in {runs_dir}")
+    print(f"report: {report}")
+    return results
+
+
+def mer_vs_replay(mer: dict[str, Any], replay: dict[str, Any]) -> str:
+    """The demo's closing comparison. One seed per method carries no test, so it never says
+    which is better; the demo sweep's seeds can."""
+    m, r = mer["retained_loss"], replay["retained_loss"]
+    return (
+        f"MER 25% retained loss {m:.3f} vs replay 25% {r:.3f} ({m - r:+.3f}): one seed each, so "
+        "this cannot tell which of the two retains more; `cptrain sweep "
+        "recipes/demo-sweep.yaml` and `cptrain report` compare them over 3 seeds with a test."
+    )
+
+
+# --- `cptrain demo --released`: a released model, continued on French then German ------------
+#
+# SmolLM2-135M-Instruct (`cptrain models fetch smollm2-135m`) trained on fr → de of the embedded
+# corpus; English Wikipedia summaries (en-wiki) are evaluated at every evaluation and never
+# trained, so their loss shows what the model forgets of its pre-training. The model's own
+# pre-training data is not at hand, so replay is seeded either from a proxy corpus (the English
+# Debian docs, prepared as task `en` but neither trained nor evaluated) or from the model's own
+# generations.
+
+RELEASED_MODEL = "smollm2-135m"
+RELEASED_TASKS = ("fr", "de")
+RELEASED_EVAL_ONLY = "en-wiki"
+RELEASED_PROXY = "en"
+# corpus languages `cptrain data fetch-demo` must have built
+RELEASED_LANGUAGES = (RELEASED_PROXY, *RELEASED_TASKS, RELEASED_EVAL_ONLY)
+RELEASED_PREPARED = "demo-released"  # under DATA_DIR/prepared/
+
+# Sized for about 30 minutes on 2 CPU cores in all (recipes/README.md, "The released-model demo").
+RELEASED_TOKENS_PER_TASK = 20_480  # 20 steps of 4 × 256 per task
+RELEASED_SEED_TOKENS = 4_096  # 16 rows of 256: both seeds the same size, self costs generation
+RELEASED_BASE_RUN: dict[str, Any] = {
+    "seed": 0,
+    "data": {
+        "tasks": list(RELEASED_TASKS),
+        "eval_only": [RELEASED_EVAL_ONLY],
+        "tokens_per_task": RELEASED_TOKENS_PER_TASK,
+    },
+    "train": {
+        "seq_len": 256,
+        "batch_size": 4,
+        # constant after a 2-step warm-up: a decay would hide forgetting at 40 steps
+        "lr": 5e-4,
+        "schedule": "constant",
+        "warmup": 0.05,
+        "log_every": 4,
+    },
+    # at task ends only (and before training): every evaluation costs as much as a few steps
+    "eval": {"windows": 16, "batch_size": 8, "every": 0},
+    # at task ends; one kept (2 GB each with the optimizer state), enough to resume from
+    "checkpoint": {"keep_last": 1},
+}
+# Reptile scaled to 40 steps: a meta-update every 5 steps (4 per task).
+RELEASED_REPTILE_K = 5
+RELEASED_REPTILE_EPSILON = 0.5
+RELEASED_ALPHA = 0.25
+MERGE_LAMBDAS = (0.0, 0.25, 0.5, 0.75, 1.0)
+# lm-eval on the starting model and each method's final model: items per local choice task
+RELEASED_DOWNSTREAM_ITEMS = 32
+
+PROXY_SEED: dict[str, Any] = {
+    "source": "task",
+    "task": RELEASED_PROXY,
+    "tokens": RELEASED_SEED_TOKENS,
+}
+SELF_SEED: dict[str, Any] = {
+    "source": "self",
+    "tokens": RELEASED_SEED_TOKENS,
+    "batch_size": 16,
+    "prompt": {"task": RELEASED_PROXY, "prefix_tokens": 8},
+}
+
+# name → (label in tables and the report, config overrides on top of RELEASED_BASE_RUN)
+RELEASED_METHODS: dict[str, tuple[str, dict[str, Any]]] = {
+    "sequential": ("sequential", {"method": "sequential"}),
+    "replay-25-proxy": (
+        "replay, English proxy seed",
+        {"method": "replay", "replay": {"alpha": RELEASED_ALPHA, "seed": [PROXY_SEED]}},
+    ),
+    "replay-25-self": (
+        "replay, self seed",
+        {"method": "replay", "replay": {"alpha": RELEASED_ALPHA, "seed": [SELF_SEED]}},
+    ),
+    "mer-25-self": (
+        "MER, self seed",
+        {
+            "method": "mer",
+            "replay": {"alpha": RELEASED_ALPHA, "seed": [SELF_SEED]},
+            "reptile": {"k": RELEASED_REPTILE_K, "epsilon": RELEASED_REPTILE_EPSILON},
+        },
+    ),
+}
+
+
+def released_label(name: str) -> str:
+    """How tables name a method: its label and, when it replays, α (as the report does)."""
+    if name not in RELEASED_METHODS:
+        return name
+    label, method = RELEASED_METHODS[name]
+    alpha = method.get("replay", {}).get("alpha", 0)
+    return f"{label} α={alpha:g}" if alpha else label
+
+
+def released_prepare_config(data_dir: Path, model_dir: Path) -> PrepareConfig:
+    """Shards of en, fr, de (train + val) and en-wiki (val only) with the model's tokenizer."""
+    demo = data_dir / "demo"
+    tasks: list[dict[str, Any]] = [
+        {
+            "name": lang,
+            "train": [str(demo / lang / "train.jsonl")],
+            "val": [str(demo / lang / "val.jsonl")],
+        }
+        for lang in (RELEASED_PROXY, *RELEASED_TASKS)
+    ]
+    tasks.append(
+        {"name": RELEASED_EVAL_ONLY, "val": [str(demo / RELEASED_EVAL_ONLY / "val.jsonl")]}
+    )
+    return build_config(
+        PrepareConfig,
+        {
+            "out_dir": str(data_dir / "prepared" / RELEASED_PREPARED),
+            "tokenizer": {"path": str(model_dir)},
+            "tasks": tasks,
+        },
+        source="released demo prepare config",
+    )
+
+
+def released_run_config(
+    name: str,
+    runs_dir: Path,
+    data_dir: Path,
+    overrides: list[str],
+    *,
+    model_dir: Path = Path("models") / RELEASED_MODEL,
+    precision: str | None = None,
+) -> RunConfig:
+    """The config of one released-demo method; precision None: auto (bf16 where this machine
+    computes it faster, else fp32; the trainer says which)."""
+    base = json.loads(json.dumps(RELEASED_BASE_RUN))
+    base["model"] = {"init_from": str(model_dir)}
+    base["train"]["precision"] = precision or "auto"
+    return _method_config(
+        base,
+        RELEASED_METHODS[name][1],
+        run_dir=runs_dir / name,
+        prepared=data_dir / "prepared" / RELEASED_PREPARED,
+        overrides=overrides,
+        source=f"released demo config ({name})",
+    )
+
+
+def _fmt(x: float | None, signed: bool = False) -> str:
+    if x is None:
+        return "–"
+    return f"{x:+.3f}" if signed else f"{x:.3f}"
+
+
+def released_rows(
+    results: dict[str, dict[str, Any]], merge: dict[str, Any] | None
+) -> list[dict[str, Any]]:
+    """One row per method (and per merge λ of the sequential run): English before and after,
+    French and German right after training them and at the end, forgetting, retained."""
+    en, (fr, de) = RELEASED_EVAL_ONLY, RELEASED_TASKS
+    rows = []
+    for name, s in results.items():
+        cols = [*s["tasks"], *(s.get("eval_only") or [])]
+        final = dict(zip(cols, s["loss_matrix"][-1], strict=True))
+        rows.append(
+            {
+                "method": released_label(name),
+                "en_before": s["loss_before"][en],
+                "en_after": final[en],
+                "en_forgetting": s["eval_only_forgetting"][en],
+                "fr_learned": s["loss_matrix"][0][0],
+                "de_learned": s["loss_matrix"][1][1],
+                "fr_end": final[fr],
+                "fr_forgetting": s.get("forgetting"),
+                "retained": s.get("retained_loss"),
+            }
+        )
+    if merge is not None:
+        before = results["sequential"]["loss_before"] if "sequential" in results else None
+        for r in merge["rows"]:
+            if r["lambda"] in (0.0, 1.0):
+                continue  # the starting model and the sequential run's final model
+            v = r["val_loss"]
+            rows.append(
+                {
+                    "method": f"merge sequential λ={r['lambda']:g}",
+                    "en_before": before[en] if before else None,
+                    "en_after": v[en],
+                    "en_forgetting": v[en] - before[en] if before else None,
+                    "fr_learned": None,
+                    "de_learned": None,
+                    "fr_end": v[fr],
+                    "fr_forgetting": None,
+                    "retained": (v[fr] + v[de]) / 2,
+                }
+            )
+    return rows
+
+
+def released_table(rows: list[dict[str, Any]]) -> str:
+    en, (fr, de) = RELEASED_EVAL_ONLY, RELEASED_TASKS
+    columns = [
+        (f"{en} before→after", lambda r: f"{_fmt(r['en_before'])}→{_fmt(r['en_after'])}"),
+        (f"{en} forgot", lambda r: _fmt(r["en_forgetting"], signed=True)),
+        (f"{fr} learned", lambda r: _fmt(r["fr_learned"])),
+        (f"{de} learned", lambda r: _fmt(r["de_learned"])),
+        (f"{fr} at end", lambda r: _fmt(r["fr_end"])),
+        (f"{fr} forgot", lambda r: _fmt(r["fr_forgetting"], signed=True)),
+        ("retained", lambda r: _fmt(r["retained"])),
+    ]
+    name_w = max(10, *(len(r["method"]) + 2 for r in rows))
+    widths = [max(len(head), 11) + 2 for head, _ in columns]
+    lines = [
+        "method".ljust(name_w)
+        + "".join(h.rjust(w) for (h, _), w in zip(columns, widths, strict=True))
+    ]
+    for r in rows:
+        lines.append(
+            r["method"].ljust(name_w)
+            + "".join(cell(r).rjust(w) for (_, cell), w in zip(columns, widths, strict=True))
+        )
+    return "\n".join(lines)
+
+
+def _released_merge(run: Path, runs_dir: Path) -> dict[str, Any]:
+    """The merge curve of the sequential run, recomputed when a run is newer than it (the
+    other runs are its comparison points)."""
+    from cptrain.evaluation.merge import merge_table, write_merge
+
+    out = run / "merge" / "merge.json"
+    newest = max(p.stat().st_mtime for p in runs_dir.glob("*/summary.json"))
+    if not out.is_file() or out.stat().st_mtime < newest:
+        print(
+            f"[merge] evaluating θ_start + λ(θ_final − θ_start) of {run} for λ in "
+            f"{', '.join(f'{x:g}' for x in MERGE_LAMBDAS)}"
+        )
+        write_merge(run, list(MERGE_LAMBDAS))
+    else:
+        print(f"[merge] already evaluated in {out.parent}")
+    result = json.loads(out.read_text(encoding="utf-8"))
+    print(merge_table(result))
+    return result
+
+
+def _released_downstream(
+    configs: dict[str, RunConfig], runs_dir: Path, data_dir: Path, model_dir: Path
+) -> Path:
+    """lm-eval's local tasks on the starting model and on each method's final model."""
+    from cptrain.evaluation.downstream_table import before_after_scores, scores_table
+
+    tasks = [RELEASED_EVAL_ONLY, *RELEASED_TASKS]
+    print(f"\n== downstream (lm-eval, {RELEASED_DOWNSTREAM_ITEMS} choice items per task, "
+          "0-shot): the starting model, then each method's final model")
+    rows = before_after_scores(
+        model_dir,
+        {released_label(n): Path(c.run_dir) for n, c in configs.items()},
+        tasks=tasks,
+        data_dir=data_dir / "prepared" / RELEASED_PREPARED,
+        out_dir=runs_dir / "downstream",
+        items=RELEASED_DOWNSTREAM_ITEMS,
+        max_length=int(RELEASED_BASE_RUN["train"]["seq_len"]),
+        bpb=False,  # 18 of 38 minutes; the loss table above already scores held-out text
+    )
+    text = scores_table(rows, tasks)
+    print(text)
+    print("acc: 4-way choice of a held-out document's true continuation (chance 0.25, higher "
+          "is better); bits per byte: `cptrain downstream RUN --tasks local`")
+    atomic_write_json(runs_dir / "downstream.json", {"rows": rows})
+    atomic_write_text(runs_dir / "downstream.txt", text + "\n")
+    return runs_dir / "downstream.txt"
+
+
+def _write_labels(runs_dir: Path) -> None:
+    """Labels for `cptrain report` (read from sweep.json; it appends α): both replay runs are
+    replay α=0.25, and the report would otherwise average them as two seeds of one method."""
+    runs = [{"name": name, "label": label} for name, (label, _) in RELEASED_METHODS.items()]
+    atomic_write_json(runs_dir / "sweep.json", {"runs": runs})
+
+
+def run_released_demo(
+    *,
+    runs_dir: Path,
+    data_dir: Path,
+    fresh: bool,
+    progress: bool,
+    overrides: list[str],
+    model_dir: Path = Path("models") / RELEASED_MODEL,
+) -> dict[str, dict[str, Any]]:
+    from cptrain.models import fetch_model, known_model
+
+    t0 = time.perf_counter()
+    spec = known_model(RELEASED_MODEL)
+    fetch_model(RELEASED_MODEL, model_dir)
+    if not demo_corpus_ready(data_dir / "demo", RELEASED_LANGUAGES):
+        fetch_demo(data_dir / "demo", RELEASED_LANGUAGES)
+    prepare(released_prepare_config(data_dir, model_dir), progress=progress)
+    configs = {
+        name: released_run_config(name, runs_dir, data_dir, overrides, model_dir=model_dir)
+        for name in RELEASED_METHODS
+    }
+    precision = next(iter(configs.values())).train.precision
+    print(f"{spec.title}: {spec.note}; train.precision {precision}")
+    what = f"{' → '.join(RELEASED_TASKS)} ({RELEASED_EVAL_ONLY} evaluation only)"
+    results = _train_methods(configs, fresh=fresh, progress=progress, what=what)
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    _write_labels(runs_dir)
+    print()
+    merge = _released_merge(Path(configs["sequential"].run_dir), runs_dir)
+    print()
+    for name, s in results.items():
+        title = f"== {released_label(name)}: validation loss (row: after task, column: task)"
+        print(run_report(s, title=title))
+        print()
+    print(comparison_table([(released_label(n), s) for n, s in results.items()]))
+    print()
+    table = released_table(released_rows(results, merge))
+    print(table)
+    steps = next(iter(results.values()))["steps"]
+    seq = results.get("sequential")
+    print(
+        f"\n{spec.title} ({spec.architecture}), {spec.note}: the 'before' losses are those of "
+        f"the dequantized weights. {RELEASED_EVAL_ONLY} = English Wikipedia summaries, never "
+        f"trained; {RELEASED_EVAL_ONLY} forgot = its loss at the end − before (positive = "
+        f"forgot). {RELEASED_TASKS[0]} forgot = final − best earlier loss; retained = mean "
+        f"final loss on {' and '.join(RELEASED_TASKS)}. Proxy seed: {RELEASED_SEED_TOKENS} "
+        f"tokens of the English Debian docs; self seed: {RELEASED_SEED_TOKENS} tokens sampled "
+        "from the starting model, prompted with 8-token prefixes of English documents. "
+        f"Reptile: k={RELEASED_REPTILE_K}, ε={RELEASED_REPTILE_EPSILON} over {steps} steps."
+    )
+    if seq is not None:
+        f = seq["eval_only_forgetting"][RELEASED_EVAL_ONLY]
+        print(
+            f"Sequential: {RELEASED_EVAL_ONLY} loss {seq['loss_before'][RELEASED_EVAL_ONLY]:.3f}"
+            f" → {seq['loss_matrix'][-1][len(RELEASED_TASKS)]:.3f} ({f:+.3f})."
+        )
+    if seq is not None:
+        before = seq["loss_before"][RELEASED_EVAL_ONLY]
+        best = min(merge["rows"], key=lambda r: r["val_loss"][RELEASED_EVAL_ONLY])
+        if best["val_loss"][RELEASED_EVAL_ONLY] < before:
+            print(
+                f"Merge λ={best['lambda']:g}: {RELEASED_EVAL_ONLY} "
+                f"{best['val_loss'][RELEASED_EVAL_ONLY]:.3f}, below the starting model's "
+                f"{before:.3f}: a small move from the start helps English too (the weights' "
+                "quantization noise, documents framed by EOS for an instruct model), so "
+                "forgetting shows once training moves further."
+            )
+    proxy, own = results.get("replay-25-proxy"), results.get("replay-25-self")
+    if proxy is not None and own is not None:
+        a = proxy["eval_only_forgetting"][RELEASED_EVAL_ONLY]
+        b = own["eval_only_forgetting"][RELEASED_EVAL_ONLY]
+        verdict = (
+            "both protect English about equally"
+            if abs(a - b) < 0.01
+            else f"the {'self' if b < a else 'proxy'} seed protects English better here"
+        )
+        print(
+            f"{RELEASED_EVAL_ONLY} forgetting with replay 25%: proxy seed {a:+.3f}, self seed "
+            f"{b:+.3f}: {verdict} (one seed of one run each)."
+        )
+    table_path = runs_dir / "table.txt"
+    atomic_write_text(table_path, table + "\n")
+    scores = _released_downstream(configs, runs_dir, data_dir, model_dir)
+    report = write_report([runs_dir], runs_dir / "report")
+    print(f"released demo finished in {time.perf_counter() - t0:.0f} s; runs in {runs_dir}")
+    print(f"table: {table_path}; merge curve: {Path(configs['sequential'].run_dir) / 'merge'}")
+    print(f"report: {report}")
+    print(f"downstream scores: {scores}")
+    print(f"downstream: {scores}")
+    return results
