@@ -160,9 +160,15 @@ def test_sweep_report_has_every_table_and_figure(tmp_path):
 
 
 def test_figures_are_not_blank(tmp_path):
-    make_sweep(tmp_path / "s", seeds=(0, 1))
+    make_sweep(tmp_path / "s", seeds=(0, 1), grad_cos=True)
     write_report([tmp_path / "s"], tmp_path / "out")
-    for png in (tmp_path / "out" / "figures").glob("*.png"):
+    # Named, not globbed: a report that drew no figure at all must fail here, not pass.
+    expected = ("forgetting", "val_curves", "union_curves", "scaling_flops", "scaling_params",
+                "grad_alignment")
+    figs = tmp_path / "out" / "figures"
+    assert sorted(p.stem for p in figs.glob("*.png")) == sorted(expected)
+    for name in expected:
+        png = figs / f"{name}.png"
         img = imread(png)
         assert img.shape[0] > 100 and img.shape[1] > 100
         assert img[..., :3].std() > 0.05, png.name

@@ -21,8 +21,10 @@ import numpy as np
 
 from cptrain.config import METHODS
 from cptrain.models.presets import PRESETS
-from cptrain.report.document import Figure, Run, Section, Table, axes_text, precision_caution
+from cptrain.report.blocks import Figure, Section, Table
 from cptrain.report.figures import heatmap_figure, ratio_figure
+from cptrain.report.runs import Run, axes_text
+from cptrain.report.sections import precision_caution
 from cptrain.report.stats import (
     LEVEL,
     METHOD,
@@ -30,6 +32,7 @@ from cptrain.report.stats import (
     adjust_tests,
     cell,
     family_note,
+    fmt,
     mean_ci,
     n_note,
     p_text,
@@ -38,7 +41,6 @@ from cptrain.report.stats import (
     verdict,
     welch_test,
 )
-from cptrain.report.stats import fmt as _fmt
 
 NO_TEST = Comparison(None, math.nan, math.nan, 0)  # an empty cell of the map
 METRICS = (("retained_loss", "retained"), ("learned_loss", "learned"), ("forgetting", "forgetting"))
@@ -279,12 +281,12 @@ def replay_ratio_section(done: Sequence[Run], fig_dir: Path) -> Section | None:
             if a in by_alpha:
                 (om, oh), (nm, nh) = final(by_alpha[a], 0), final(by_alpha[a], 1)
                 ref = IBRAHIM.get(a)
-                rows.append([tag, f"{a:g}", str(len(by_alpha[a])), _fmt(om, oh), _fmt(nm, nh),
+                rows.append([tag, f"{a:g}", str(len(by_alpha[a])), fmt(om, oh), fmt(nm, nh),
                              f"{ref[0]:.2f} / {ref[1]:.2f}" if ref else "–"])
     for (preset, order), runs in sorted(joint.items()):
         (om, oh), (nm, nh) = final(runs, 0), final(runs, 1)
         rows.append([f"{preset} {'→'.join(order)} joint (union)", "–", str(len(runs)),
-                     _fmt(om, oh), _fmt(nm, nh),
+                     fmt(om, oh), fmt(nm, nh),
                      f"{IBRAHIM_UNION[0]:.2f} / {IBRAHIM_UNION[1]:.2f}"])
         for s in series.values():
             s.setdefault("joint", [(math.nan, om, oh), (math.nan, nm, nh)])
@@ -362,7 +364,7 @@ def size_vs_replay_section(done: Sequence[Run]) -> Section | None:
             row = [f"{small} α={a:g}", f"{fpt(runs) / fpt(s0):.2f}×", f"{fpt(l0) / fpt(s0):.2f}×"]
             for k in keys:
                 tk, pk = tests[k][i], adj[k][i]
-                row += [_fmt(tk.mean, tk.half, signed=True),
+                row += [fmt(tk.mean, tk.half, signed=True),
                         verdict(tk, pk) + (f" ({p_text(pk)})" if math.isfinite(pk) else "")]
             rows.append(row)
         if rows:
