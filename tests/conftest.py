@@ -143,21 +143,25 @@ def with_tokenizer(model_dir: Path, prepared: Path) -> Path:
 
 def read_metrics(run_dir: Path | str, kind: str | None = None) -> list[dict[str, Any]]:
     """The records of a run's metrics.jsonl (only those of ``type == kind`` when given)."""
-    lines = (Path(run_dir) / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
-    records = [json.loads(line) for line in lines]
-    return [r for r in records if kind is None or r.get("type") == kind]
+    from cptrain.rundir.run_dir import RunDir
+
+    return [r for r in RunDir.open(run_dir).records() if kind is None or r.get("type") == kind]
 
 
 def read_summary(run_dir: Path | str) -> dict[str, Any]:
-    """A run's summary.json."""
-    return json.loads((Path(run_dir) / "summary.json").read_text(encoding="utf-8"))
+    """A run's summary, read as every command reads it."""
+    from cptrain.rundir.run_dir import RunDir
+
+    return RunDir.open(run_dir).summary()
 
 
 def model_after(run_dir: Path | str, task: int) -> dict[str, Any]:
     """The weights a run exported after its task number ``task`` (name -> tensor)."""
     from safetensors.torch import load_file
 
-    (model_dir,) = sorted((Path(run_dir) / "models").glob(f"after_{task}_*"))
+    from cptrain.rundir.run_dir import RunDir
+
+    model_dir = RunDir.open(run_dir).task_models()[task]
     return load_file(model_dir / "model.safetensors")
 
 

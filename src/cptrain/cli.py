@@ -61,6 +61,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     data = preflight(cfg, mode)  # data and run-directory mistakes, still without torch
     from cptrain.report.tables import run_report
+    from cptrain.rundir.run_dir import RunDir
     from cptrain.train import train
 
     summary = train(
@@ -75,7 +76,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(run_report(summary, title=f"run {cfg.run_dir}: validation loss"))
     if line := compute_line(summary):
         print(line)
-    print(f"summary: {Path(cfg.run_dir) / 'summary.json'}")
+    print(f"summary: {RunDir(Path(cfg.run_dir)).summary_path}")
     return 0
 
 
@@ -108,13 +109,10 @@ def compute_line(summary: dict) -> str | None:
 
 
 def _read_summary(run: Path) -> dict:
-    path = run / "summary.json" if run.is_dir() else run
-    if not path.is_file():
-        raise ConfigError(f"{run}: no summary.json; pass a run directory made by `cptrain train`")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
-        raise ConfigError(f"{path}: damaged summary.json (not JSON); re-run the run") from None
+    from cptrain.rundir.run_dir import RunDir
+    from cptrain.rundir.summary import read_summary
+
+    return RunDir(run).summary() if run.is_dir() or not run.suffix else read_summary(run)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -132,7 +130,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from cptrain.train.run_dir import require_finished
+    from cptrain.rundir.run_dir import require_finished
 
     require_finished(Path(args.run))  # before torch is imported: a wrong path fails at once
     from cptrain.evaluation.merge import merge_table, parse_lambdas, write_merge
@@ -190,7 +188,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from cptrain.train.run_dir import check_run_dirs
+    from cptrain.rundir.run_dir import check_run_dirs
 
     dirs = [Path(d) for d in args.dirs]
     check_run_dirs(dirs)  # a mistyped path fails in a blink: the report's imports take seconds

@@ -23,6 +23,7 @@ from cptrain import checkpoint as ckpt
 from cptrain.checkpoint import compat
 from cptrain.config import RunConfig, load_run_config
 from cptrain.errors import ConfigError, CptrainError
+from cptrain.rundir.run_dir import RunDir
 
 Status = Literal["ok", "damaged", "note"]
 _LABEL = {"ok": "ok", "damaged": "DAMAGED", "note": "note"}
@@ -436,7 +437,4 @@ def _conclude(
 
 
 def _finished(run_dir: Path) -> bool:
-    try:
-        return bool(json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))["complete"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
+    return RunDir(run_dir).finished()

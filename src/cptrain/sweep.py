@@ -27,12 +27,13 @@ from typing import Any
 
 from pydantic import Field, field_validator
 
-from cptrain.checkpoint.layout import list_checkpoints
 from cptrain.config import METHODS, RunConfig, config_differences
 from cptrain.config_base import StrictModel, apply_overrides, build_config, read_yaml, set_path
 from cptrain.errors import ConfigError
 from cptrain.fsutil import atomic_write_json
 from cptrain.models.presets import PRESETS
+from cptrain.rundir.layout import list_checkpoints
+from cptrain.rundir.run_dir import RunDir
 
 MANIFEST = "sweep.json"
 
@@ -145,12 +146,10 @@ class SweepRun:
 
     def status(self) -> str:
         """done | resume | new (or started: a directory without any checkpoint yet)."""
-        summary = self.run_dir / "summary.json"
-        if summary.is_file():
-            with contextlib.suppress(ValueError, OSError):
-                if json.loads(summary.read_text(encoding="utf-8")).get("complete"):
-                    return "done"
-        if any((self.run_dir / "checkpoints").glob("step_*")):
+        run = RunDir(self.run_dir)
+        if run.finished():
+            return "done"
+        if run.checkpoints():
             return "resume"
         return "started" if self.run_dir.exists() else "new"
 
@@ -305,7 +304,7 @@ def _check_labels(grid: SweepGrid, labels: set[str]) -> None:
 
 def _changed(run: SweepRun) -> list[str]:
     """How a finished run's settings differ from what the sweep file asks of it now."""
-    summary = json.loads((run.run_dir / "summary.json").read_text(encoding="utf-8"))
+    summary = RunDir(run.run_dir).summary()
     diffs = config_differences(summary.get("config", {}), run.config.model_dump(mode="json"))
     return [d for d in diffs if not d.startswith("run_dir:")]  # a moved sweep is still valid
 

@@ -20,16 +20,10 @@ import yaml
 
 from cptrain.data.prepare import load_prepared_tokenizer, open_split
 from cptrain.errors import CheckpointError, ConfigError, DataError, EnvironmentProblem
-from cptrain.evaluation.downstream import (
-    build_local_tasks,
-    held_out_documents,
-    make_bpb_docs,
-    make_choice_items,
-    offline_mode,
-    resolve_target,
-    run_downstream,
-    token_counter,
-)
+from cptrain.evaluation.downstream import offline_mode, run_downstream
+from cptrain.evaluation.local_tasks import build_local_tasks, held_out_documents
+from cptrain.evaluation.targets import resolve_target, token_counter
+from cptrain.evaluation.task_items import make_bpb_docs, make_choice_items
 from cptrain.models.build import build_model
 
 pytest.importorskip("lm_eval")

@@ -4,7 +4,7 @@ with ``cptrain doctor`` (``compat``), the one Hugging Face export (``export``) a
 
 from typing import Any
 
-from cptrain.checkpoint.layout import list_checkpoints
+from cptrain.rundir.layout import list_checkpoints
 
 
 def __getattr__(name: str) -> Any:

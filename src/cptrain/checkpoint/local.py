@@ -33,8 +33,8 @@ from safetensors.torch import load, load_file
 from safetensors.torch import save as safetensors_bytes
 
 from cptrain import fsutil
-from cptrain.checkpoint.layout import _STEP_DIR, list_checkpoints
 from cptrain.errors import CheckpointError, EnvironmentProblem
+from cptrain.rundir.layout import STEP_DIR, list_checkpoints
 
 FORMAT = "cptrain-checkpoint-v1"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -284,7 +284,7 @@ def verify(path: Path, *, full: bool = True) -> str | None:
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError,
             AttributeError):
         return "MANIFEST.json is damaged"
-    name = _STEP_DIR.match(path.name)
+    name = STEP_DIR.match(path.name)
     if name and int(name.group(1)) != step:
         return f"MANIFEST.json is for step {step}, not {int(name.group(1))}"
     listed = {rel for rel, _, _ in entries}

@@ -15,9 +15,9 @@ from typing import Any, Protocol
 import torch
 
 from cptrain.checkpoint import compat, local, sharded
-from cptrain.checkpoint.layout import no_checkpoint
 from cptrain.distributed import DistEnv
 from cptrain.errors import CheckpointError
+from cptrain.rundir.layout import no_checkpoint
 
 
 class Stateful(Protocol):

@@ -10,7 +10,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from cptrain.evaluation.downstream import bpb_task_name, choice_task_name, run_downstream
+from cptrain.evaluation.downstream import run_downstream
+from cptrain.evaluation.local_tasks import bpb_task_name, choice_task_name
 
 
 def before_after_scores(

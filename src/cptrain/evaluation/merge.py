@@ -10,7 +10,6 @@ runs (other run directories next to RUN on the same tasks) are drawn as points o
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,8 @@ import torch
 from cptrain import fsutil
 from cptrain.config import RunConfig, load_run_config, result_settings
 from cptrain.errors import CheckpointError, ConfigError
-from cptrain.train.run_dir import require_finished
+from cptrain.rundir import layout
+from cptrain.rundir.run_dir import RunDir, require_finished
 
 DEFAULT_LAMBDAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
@@ -36,16 +36,16 @@ def parse_lambdas(text: str) -> list[float]:
 
 
 def _trained_precision(run: Path, cfg: RunConfig) -> str:
-    """The precision the run trained in: what `auto` resolved to is in summary.json."""
+    """The precision the run trained in: what `auto` resolved to is in the run's summary."""
     try:
-        return str(json.loads((run / "summary.json").read_text())["precision"])
-    except (OSError, ValueError, KeyError):
+        return str(RunDir(run).summary()["precision"])
+    except (ConfigError, KeyError):
         return cfg.train.precision
 
 
 def _final_model_dir(run: Path, cfg: RunConfig) -> Path:
     last = len(cfg.data.tasks) - 1
-    out = run / "models" / f"after_{last}_{cfg.data.tasks[last].name}"
+    out = RunDir(run).task_model_dir(last, cfg.data.tasks[last].name)
     if not (out / "config.json").is_file():
         raise ConfigError(f"{run}: no {out.name} model (the run is not finished); finish it first")
     return out
@@ -63,14 +63,14 @@ def merge_losses(
     run: Path, lambdas: list[float], summary: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     """Every task's loss at θ_start + λ(θ_final − θ_start) for each λ; ``summary`` is the run's
-    summary.json (read here when not given)."""
+    summary (read here when not given)."""
     from cptrain.evaluation.losses import evaluate_tasks
     from cptrain.models.build import load_pretrained, model_for_run
     from cptrain.train.data import TrainingData
 
-    cfg = load_run_config(run / "config.yaml")
+    cfg = load_run_config(run / layout.CONFIG)
     if summary is None:
-        summary = json.loads((run / "summary.json").read_text(encoding="utf-8"))
+        summary = RunDir(run).summary()
     data = TrainingData(cfg)
     start = model_for_run(
         cfg.model.preset,
@@ -138,10 +138,13 @@ def _siblings(
     in the method alone."""
     mine = _start_and_budget(config)
     out = []
-    for other in sorted(run.parent.glob("*/summary.json")):
+    for other in sorted(run.parent.glob(f"*/{layout.SUMMARY}")):
         if other.parent.resolve() == run.resolve():
             continue
-        s = json.loads(other.read_text(encoding="utf-8"))
+        try:
+            s = RunDir(other.parent).summary()
+        except ConfigError:
+            continue  # a damaged neighbour is no sibling
         cols = [*s.get("tasks", []), *(s.get("eval_only") or [])]
         if (cols == columns and s.get("complete") and s.get("loss_matrix")
                 and _start_and_budget(s.get("config") or {}) == mine):
@@ -153,7 +156,7 @@ def write_merge(run: Path, lambdas: list[float]) -> Path:
     """Evaluate the merges, write merge.json, merge.md and merge.png under RUN/merge/."""
     run = Path(run)
     require_finished(run)
-    summary = json.loads((run / "summary.json").read_text(encoding="utf-8"))
+    summary = RunDir(run).summary()
     result = merge_losses(run, lambdas, summary)
     old, new = domains(summary)
     for row in result["rows"]:

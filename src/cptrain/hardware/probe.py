@@ -54,8 +54,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from cptrain.hardware.cache import CACHE_ENV, CACHE_FILE, Measurement, Timed, cache_path, spread
 from cptrain.hardware import cache
+from cptrain.hardware.cache import CACHE_ENV, CACHE_FILE, Measurement, Timed, cache_path, spread
 
 if TYPE_CHECKING:
     from cptrain.config import RunConfig

@@ -25,7 +25,7 @@ from cptrain.report import studies
 from cptrain.report.blocks import Section, render
 from cptrain.report.compute import compute_section, scaling_section
 from cptrain.report.curves import alignment_section, curve_section
-from cptrain.report.runs import Groups, check_dirs, collect_runs, sweep_baseline
+from cptrain.report.runs import Groups, collect_runs, sweep_baseline
 from cptrain.report.sections import (
     downstream_section,
     loss_matrices,
@@ -34,6 +34,7 @@ from cptrain.report.sections import (
     runs_table,
 )
 from cptrain.report.stats import mean_ci
+from cptrain.rundir.run_dir import check_run_dirs
 
 # Imported from here by the CLI, the demo and the tests.
 __all__ = ["build_sections", "collect_runs", "mean_ci", "write_report"]
@@ -63,7 +64,7 @@ def write_report(dirs: Sequence[Path], out_dir: Path) -> Path:
     """Write ``out_dir/report.md``, ``out_dir/report.html`` and ``out_dir/figures/``; returns
     the HTML path."""
     out_dir = Path(out_dir)
-    check_dirs(dirs)  # before out_dir (often inside the first of them) is made
+    check_run_dirs(dirs)  # before out_dir (often inside the first of them) is made
     fig_dir = out_dir / "figures"
     made = not out_dir.exists()
     fig_dir.mkdir(parents=True, exist_ok=True)

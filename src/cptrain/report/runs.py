@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -21,6 +20,8 @@ from cptrain.models.presets import PRESETS
 from cptrain.replay.mixer import effective_alpha
 from cptrain.report.blocks import Table
 from cptrain.report.stats import fmt, mean_ci
+from cptrain.rundir import layout
+from cptrain.rundir.run_dir import RunDir, check_run_dirs, find_runs
 
 
 @dataclass
@@ -69,26 +70,12 @@ class Run:
 
     @cached_property
     def records(self) -> list[dict[str, Any]]:
-        path = self.dir / "metrics.jsonl"
-        out: list[dict[str, Any]] = []
-        if not path.is_file():
-            return out
-        for line in path.read_text(encoding="utf-8").splitlines():
-            with contextlib.suppress(json.JSONDecodeError):
-                rec = json.loads(line)
-                if isinstance(rec, dict):
-                    out.append(rec)
-        return out
+        return RunDir(self.dir).records()
 
     @cached_property
     def downstream(self) -> dict[str, dict[str, float]]:
         """Scores of the run's final model (``downstream/<model>.json``), if evaluated."""
-        files = sorted((self.dir / "downstream").glob("after_*.json"),
-                       key=lambda p: _task_index(p.stem))
-        for f in reversed(files):
-            with contextlib.suppress(OSError, ValueError):
-                return dict(json.loads(f.read_text(encoding="utf-8")).get("tasks", {}))
-        return {}
+        return RunDir(self.dir).downstream_results()
 
     def point(self) -> dict[str, Any]:
         """The run as one row for scaling fits and tables."""
@@ -111,11 +98,6 @@ def axes_text(axes: dict[str, Any]) -> str:
                     else f"{k}={v}" for k, v in axes.items())
 
 
-def _task_index(stem: str) -> int:
-    parts = stem.split("_")
-    return int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else -1
-
-
 def _infer_method(cfg: dict[str, Any]) -> str:
     """The config's method, or for a config without one the method its keys amount to."""
     if cfg.get("method"):
@@ -131,17 +113,6 @@ def _infer_method(cfg: dict[str, Any]) -> str:
 def _method_label(method: str) -> str:
     spec = METHODS.get(method)
     return spec.label if spec is not None else method
-
-
-def _summary_files(root: Path) -> Iterator[Path]:
-    """summary.json of ``root`` or of the runs below it; a run's own subfolders are not searched
-    (its checkpoints and exported models are not runs)."""
-    for dirpath, dirnames, filenames in os.walk(root):
-        if "summary.json" in filenames:
-            dirnames.clear()
-            yield Path(dirpath) / "summary.json"
-        else:  # a restarted run's earlier attempts (<run_dir>/attempts/<n>/) are not runs
-            dirnames[:] = sorted(d for d in dirnames if d != "attempts")
 
 
 def _sweep_manifest(root: Path) -> dict[str, Any]:
@@ -161,35 +132,26 @@ def sweep_baseline(dirs: Sequence[Path]) -> str | None:
     return next((b for d in dirs if (b := _sweep_manifest(Path(d)).get("baseline"))), None)
 
 
-def check_dirs(dirs: Sequence[Path]) -> None:
-    """ConfigError for an argument that is not a directory, before any output is made. The
-    CLI makes the same check before its slow imports; this copy keeps report/ free of the
-    training package."""
-    for root in map(Path, dirs):
-        if not root.is_dir():
-            raise ConfigError(f"{root} is not a directory; pass run or sweep directories")
-
-
 def collect_runs(dirs: Sequence[Path]) -> tuple[list[Run], list[str]]:
     """Every run under ``dirs`` (run or sweep directories) and notes on what was skipped."""
     runs: list[Run] = []
     notes: list[str] = []
-    check_dirs(dirs)
+    check_run_dirs(dirs)
     for root in map(Path, dirs):
         labels = _sweep_labels(root)
-        for f in _summary_files(root):
+        for run in find_runs(root):
             try:
-                s = json.loads(f.read_text(encoding="utf-8"))
+                s = run.summary()
                 cfg = s["config"]
                 s["loss_matrix"], s["tasks"]  # noqa: B018 - required keys
-            except (OSError, ValueError, KeyError, TypeError):
-                notes.append(f"{f}: unreadable summary.json, skipped")
+            except (ConfigError, KeyError):
+                notes.append(f"{run.summary_path}: unreadable {layout.SUMMARY}, skipped")
                 continue
             method = _infer_method(cfg)
-            name = f.parent.name
+            name = run.path.name
             coords = labels.get(name, {})
             runs.append(Run(
-                name=name, dir=f.parent, summary=s,
+                name=name, dir=run.path, summary=s,
                 label=str(coords.get("label") or _method_label(method)),
                 method=method,
                 alpha=float(cfg.get("replay", {}).get("alpha", 0.0)),
@@ -199,7 +161,7 @@ def collect_runs(dirs: Sequence[Path]) -> tuple[list[Run], list[str]]:
             ))
     if not runs:
         raise ConfigError(
-            f"no runs found under {', '.join(map(str, dirs))} (no summary.json); pass the "
+            f"no runs found under {', '.join(map(str, dirs))} (no {layout.SUMMARY}); pass the "
             "directories of `cptrain train` or `cptrain sweep`"
         )
     notes += _keep_settings_apart(runs)

@@ -8,8 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from cptrain.config import RunConfig
+from cptrain.rundir.run_dir import StartMode, check_start
 from cptrain.train.data import TrainingData
-from cptrain.train.run_dir import StartMode, check_start
 
 
 def preflight(cfg: RunConfig, mode: StartMode) -> TrainingData:

@@ -30,12 +30,12 @@ from cptrain.evaluation.losses import evaluate_tasks, token_loss
 from cptrain.hardware.cache import cpu_threads
 from cptrain.hardware.probe import resolved_config, run_precision
 from cptrain.models.build import count_parameters, model_for_run
+from cptrain.rundir.run_dir import RunDir, StartMode
 from cptrain.train import hooks as H
 from cptrain.train.batches import BatchPlan, make_sampler
 from cptrain.train.data import TrainingData
 from cptrain.train.diagnostics import GradientDiagnostics
 from cptrain.train.optim import build_optimizer
-from cptrain.train.run_dir import RunDir, StartMode
 from cptrain.train.schedule import Schedule
 from cptrain.train.seed import seed_buffer
 from cptrain.train.state import TrainerState
@@ -69,10 +69,10 @@ class Trainer:
         self.env = init_distributed(cfg.distributed)
         self._open_data(data)  # data and model first: their errors leave no run directory
         self._build_model()
-        self.run_dir, resume = RunDir.open(Path(cfg.run_dir), self.env, resume)
+        self.run_dir, resume = RunDir.start(Path(cfg.run_dir), self.env, resume)
         self.optimizer = build_optimizer(self.model, cfg.train, self.schedule.lr(0))
         self.checkpoints = CheckpointManager(
-            self.run_dir.checkpoints,
+            self.run_dir.checkpoint_root,
             self.env,
             model=self.model,
             optimizer=self.optimizer,
