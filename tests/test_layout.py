@@ -28,3 +28,30 @@ def test_only_fsutil_renames_into_place_and_fsyncs():
         if pattern.search(line)
     ]
     assert offenders == []
+
+
+def test_import_contracts_hold(tmp_path, capsys):
+    """pyproject.toml's import-linter contracts: the layers, report/ free of torch, train/ and
+    checkpoint/, torch-free configs and run directory, no cycle inside any package."""
+    from importlinter.cli import lint_imports
+
+    pyproject = SRC.parents[1] / "pyproject.toml"
+    code = lint_imports(config_filename=str(pyproject), cache_dir=str(tmp_path), no_logo=True)
+    assert code == 0, capsys.readouterr().out
+
+
+def test_the_top_level_holds_few_modules_beside_the_packages():
+    loose = sorted(p.name for p in SRC.glob("*.py"))
+    assert len(loose) <= 12, loose
+
+
+def test_no_module_over_600_lines_and_no_class_over_400():
+    long_modules, long_classes = [], []
+    for path in SRC.rglob("*.py"):
+        text = path.read_text(encoding="utf-8")
+        if len(text.splitlines()) > 600:
+            long_modules.append(str(path.relative_to(SRC)))
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.ClassDef) and node.end_lineno - node.lineno + 1 > 400:
+                long_classes.append(f"{path.relative_to(SRC)}:{node.name}")
+    assert long_modules == [] and long_classes == []

@@ -133,7 +133,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from cptrain.rundir.run_dir import require_finished
 
     require_finished(Path(args.run))  # before torch is imported: a wrong path fails at once
-    from cptrain.evaluation.merge import merge_table, parse_lambdas, write_merge
+    from cptrain.merge import merge_table, parse_lambdas, write_merge
 
     lambdas = parse_lambdas(args.lambdas)
     out = write_merge(Path(args.run), lambdas)

@@ -18,7 +18,7 @@ from cptrain.cli import main
 from cptrain.data.prepare import load_prepared_tokenizer
 from cptrain.errors import ConfigError
 from cptrain.models.build import build_model
-from cptrain.models.fetch import FORMAT, MANIFEST
+from cptrain.models.registry import FORMAT, MANIFEST
 from cptrain.train import Trainer, train
 from cptrain.train.hooks import TensorBoard, after_the_newest_event_file
 from cptrain.train.state import TrainerState
@@ -330,7 +330,7 @@ def test_exports_carry_eos_architectures_dtype_and_generation_defaults(make_conf
 
 def test_a_card_names_the_hub_id_the_replay_seed_and_a_half_precision_base(make_config,
                                                                           tmp_path):
-    from cptrain.models.fetch import FORMAT, MANIFEST
+    from cptrain.models.registry import FORMAT, MANIFEST
 
     known = tmp_path / "smollm2"
     known.mkdir()

@@ -1,2 +1,2 @@
-"""Evaluation: validation losses per task, continual-learning metrics, lm-evaluation-harness
-(downstream), and weight interpolation with the start model (merge)."""
+"""Evaluation: validation losses per task, continual-learning metrics and lm-evaluation-harness
+(downstream) with its offline tasks."""

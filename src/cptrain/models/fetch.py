@@ -28,10 +28,8 @@ from typing import Any
 
 from cptrain import fsutil
 from cptrain.errors import CheckpointError, ConfigError, EnvironmentProblem
-from cptrain.models.registry import KnownModel, known_model
+from cptrain.models.registry import FORMAT, MANIFEST, KnownModel, known_model
 
-MANIFEST = "MANIFEST.json"
-FORMAT = "cptrain-released-model-v1"
 _TMP_TAG = "fetch"
 
 

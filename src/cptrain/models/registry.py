@@ -8,6 +8,10 @@ from dataclasses import dataclass
 
 from cptrain.errors import ConfigError
 
+# A fetched model directory's manifest (source, licence, checksums), read by fetch and cards.
+MANIFEST = "MANIFEST.json"
+FORMAT = "cptrain-released-model-v1"
+
 
 @dataclass(frozen=True)
 class KnownModel:

@@ -22,9 +22,8 @@ from cptrain.config import RunConfig
 from cptrain.config_base import build_config
 from cptrain.errors import CptrainError
 from cptrain.evaluation import metrics
-from cptrain.models.fetch import FORMAT, MANIFEST
 from cptrain.models.presets import DEFAULT_LR
-from cptrain.models.registry import KNOWN_MODELS
+from cptrain.models.registry import FORMAT, KNOWN_MODELS, MANIFEST
 from cptrain.replay.mixer import mix_counts
 from cptrain.report.tables import loss_matrix_table, metrics_line
 
