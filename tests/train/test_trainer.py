@@ -160,6 +160,9 @@ def test_run_dir_reuse_and_resume_errors(reference, make_config, prepared_dir):
     )
     with pytest.raises(CheckpointError, match="model.init_from: checkpoint has None"):
         Trainer(other, resume=True, progress=False)
+    # A refused resume leaves every checkpoint (the changed configs keep_last 2, the run 3).
+    kept = ckpt.list_checkpoints(Path(cfg.run_dir) / "checkpoints")
+    assert len(kept) == cfg.checkpoint.keep_last > changed.checkpoint.keep_last
 
 
 def test_checkpoint_resume_picks_newest_complete(reference, tmp_path):

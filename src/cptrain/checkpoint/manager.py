@@ -91,10 +91,6 @@ class CheckpointManager:
             for reason in skipped:
                 print(f"skipping damaged or incomplete checkpoint {reason}")
             found = str(path) if path is not None else None
-            if path is not None:
-                # Temporary directories of saves that a kill interrupted go now; a resume of a
-                # run that had already finished would otherwise never save (and prune) again.
-                local.prune(self.root, self.keep_last, protect=path)
         found = self.env.broadcast_object(found)
         if found is None:
             raise no_checkpoint(self.root)
@@ -139,6 +135,12 @@ class CheckpointManager:
             data_dir=data_dir,
             allow_config_change=allow_config_change,
         )
+        if self.env.is_main:
+            # Only once the resume is accepted: a refused one (another config, its keep_last
+            # among it) must leave every checkpoint where it was. Temporary directories of
+            # saves that a kill interrupted go now; a resume of a run that had already
+            # finished would otherwise never save (and prune) again.
+            local.prune(self.root, self.keep_last, protect=path)
         return path, state
 
     @staticmethod
