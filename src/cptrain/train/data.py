@@ -9,6 +9,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from cptrain.config import RunConfig
 from cptrain.data.prepare import load_prepared, load_prepared_tokenizer, open_split
 from cptrain.data.shards import ShardSet
@@ -69,6 +71,16 @@ class TrainingData:
         counts = [len(eval_indices(self.val_sets[n].num_windows(self.window_len), windows))
                   for n in losses]
         return metrics.union_loss(list(losses.values()), counts)
+
+    def check_token_ids(self, rows: np.ndarray, task_idx: int, vocab_size: int) -> None:
+        """DataError when a row holds an id the model cannot embed (shards of another
+        tokenizer than the model's)."""
+        top = int(rows.max())
+        if top >= vocab_size:
+            raise DataError(
+                f"token id {top} in task {self.task_names[task_idx]} is >= the model's vocabulary "
+                f"({vocab_size}); the shards do not match the model's tokenizer"
+            )
 
     @property
     def separators(self) -> tuple[int | None, int | None]:

@@ -316,48 +316,6 @@ def _losses(losses: dict[str, float]) -> str:
     return ", ".join(f"{k} {v:.3f}" for k, v in losses.items())
 
 
-class PeriodicEval(Hook):
-    """``eval.every``: extra evaluations inside tasks (task ends are always evaluated). Each
-    is kept in the trainer state's ``eval_history``, which forgetting counts."""
-
-    def __init__(self, every: int):
-        self.every = every
-
-    def on_step_end(self, trainer: Trainer, record: dict[str, Any]) -> None:
-        if self.every and not trainer.at_task_end and trainer.state.step % self.every == 0:
-            losses = trainer.evaluate("eval")
-            trainer.state.record_eval([losses[n] for n in trainer.data.columns])
-
-
-class CheckpointInterval(Hook):
-    """``checkpoint.every``: checkpoints inside tasks (task ends always save)."""
-
-    def on_step_end(self, trainer: Trainer, record: dict[str, Any]) -> None:
-        if not trainer.at_task_end and trainer.checkpoints.should_save(trainer.state.step):
-            trainer.save()
-
-
-class TaskExport(Hook):
-    """The weights after each task: ``models/after_<i>_<task>/`` (from_pretrained, lm-eval),
-    with a Hugging Face model card (``README.md``: base model, data, method, loss matrix so
-    far) written inside the export's temporary directory, so it appears with the weights."""
-
-    def on_task_end(self, trainer: Trainer, task: int, losses: dict[str, float]) -> None:
-        from cptrain.checkpoint.export import model_card
-
-        card = model_card(trainer.cfg.model_dump(mode="json"), trainer.state.state_dict())
-        trainer.export(trainer.run_dir.task_model_dir(task, trainer.task_names[task]), card)
-
-
-class ReptileBoundary(Hook):
-    """``reptile.reset_at_task_boundary`` (and ``variant: official``): a new meta-period, or
-    anchor, when a new task starts."""
-
-    def on_task_start(self, trainer: Trainer, task: int) -> None:
-        if task > 0 and trainer.reptile is not None:
-            trainer.reptile.on_task_boundary(trainer.optimizer)
-
-
 def after_the_newest_event_file(log_dir: Path, max_wait_s: float = 1.5) -> None:
     """Waits, if need be, until a new event file's name sorts after every one in ``log_dir``.
 

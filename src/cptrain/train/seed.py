@@ -1,10 +1,12 @@
-"""Fill the replay buffer before the first task (``replay.seed``): rows that stand in for the
-starting model's pre-training data, from a prepared proxy task or sampled from the model."""
+"""A run's replay buffer: opened where the run keeps it, and filled before the first task
+(``replay.seed``) with rows that stand in for the starting model's pre-training data, from a
+prepared proxy task or sampled from the model."""
 
 from __future__ import annotations
 
 import contextlib
 import shutil
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cptrain.data.prepare import load_prepared_tokenizer, open_split
@@ -13,7 +15,27 @@ from cptrain.replay import seeding
 from cptrain.replay.config import check_seed_tasks
 
 if TYPE_CHECKING:
+    from cptrain.replay.buffer import ReplayBuffer
     from cptrain.train.trainer import Trainer
+
+
+def open_buffer(trainer: Trainer) -> ReplayBuffer:
+    """The run's buffer (``replay.dir``, else ``<run_dir>/replay``; ``rank_<r>/`` per rank);
+    replayed windows are read back through the task streams."""
+    from cptrain.replay.buffer import ReplayBuffer
+
+    cfg, streams = trainer.cfg, trainer.streams
+    return ReplayBuffer(
+        cfg.replay,
+        Path(cfg.replay.dir) if cfg.replay.dir else trainer.run_dir.path / "replay",
+        row_len=trainer.data.window_len,
+        vocab_size=trainer.data.vocab_size,
+        seed=cfg.seed,
+        run_id=trainer.state.run_id,
+        rank=trainer.env.rank,
+        world_size=trainer.env.world_size,
+        resolver=lambda task_id, idx: streams[task_id].rows(idx),
+    )
 
 
 def seed_buffer(trainer: Trainer, progress: bool) -> None:

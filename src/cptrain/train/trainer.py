@@ -21,11 +21,10 @@ import numpy as np
 import torch
 from transformers.utils import logging as hf_logging
 
-from cptrain.checkpoint.export import export_model
+from cptrain.checkpoint.export import export_model, model_card
 from cptrain.checkpoint.manager import CheckpointManager
 from cptrain.config import RunConfig
 from cptrain.distributed import init_distributed, set_grad_sync, shutdown, wrap_model
-from cptrain.errors import DataError
 from cptrain.evaluation.losses import evaluate_tasks, token_loss
 from cptrain.hardware.cache import cpu_threads
 from cptrain.hardware.probe import resolved_config, run_precision
@@ -37,7 +36,7 @@ from cptrain.train.data import TrainingData
 from cptrain.train.diagnostics import GradientDiagnostics
 from cptrain.train.optim import build_optimizer
 from cptrain.train.schedule import Schedule
-from cptrain.train.seed import seed_buffer
+from cptrain.train.seed import open_buffer, seed_buffer
 from cptrain.train.state import TrainerState
 from cptrain.train.stop import StopRequest
 from cptrain.train.summary import run_summary
@@ -125,19 +124,7 @@ class Trainer:
         self.reptile = None
         self.clock = H.Throughput()
         if self.plan.n_replay > 0:
-            from cptrain.replay.buffer import ReplayBuffer
-
-            self.buffer = ReplayBuffer(
-                cfg.replay,
-                Path(cfg.replay.dir) if cfg.replay.dir else self.run_dir.path / "replay",
-                row_len=self.data.window_len,
-                vocab_size=self.data.vocab_size,
-                seed=cfg.seed,
-                run_id=self.state.run_id,
-                rank=self.env.rank,
-                world_size=self.env.world_size,
-                resolver=lambda task_id, idx: self.streams[task_id].rows(idx),
-            )
+            self.buffer = open_buffer(self)
         if cfg.reptile.enabled:
             from cptrain.train.reptile import Reptile
 
@@ -165,16 +152,14 @@ class Trainer:
             ck.register("replay", self.buffer, per_rank=True)
 
     def _builtin_hooks(self, progress: bool) -> list[H.Hook]:
+        # Observers only: what changes the run (evaluations, checkpoints, exports, Reptile's
+        # task boundary) the loop calls by name, so hooks in any order give the same run.
         return [
             self.diagnostics,
-            H.ReptileBoundary(),
             self.clock,
             H.MetricsLogger(),
             H.TensorBoard(self.cfg.logging.tensorboard, self.env.is_main),
             H.ProgressBar(progress),
-            H.PeriodicEval(self.cfg.eval.every),
-            H.CheckpointInterval(),
-            H.TaskExport(),
         ]
 
     # ---------------------------------------------------------------- resume
@@ -235,7 +220,7 @@ class Trainer:
             while not self.finished and not self._stopped():
                 t = self.state.task_idx
                 if self.state.task_step == 0:
-                    self._fire("on_task_start", t)
+                    self.start_task(t)
                 while self.state.task_step < self.plan.task_steps[t] and not self._stopped():
                     self.step(t)
                 if self.at_task_end:
@@ -265,11 +250,23 @@ class Trainer:
         self._fire("on_run_end")
         self.close()
 
+    def start_task(self, t: int) -> None:
+        if t > 0 and self.reptile is not None:  # reset_at_task_boundary, variant official
+            self.reptile.on_task_boundary(self.optimizer)
+        self._fire("on_task_start", t)
+
     def step(self, task_idx: int) -> dict[str, Any]:
-        """One optimizer step and what the hooks do after it (log, progress, eval, save)."""
+        """One optimizer step; hooks see it; then eval.every and checkpoint.every inside tasks
+        (task ends always evaluate and save: ``finish_task``)."""
         with self.clock.timed("step"):
             record = self.train_step(task_idx)
         self._fire("on_step_end", record)
+        step = self.state.step
+        if not self.at_task_end and self.cfg.eval.every and step % self.cfg.eval.every == 0:
+            losses = self.evaluate("eval")  # kept in eval_history, which forgetting counts
+            self.state.record_eval([losses[n] for n in self.data.columns])
+        if not self.at_task_end and self.checkpoints.should_save(step):
+            self.save()
         return record
 
     def train_step(self, task_idx: int) -> dict[str, Any]:
@@ -284,12 +281,7 @@ class Trainer:
                 self.state.step, self.plan.n_replay_local, current_task=task_idx
             )
         rows_np = fresh if replay is None or len(replay) == 0 else np.concatenate([fresh, replay])
-        top = int(rows_np.max())
-        if top >= self.model.config.vocab_size:
-            raise DataError(
-                f"token id {top} in task {self.task_names[task_idx]} is >= the model's vocabulary "
-                f"({self.model.config.vocab_size}); the shards do not match the model's tokenizer"
-            )
+        self.data.check_token_ids(rows_np, task_idx, self.model.config.vocab_size)
         extra: dict[str, Any] = {}
         with self.clock.timed("diagnostics"):  # measurements, not training: timed apart
             for hook in self.hooks:
@@ -352,9 +344,11 @@ class Trainer:
         return self.reptile.evaluated_weights() if self.reptile else nullcontext()
 
     def finish_task(self, t: int) -> None:
-        """Evaluate, fill the loss matrix row, let hooks export, then checkpoint."""
+        """Evaluate, fill the loss matrix row, export the task's model, then checkpoint."""
         losses = self.evaluate("task_end")
         self.state.loss_matrix.append([losses[n] for n in self.data.columns])
+        card = model_card(self.cfg.model_dump(mode="json"), self.state.state_dict())
+        self.export(self.run_dir.task_model_dir(t, self.task_names[t]), card)
         self._fire("on_task_end", t, losses)
         self.state.task_idx += 1
         self.state.task_step = 0
