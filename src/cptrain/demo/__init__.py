@@ -1,2 +1,3 @@
-"""The demos: the embedded multilingual corpus (sources, cleaning, build) and `cptrain demo`
-(embedded and released-model)."""
+"""The demos: the embedded multilingual corpus (``sources``, ``packages``, ``cleaning``,
+``manifest``, built by ``corpus``) and `cptrain demo` (``embedded``: plain and released-model,
+their settings read from the repository's recipes by ``recipes``)."""

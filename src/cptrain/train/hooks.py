@@ -181,7 +181,7 @@ class Throughput(Hook):
         return self.totals[kind] / self.counts[kind] if self.counts[kind] else 0.0
 
     def summary(self, world_size: int) -> dict[str, Any]:
-        """Run totals for ``summary.json``: seconds by kind, and training tokens/s and MFU over
+        """Run totals for the run's summary: seconds by kind, and training tokens/s and MFU over
         every timed step of the run (a resume of a checkpoint from before these were kept
         counts from the resume on)."""
         train_s = self.totals["step"] - self.totals["diagnostics"]

@@ -227,7 +227,7 @@ class Trainer:
                     self.finish_task(t)
             if self.finished:
                 # A kill between the last checkpoint and its summary leaves an older
-                # summary.json; a resume that finds the run finished rewrites it.
+                # summary; a resume that finds the run finished rewrites it.
                 self.write_summary()
             elif self.stop_request.signalled:
                 self.stop_request.save_and_stop(self)
