@@ -203,7 +203,7 @@ def test_flops_are_taken_from_the_summary_or_computed(tmp_path):
 
 def test_a_summary_of_an_older_cptrain_shows_no_compute_and_says_why(tmp_path):
     run = make_run(tmp_path / "s", "mer", 0.25)
-    s = read_summary(run)
+    s = json.loads((run / "summary.json").read_text())  # as an older cptrain wrote it
     del s["model_shape"], s["rows_per_step"], s["reptile_updates"]
     (run / "summary.json").write_text(json.dumps(s))
     write_report([tmp_path / "s"], tmp_path / "out")

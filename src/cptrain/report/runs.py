@@ -15,7 +15,6 @@ from typing import Any
 
 from cptrain.config import METHODS, result_settings
 from cptrain.errors import ConfigError
-from cptrain.models.flops import run_flops
 from cptrain.models.presets import PRESETS
 from cptrain.replay.mixer import effective_alpha
 from cptrain.report.blocks import Table
@@ -59,14 +58,11 @@ class Run:
             suffix += f" {axes_text(self.axes)}"
         return f"{self.label}{suffix}{self.variant}"
 
-    @cached_property
+    @property
     def flops(self) -> dict[str, Any] | None:
-        if isinstance(self.summary.get("flops"), dict):
-            return self.summary["flops"]
-        try:  # summaries written before the trainer stored its accounting
-            return run_flops(self.summary)
-        except (ConfigError, KeyError, ValueError, TypeError):
-            return None
+        """Compute accounting (older summaries get theirs from the run directory's migrator)."""
+        found = self.summary.get("flops")
+        return found if isinstance(found, dict) else None
 
     @cached_property
     def records(self) -> list[dict[str, Any]]:

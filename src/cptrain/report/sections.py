@@ -181,8 +181,7 @@ def runs_table(runs: list[Run]) -> Section:
         rows.append([r.name, r.group, r.preset, str(r.seed), "→".join(r.order),
                      fmt(s.get("forgetting"), signed=True),
                      fmt(s.get("forgetting_paper_code"), signed=True),  # "–" for older runs
-                     # summaries written before the history-based figure have only this one
-                     fmt(s.get("forgetting_task_end", s.get("forgetting")), signed=True),
+                     fmt(s.get("forgetting_task_end"), signed=True),
                      fmt(s.get("retained_loss")),
                      fmt(s.get("learned_loss")), fmt(s.get("union_loss")),
                      "yes" if r.complete else f"no ({len(s['loss_matrix'])} tasks)"])

@@ -8,6 +8,7 @@ summary grows with the trainer; the model types what analysis relies on)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from cptrain.errors import ConfigError
+from cptrain.models.flops import run_flops
 
 FORMAT = "cptrain-summary"
 VERSION = 2  # 1: no format/version keys (cptrain before the run-directory reader)
@@ -49,6 +51,14 @@ def migrate(raw: dict[str, Any]) -> dict[str, Any]:
     if version < 2:
         out.setdefault("format", FORMAT)
         out["version"] = VERSION
+        # Before the history-based forgetting existed, "forgetting" was the task-end figure.
+        if "forgetting" in out:
+            out.setdefault("forgetting_task_end", out["forgetting"])
+        if not isinstance(out.get("flops"), dict):
+            # Before the trainer stored its accounting: computed from the facts it did store,
+            # where it stored them (a ConfigError names what an even older one lacks).
+            with contextlib.suppress(ConfigError, KeyError, ValueError, TypeError):
+                out["flops"] = run_flops(out)
     return out
 
 
