@@ -352,6 +352,14 @@ class RunConfig(StrictModel):
     def micro_batch_size(self) -> int:
         return self.train.micro_batch_size or self.train.batch_size
 
+    @property
+    def task_steps(self) -> tuple[int, ...]:
+        """Optimizer steps of each task: its token budget over the tokens of one batch, rounded
+        up (at least one). The one formula the trainer, sweeps and model cards use."""
+        tokens_per_step = self.train.batch_size * self.train.seq_len
+        return tuple(max(1, math.ceil(self.data.budget(t) / tokens_per_step))
+                     for t in self.data.tasks)
+
 
 # Config keys that change nothing about the numbers a run produces; a resume may change them.
 _RUN_CONTROL_KEYS = {

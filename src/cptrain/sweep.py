@@ -18,7 +18,6 @@ import copy
 import fcntl
 import itertools
 import json
-import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -332,9 +331,7 @@ def _planned_cost(run: SweepRun) -> float:
 
 
 def _steps(cfg: RunConfig) -> int:
-    """A run's optimizer steps (BatchPlan's count, without importing the trainer)."""
-    tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
-    return sum(max(1, math.ceil(cfg.data.budget(t) / tokens_per_step)) for t in cfg.data.tasks)
+    return sum(cfg.task_steps)
 
 
 def _left(run: SweepRun) -> float:

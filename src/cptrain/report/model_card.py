@@ -123,11 +123,7 @@ def _batches(config: dict[str, Any]) -> _Batches | None:
         return None
     if n_fresh == 0:
         return None
-    tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
-    steps = tuple(
-        max(1, math.ceil(cfg.data.budget(t) / tokens_per_step)) for t in cfg.data.tasks
-    )
-    return _Batches(n_fresh, n_replay, steps)
+    return _Batches(n_fresh, n_replay, cfg.task_steps)
 
 
 def _card_data(config: dict[str, Any], st: dict[str, Any], tasks: list[str]) -> list[str]:

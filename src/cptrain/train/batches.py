@@ -11,7 +11,6 @@ themselves. Method joint mixes the tasks by their budgets (``joint_weights``).
 from __future__ import annotations
 
 import hashlib
-import math
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -116,10 +115,7 @@ class BatchPlan:
                 f"replay.alpha={cfg.replay.alpha} leaves no fresh sequence in a batch of {b}; "
                 "raise train.batch_size or lower replay.alpha"
             )
-        tokens_per_step = b * cfg.train.seq_len
-        steps = tuple(
-            max(1, math.ceil(cfg.data.budget(t) / tokens_per_step)) for t in cfg.data.tasks
-        )
+        steps = cfg.task_steps
         return cls(
             seq_len=cfg.train.seq_len,
             batch_size=b,
