@@ -16,6 +16,7 @@ from cptrain.report.blocks import Figure, Section, Table
 from cptrain.report.figures import scaling_figure
 from cptrain.report.runs import Groups, Run, settings
 from cptrain.report.scaling import fit_groups, replay_vs_size
+from cptrain.rundir import layout
 
 # The α = 0 method each replay method is compared with when asking "replay or a bigger model?":
 # the one that differs only in not replaying (replay → sequential, mer → reptile).
@@ -67,11 +68,11 @@ def compute_section(g: Groups) -> Section:
          "Reptile FLOPs", "fresh tokens", "replayed tokens", "wall s", "MFU"],
         rows, f"Training compute per run (mean over seeds); {conv}; evaluation not counted. "
         "MFU: model FLOPs per second of training steps ÷ the matmul peak measured on the "
-        "run's machine at its precision (cptrain.hardware.probe)."))
+        "run's machine at its precision (cptrain.hardware)."))
     missing = sum(r.flops is None for rs in g.by.values() for r in rs)
     if missing:
-        sec.blocks.append(f"{missing} run(s) without compute figures: their summary.json was "
-                          "written by an older cptrain; `cptrain train --resume` rewrites it.")
+        sec.blocks.append(f"{missing} run(s) without compute figures: their {layout.SUMMARY} "
+                          "was written by an older cptrain; `cptrain train --resume` rewrites it.")
     return sec
 
 

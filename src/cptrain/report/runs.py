@@ -1,6 +1,7 @@
-"""The runs a report reads and how they group: one ``Run`` per summary.json under the
-directories given, runs of one label split into settings where they differ in more than their
-seed, and ``Groups``, the complete runs keyed by (group, preset, task order)."""
+"""The runs a report reads and how they group: one ``Run`` per run directory (read through
+``RunDir``) under the directories given, runs of one label split into settings where they
+differ in more than their seed, and ``Groups``, the complete runs keyed by (group, preset,
+task order)."""
 
 from __future__ import annotations
 
