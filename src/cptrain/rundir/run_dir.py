@@ -200,7 +200,7 @@ class RunDir:
         found = [(parsed[0], f) for f in root.glob("*.json")
                  if (parsed := layout.parse_task_model_name(f.stem))] if root.is_dir() else []
         for _, f in sorted(found, reverse=True):
-            with contextlib.suppress(OSError, ValueError, AttributeError):
+            with contextlib.suppress(OSError, ValueError, AttributeError, TypeError):
                 return dict(json.loads(f.read_text(encoding="utf-8")).get("tasks", {}))
         return {}
 

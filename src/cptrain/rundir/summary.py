@@ -37,16 +37,16 @@ class Summary(BaseModel):
 
 
 def stamp(summary: dict[str, Any]) -> dict[str, Any]:
-    """The summary as the trainer writes it: ``format`` and ``version`` first."""
+    """The summary as the trainer writes it: with its ``format`` and ``version``."""
     return {"format": FORMAT, "version": VERSION, **summary}
 
 
-def migrate(raw: dict[str, Any]) -> dict[str, Any]:
+def migrate(raw: dict[str, Any], source: str = "summary") -> dict[str, Any]:
     """An older summary in the current shape (a copy; ``raw`` is left alone)."""
     out = dict(raw)
     version = out.get("version", 1)
     if not isinstance(version, int) or version > VERSION:
-        raise ConfigError(f"summary version {version!r} is newer than this cptrain reads "
+        raise ConfigError(f"{source}: version {version!r} is newer than this cptrain reads "
                           f"({VERSION}); upgrade cptrain")
     if version < 2:
         out.setdefault("format", FORMAT)
@@ -54,7 +54,7 @@ def migrate(raw: dict[str, Any]) -> dict[str, Any]:
         # Before the history-based forgetting existed, "forgetting" was the task-end figure.
         if "forgetting" in out:
             out.setdefault("forgetting_task_end", out["forgetting"])
-        if not isinstance(out.get("flops"), dict):
+        if not isinstance(out.get("flops"), dict) and isinstance(out.get("config"), dict):
             # Before the trainer stored its accounting: computed from the facts it did store,
             # where it stored them (a ConfigError names what an even older one lacks).
             with contextlib.suppress(ConfigError, KeyError, ValueError, TypeError):
@@ -74,7 +74,7 @@ def read_summary(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: damaged {path.name} (not JSON); re-run the run") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: damaged {path.name} (not a JSON object); re-run the run")
-    out = migrate(raw)
+    out = migrate(raw, str(path))
     try:
         Summary.model_validate(out)
     except ValidationError as err:

@@ -43,7 +43,7 @@ class TrainerState:
             state = {"loss_before": [], "eval_history": [], **state}
         known = {f.name for f in fields(self)}
         if not isinstance(state, dict) or not known <= set(state):
-            missing = sorted(known - set(state or {}))
+            missing = sorted(known - set(state if isinstance(state, dict) else {}))
             raise CheckpointError(
                 f"the checkpoint's trainer state lacks {', '.join(missing)}; it is incomplete: "
                 "resume from another checkpoint"
