@@ -30,7 +30,7 @@ C·(rows per step)/(fresh rows per step): C/(1−α) in *substitute* mode (batch
 replayed) and likewise in *additive* mode (B fresh rows plus α/(1−α)·B replayed), plus
 Reptile's 3·|θ|/k per step spread over the step's fresh tokens.
 
-A run's accounting uses only facts its trainer recorded in ``summary.json`` (see
+A run's accounting uses only facts its trainer recorded in the run's summary (see
 ``summary_facts``): the model's shape, the fresh/replayed rows of a step and the number of
 meta-updates; nothing is re-derived from the config.
 """
@@ -158,7 +158,7 @@ def flops_per_token(shape: ModelShape, seq_len: int) -> int:
 def summary_facts(
     shape: ModelShape, n_fresh: int, n_replay: int, reptile_updates: int
 ) -> dict[str, Any]:
-    """What the trainer writes into ``summary.json`` for ``run_flops`` to read: the model's
+    """What the trainer writes into the run's summary for ``run_flops`` to read: the model's
     shape, the global batch mix of a step at full buffer and the meta-updates done."""
     return {
         "model_shape": asdict(shape),
@@ -216,7 +216,7 @@ def rows_per_step(config: dict[str, Any]) -> tuple[int, int]:
 
 
 def run_flops(summary: dict[str, Any]) -> dict[str, Any]:
-    """Compute accounting of one run from its ``summary.json`` (see the module docstring);
+    """Compute accounting of one run from its summary (see the module docstring);
     a ConfigError names what a summary of an older cptrain lacks."""
     cfg = summary["config"]
     shape = run_shape(summary)
