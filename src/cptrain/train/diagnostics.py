@@ -42,7 +42,7 @@ from cptrain.errors import CheckpointError
 from cptrain.train.hooks import Batch, Hook
 
 if TYPE_CHECKING:
-    from cptrain.train.trainer import Trainer
+    from cptrain.train.run_view import RunView
 
 
 class GradientDiagnostics(Hook):
@@ -57,35 +57,35 @@ class GradientDiagnostics(Hook):
         self.ref_rows_n = 0  # a checkpoint from before reference sizes were kept counts none
 
     def _split_replay(
-        self, trainer: Trainer, batch: Batch
+        self, run: RunView, batch: Batch
     ) -> tuple[np.ndarray, np.ndarray] | None:
         """The step's replayed rows of earlier tasks and of the current one; None without
         replayed rows, or when their origins cannot be told (then none counts as earlier)."""
-        if batch.replay is None or not len(batch.replay) or trainer.buffer is None:
+        if batch.replay is None or not len(batch.replay) or run.buffer is None:
             return None
-        origins = trainer.buffer.drawn_tasks(trainer.state.step)
+        origins = run.buffer.drawn_tasks(run.state.step)
         if origins is None or len(origins) != len(batch.replay):
             return None
         return batch.replay[origins < batch.task], batch.replay[origins == batch.task]
 
-    def _probe(self, trainer: Trainer, batch: Batch) -> np.ndarray | None:
+    def _probe(self, run: RunView, batch: Batch) -> np.ndarray | None:
         """Windows of earlier tasks' training data, seeded by the step; None in task 0."""
         if batch.task == 0:
             return None
-        rng = np.random.default_rng([self.seed, trainer.state.step, 0xD1A6])
+        rng = np.random.default_rng([self.seed, run.state.step, 0xD1A6])
         tasks = rng.integers(0, batch.task, self.probe_rows)
-        streams = trainer.streams
+        streams = run.streams
         return np.concatenate(
             [streams[t].rows(rng.integers(0, streams[t].n, 1)) for t in tasks.tolist()]
         )
 
-    def before_step(self, trainer: Trainer, batch: Batch) -> dict[str, Any]:
-        step = trainer.state.step
-        env = trainer.env
+    def before_step(self, run: RunView, batch: Batch) -> dict[str, Any]:
+        step = run.state.step
+        env = run.env
         # autograd.grad bypasses FSDP2's reduce hooks, so sharded runs are not measured.
         if not self.every or (step + 1) % self.every or env.strategy == "fsdp2":
             return {}
-        split = self._split_replay(trainer, batch)
+        split = self._split_replay(run, batch)
         empty = batch.fresh[:0]
         earlier, current = split if split is not None else (empty, empty)
         # Under DDP the ranks meet in all-reduces below, so they must all take the same branch:
@@ -94,9 +94,9 @@ class GradientDiagnostics(Hook):
         if n_earlier:
             ref, kind = earlier, "replay"
         else:
-            probe = self._probe(trainer, batch)  # the same rows on every rank: split them
+            probe = self._probe(run, batch)  # the same rows on every rank: split them
             if probe is None:  # no gradient to compare: the row losses alone, from their own pass
-                return row_losses(trainer, {"fresh": batch.fresh, "replay_current": current})
+                return row_losses(run, {"fresh": batch.fresh, "replay_current": current})
             ref, kind = (probe[env.rank :: env.world_size] if env.active else probe), "probe"
         from cptrain.train.alignment import all_reduce_sum, gradient_alignments
 
@@ -105,10 +105,10 @@ class GradientDiagnostics(Hook):
         if n_current:
             rows.append(current)  # the current task's replayed rows, logged beside
         measured = gradient_alignments(
-            trainer.model,
+            run.model,
             torch.from_numpy(batch.fresh).to(device),
             [torch.from_numpy(r).to(device) for r in rows],
-            autocast_dtype=trainer.autocast,
+            autocast_dtype=run.autocast,
             reduce=all_reduce_sum if env.active else None,
         )
         out: dict[str, Any] = measured[0]  # loss_fresh among them: the row losses come with the
@@ -171,16 +171,16 @@ def _global_counts(env: Any, counts: list[int]) -> list[int]:
 
 
 @torch.no_grad()
-def row_losses(trainer: Trainer, groups: dict[str, np.ndarray]) -> dict[str, float]:
+def row_losses(run: RunView, groups: dict[str, np.ndarray]) -> dict[str, float]:
     """``loss_<group>``: the mean token loss of each group of rows at the weights the step
     starts from (one no-grad forward per group; groups empty on every rank are left out).
     Replayed rows the model has trained on before score lower than fresh ones; how much lower
     says how much of a mixed batch's loss, and gradient, comes from repetition."""
     from cptrain.evaluation.losses import token_loss
 
-    env = trainer.env
+    env = run.env
     sums = []
-    model = trainer.model
+    model = run.model
     was_training = model.training
     model.eval()
     try:
@@ -188,7 +188,7 @@ def row_losses(trainer: Trainer, groups: dict[str, np.ndarray]) -> dict[str, flo
             total = 0.0
             if len(rows):
                 part = torch.from_numpy(rows).to(env.device)
-                total = float(token_loss(model, part, trainer.autocast)) * len(rows)
+                total = float(token_loss(model, part, run.autocast)) * len(rows)
             sums += [total, float(len(rows))]
     finally:
         model.train(was_training)

@@ -1,16 +1,18 @@
-"""Hooks: what happens around the loop without being the loop.
+"""Hooks: what watches the loop without being the loop.
 
-The trainer calls every hook, in the order given, at these moments:
-  on_run_start(trainer)                       before the first step of this process
-  on_task_start(trainer, task)                before the first step of a task
-  before_step(trainer, batch) -> dict         rows drawn, weights not yet stepped; fields it
-                                              returns join the step's record
-  on_step_end(trainer, record)                after each optimizer step; a hook may add fields
-                                              to the record for the hooks after it
-  on_eval(trainer, losses, kind)              after each evaluation ("eval", "task_end", …)
-  on_task_end(trainer, task, losses)          after a task's last step and evaluation, before
-                                              its checkpoint
-  on_run_end(trainer)                         when the loop stops, also on an error
+The trainer calls every hook, in the order given, at these moments, with a ``RunView`` (the
+run's parts to read; the loop's actions, saving, evaluating, exporting, stay the loop's):
+  on_run_start(run)                       before the first step of this process
+  on_task_start(run, task)                before the first step of a task
+  before_step(run, batch) -> dict         rows drawn, weights not yet stepped; fields it
+                                          returns join the step's record
+  on_step_end(run, record)                after each optimizer step, before eval.every's
+                                          evaluation and checkpoint.every's checkpoint; a hook
+                                          may add fields to the record for the hooks after it
+  on_eval(run, losses, kind)              after each evaluation ("eval", "task_end", …)
+  on_task_end(run, task, losses)          after a task's last step, evaluation and model
+                                          export, before its checkpoint
+  on_run_end(run)                         when the loop stops, also on an error
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from cptrain.errors import ConfigError
 from cptrain.progress import Progress, progress_bar
 
 if TYPE_CHECKING:
-    from cptrain.train.trainer import Trainer
+    from cptrain.train.run_view import RunView
 
 
 @dataclass
@@ -42,27 +44,27 @@ class Batch:
 
 
 class Hook:
-    def on_run_start(self, trainer: Trainer) -> None: ...
+    def on_run_start(self, run: RunView) -> None: ...
 
-    def on_task_start(self, trainer: Trainer, task: int) -> None: ...
+    def on_task_start(self, run: RunView, task: int) -> None: ...
 
-    def before_step(self, trainer: Trainer, batch: Batch) -> dict[str, Any]:
+    def before_step(self, run: RunView, batch: Batch) -> dict[str, Any]:
         return {}
 
-    def on_step_end(self, trainer: Trainer, record: dict[str, Any]) -> None: ...
+    def on_step_end(self, run: RunView, record: dict[str, Any]) -> None: ...
 
-    def on_eval(self, trainer: Trainer, losses: dict[str, float], kind: str) -> None: ...
+    def on_eval(self, run: RunView, losses: dict[str, float], kind: str) -> None: ...
 
-    def on_task_end(self, trainer: Trainer, task: int, losses: dict[str, float]) -> None: ...
+    def on_task_end(self, run: RunView, task: int, losses: dict[str, float]) -> None: ...
 
-    def on_run_end(self, trainer: Trainer) -> None: ...
+    def on_run_end(self, run: RunView) -> None: ...
 
 
-def is_log_step(trainer: Trainer, record: dict[str, Any]) -> bool:
+def is_log_step(run: RunView, record: dict[str, Any]) -> bool:
     """Every ``train.log_every`` steps, at each task's last step, and with diagnostics."""
     return (
-        trainer.state.step % trainer.cfg.train.log_every == 0
-        or trainer.at_task_end
+        run.state.step % run.cfg.train.log_every == 0
+        or run.at_task_end
         or "grad_cos" in record
     )
 
@@ -116,7 +118,7 @@ class Throughput(Hook):
                 acc[kind] += dt
             self.counts[kind] += 1
 
-    def on_run_start(self, trainer: Trainer) -> None:
+    def on_run_start(self, run: RunView) -> None:
         from cptrain.hardware import probe as hardware
         from cptrain.models.flops import flops_per_token, shape_from_hf_config
 
@@ -124,20 +126,20 @@ class Throughput(Hook):
         self._since = dict.fromkeys(self.KINDS, 0.0)
         self._process = dict.fromkeys(self.KINDS, 0.0)
         self._tokens = self._process_steps = 0
-        shape = shape_from_hf_config(trainer.model.config.to_dict())
-        self._flops_per_token = flops_per_token(shape, trainer.plan.seq_len)
-        device = self._device = trainer.env.device
-        self.peak_dtype = hardware.compute_precision(trainer.cfg, device, trainer.precision)
-        if trainer.env.is_main:
+        shape = shape_from_hf_config(run.model.config.to_dict())
+        self._flops_per_token = flops_per_token(shape, run.plan.seq_len)
+        device = self._device = run.env.device
+        self.peak_dtype = hardware.compute_precision(run.cfg, device, run.precision)
+        if run.env.is_main:
             found = hardware.peak(device, self.peak_dtype)
             self.peak_flops, self.peak_evidence = found.value, found.evidence
 
-    def on_step_end(self, trainer: Trainer, record: dict[str, Any]) -> None:
-        tokens = (trainer.plan.n_fresh + record["replay_rows"]) * trainer.plan.seq_len
+    def on_step_end(self, run: RunView, record: dict[str, Any]) -> None:
+        tokens = (run.plan.n_fresh + record["replay_rows"]) * run.plan.seq_len
         self._tokens += tokens
         self.tokens += tokens
         self._process_steps += 1
-        if not is_log_step(trainer, record):
+        if not is_log_step(run, record):
             return
         now = time.perf_counter()
         s = self._since
@@ -147,7 +149,7 @@ class Throughput(Hook):
         record["eval_s"], record["checkpoint_s"] = s["eval"], s["checkpoint"]
         record["export_s"] = s["export"]
         if self.peak_flops and self._device is not None:
-            flops = self._flops_per_token * record["tokens_per_s"] / trainer.env.world_size
+            flops = self._flops_per_token * record["tokens_per_s"] / run.env.world_size
             if flops > self.peak_flops:  # a peak measured on a busy machine: measure again
                 from cptrain.hardware import probe as hardware
 
@@ -160,7 +162,7 @@ class Throughput(Hook):
         self._t, self._tokens = now, 0
         self._since = dict.fromkeys(self.KINDS, 0.0)
 
-    def eta(self, trainer: Trainer) -> float | None:
+    def eta(self, run: RunView) -> float | None:
         """Seconds left: remaining steps × this process's mean step time (everything but
         evaluations, checkpoints and exports), plus remaining evaluations, checkpoints and
         task-end exports × their mean times over the run."""
@@ -168,9 +170,9 @@ class Throughput(Hook):
             return None
         p = self._process
         elapsed = time.perf_counter() - self._start - p["eval"] - p["checkpoint"] - p["export"]
-        step, total, cfg = trainer.state.step, trainer.plan.total_steps, trainer.cfg
+        step, total, cfg = run.state.step, run.plan.total_steps, run.cfg
         # Evaluations and checkpoints still to come, this step's included (they follow it).
-        ends = [e for e in itertools.accumulate(trainer.plan.task_steps) if e >= step]
+        ends = [e for e in itertools.accumulate(run.plan.task_steps) if e >= step]
         evals = len(ends) + _multiples_left(step, total, cfg.eval.every, ends)
         saves = len(ends) + _multiples_left(step, total, cfg.checkpoint.every, ends)
         steps = (total - step) * elapsed / self._process_steps
@@ -235,26 +237,26 @@ def _multiples_left(step: int, total: int, every: int, ends: list[int]) -> int:
 class MetricsLogger(Hook):
     """Train records at log steps and every evaluation into ``metrics.jsonl``."""
 
-    def on_step_end(self, trainer: Trainer, record: dict[str, Any]) -> None:
-        if not is_log_step(trainer, record):
+    def on_step_end(self, run: RunView, record: dict[str, Any]) -> None:
+        if not is_log_step(run, record):
             return
-        record.update(type="train", step=trainer.state.step, task=trainer.task_name)
-        record["precision"] = trainer.precision
-        if trainer.env.device.type == "cuda":
+        record.update(type="train", step=run.state.step, task=run.task_name)
+        record["precision"] = run.precision
+        if run.env.device.type == "cuda":
             record["cuda_max_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
-        if trainer.buffer is not None:
-            stats = trainer.buffer.stats()
+        if run.buffer is not None:
+            stats = run.buffer.stats()
             record.update({f"buffer_{k}": v for k, v in stats.items() if not isinstance(v, dict)})
-        trainer.run_dir.metrics.write(record)
+        run.run_dir.metrics.write(record)
 
-    def on_eval(self, trainer: Trainer, losses: dict[str, float], kind: str) -> None:
-        trainer.run_dir.metrics.write(
+    def on_eval(self, run: RunView, losses: dict[str, float], kind: str) -> None:
+        run.run_dir.metrics.write(
             {
                 "type": kind,
-                "step": trainer.state.step,
-                "task": trainer.task_name,
+                "step": run.state.step,
+                "task": run.task_name,
                 "val_loss": losses,
-                "union_loss": trainer.data.union_loss(losses, trainer.cfg.eval.windows),
+                "union_loss": run.data.union_loss(losses, run.cfg.eval.windows),
             }
         )
 
@@ -271,10 +273,10 @@ class ProgressBar(Hook):
         self._bar: Progress | None = None
         self._text = ""
 
-    def on_run_start(self, trainer: Trainer) -> None:
+    def on_run_start(self, run: RunView) -> None:
         self._bar = progress_bar(
-            total=trainer.plan.total_steps,
-            initial=trainer.state.step,
+            total=run.plan.total_steps,
+            initial=run.state.step,
             unit="step",
             disable=not self.enabled,
             dynamic_ncols=True,
@@ -282,31 +284,31 @@ class ProgressBar(Hook):
             bar_format=self.FORMAT,
         )
 
-    def on_step_end(self, trainer: Trainer, record: dict[str, Any]) -> None:
+    def on_step_end(self, run: RunView, record: dict[str, Any]) -> None:
         if self._bar is None:
             return
         if "tokens_per_s" in record:
             self._text = (
-                f"{trainer.task_name} loss {record['loss']:.3f} "
+                f"{run.task_name} loss {record['loss']:.3f} "
                 f"{record['tokens_per_s']:,.0f} tok/s"
             )
         if self.enabled:
-            eta = trainer.clock.eta(trainer)
+            eta = run.clock.eta(run)
             left = f"ETA {tqdm.format_interval(eta)}" if eta is not None else ""
             postfix = ", ".join(x for x in (left, self._text) if x)
             self._bar.set_postfix_str(postfix, refresh=False)
         self._bar.update(1)
 
-    def on_eval(self, trainer: Trainer, losses: dict[str, float], kind: str) -> None:
-        if kind == "before" and not self.enabled and trainer.env.is_main:
+    def on_eval(self, run: RunView, losses: dict[str, float], kind: str) -> None:
+        if kind == "before" and not self.enabled and run.env.is_main:
             print(f"before training: val loss {_losses(losses)}")
 
-    def on_task_end(self, trainer: Trainer, task: int, losses: dict[str, float]) -> None:
-        if not self.enabled and trainer.env.is_main:
-            name, step = trainer.task_names[task], trainer.state.step
+    def on_task_end(self, run: RunView, task: int, losses: dict[str, float]) -> None:
+        if not self.enabled and run.env.is_main:
+            name, step = run.task_names[task], run.state.step
             print(f"after {name} (step {step}): val loss {_losses(losses)}")
 
-    def on_run_end(self, trainer: Trainer) -> None:
+    def on_run_end(self, run: RunView) -> None:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
@@ -356,34 +358,34 @@ class TensorBoard(Hook):
         self.enabled = is_main and installed and setting is not False
         self._writer: Any = None
 
-    def on_run_start(self, trainer: Trainer) -> None:
+    def on_run_start(self, run: RunView) -> None:
         if not self.enabled:
             return
         from torch.utils.tensorboard import SummaryWriter
 
-        step = trainer.state.step
-        log_dir = trainer.run_dir.path / "tensorboard"
+        step = run.state.step
+        log_dir = run.run_dir.path / "tensorboard"
         after_the_newest_event_file(log_dir)
         self._writer = SummaryWriter(log_dir=str(log_dir), purge_step=step + 1 if step else 0)
 
-    def on_step_end(self, trainer: Trainer, record: dict[str, Any]) -> None:
-        if self._writer is None or not is_log_step(trainer, record):
+    def on_step_end(self, run: RunView, record: dict[str, Any]) -> None:
+        if self._writer is None or not is_log_step(run, record):
             return
         for key, value in record.items():
             if isinstance(value, int | float) and not isinstance(value, bool) and key != "step":
-                self._writer.add_scalar(f"train/{key}", value, trainer.state.step)
+                self._writer.add_scalar(f"train/{key}", value, run.state.step)
 
-    def on_eval(self, trainer: Trainer, losses: dict[str, float], kind: str) -> None:
+    def on_eval(self, run: RunView, losses: dict[str, float], kind: str) -> None:
         if self._writer is None:
             return
-        step = trainer.state.step
+        step = run.state.step
         for task, loss in losses.items():
             self._writer.add_scalar(f"val_loss/{task}", loss, step)
-        union = trainer.data.union_loss(losses, trainer.cfg.eval.windows)
+        union = run.data.union_loss(losses, run.cfg.eval.windows)
         self._writer.add_scalar("union_loss", union, step)
         self._writer.flush()
 
-    def on_run_end(self, trainer: Trainer) -> None:
+    def on_run_end(self, run: RunView) -> None:
         if self._writer is not None:
             self._writer.close()
             self._writer = None

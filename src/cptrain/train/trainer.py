@@ -35,6 +35,7 @@ from cptrain.train.batches import BatchPlan, make_sampler
 from cptrain.train.data import TrainingData
 from cptrain.train.diagnostics import GradientDiagnostics
 from cptrain.train.optim import build_optimizer
+from cptrain.train.run_view import RunView
 from cptrain.train.schedule import Schedule
 from cptrain.train.seed import open_buffer, seed_buffer
 from cptrain.train.state import TrainerState
@@ -87,6 +88,7 @@ class Trainer:
         self.state = TrainerState(run_id=run_id)
         self._build_components()
         self.hooks: list[H.Hook] = [*self._builtin_hooks(progress and self.env.is_main), *hooks]
+        self.view = RunView(self)  # what hooks get: the run's parts, none of its actions
         if resume_from:
             self._restore(resume_from[0])
         else:
@@ -209,7 +211,7 @@ class Trainer:
 
     def _fire(self, event: str, *args: Any) -> None:
         for hook in self.hooks:
-            getattr(hook, event)(self, *args)
+            getattr(hook, event)(self.view, *args)
 
     def run(self) -> dict[str, Any]:
         self.start()
@@ -285,7 +287,7 @@ class Trainer:
         extra: dict[str, Any] = {}
         with self.clock.timed("diagnostics"):  # measurements, not training: timed apart
             for hook in self.hooks:
-                extra.update(hook.before_step(self, H.Batch(task_idx, fresh, replay)))
+                extra.update(hook.before_step(self.view, H.Batch(task_idx, fresh, replay)))
         n_rep_local = 0 if replay is None else len(replay)
         n_rep = int(round(self.env.sum_scalar(n_rep_local))) if self.env.active else n_rep_local
         loss, gnorm = self._forward_backward_step(torch.from_numpy(rows_np), n_rep)
