@@ -113,3 +113,15 @@ def check_resume(
     )
     if problem:
         raise DataError(problem)
+    saved = state.get("data_sha256", identity["data_sha256"])
+    if not moved and saved != identity["data_sha256"]:
+        # The same path, other shards (prepared again in place): the run would change silently.
+        change = (f"data_sha256: checkpoint has {saved[:12]}…, the shards in {data_dir} have "
+                  f"{identity['data_sha256'][:12]}…")
+        if not allow_config_change:
+            raise CheckpointError(
+                f"--resume: the prepared data changed in place ({change}); restore the data the "
+                "run trained on or start a new run_dir (or pass --allow-config-change to resume "
+                "anyway)"
+            )
+        print(f"warning: resuming with changed data: {change}")

@@ -29,6 +29,14 @@ class Stateful(Protocol):
 def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], source: Path) -> None:
     """``load_state_dict`` that accepts what ``save_pretrained`` leaves out: the second name of
     a tied weight (e.g. ``lm_head.weight`` of a model with tied embeddings)."""
+    own = model.state_dict()
+    for name, tensor in weights.items():
+        if name in own and tuple(own[name].shape) != tuple(tensor.shape):
+            raise CheckpointError(
+                f"checkpoint {source}: {name} has shape {tuple(tensor.shape)}, the model's "
+                f"{tuple(own[name].shape)}; it was saved for another model: resume with the "
+                "config it was written with"
+            )
     missing, unexpected = model.load_state_dict(weights, strict=False)
     groups: dict[int, set[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
