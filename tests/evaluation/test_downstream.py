@@ -1,7 +1,9 @@
-"""Local lm-eval tasks from held-out documents, and lm-eval runs on exported models, offline.
+"""lm-eval runs of the local tasks on exported models, offline (``cptrain.evaluation.downstream``).
 
 The lm-eval results are checked against log-likelihoods computed here with the model itself,
 so the YAML wiring (choice field, delimiter, document text, context length) is what is tested.
+The task rows, task files, targets and the before/after table have their own files:
+test_task_items, test_local_tasks, test_targets, test_downstream_table.
 """
 
 from __future__ import annotations
@@ -18,107 +20,16 @@ import pytest
 import torch
 import yaml
 
-from cptrain.data.prepare import load_prepared_tokenizer, open_split
-from cptrain.errors import CheckpointError, ConfigError, DataError, EnvironmentProblem
+from cptrain.data.prepare import load_prepared_tokenizer
+from cptrain.errors import ConfigError, DataError, EnvironmentProblem
 from cptrain.evaluation.downstream import offline_mode, run_downstream
 from cptrain.evaluation.local_tasks import build_local_tasks, held_out_documents
-from cptrain.evaluation.targets import resolve_target, token_counter
-from cptrain.evaluation.task_items import make_bpb_docs, make_choice_items
-from cptrain.models.build import build_model
+from cptrain.evaluation.targets import token_counter
+from cptrain.evaluation.task_items import make_choice_items
+from evaluation.conftest import TASK
+from evaluation.test_task_items import _longest
 
 pytest.importorskip("lm_eval")
-TASK = "email"
-
-
-def _docs(n=12, words=200):
-    # Every word names its document, so a span's source is visible in the text.
-    return [" ".join(f"d{i}w{j % 37}" + "x" * (j % 5) for j in range(words)) for i in range(n)]
-
-
-def test_choice_items_hold_the_true_continuation_and_foreign_distractors():
-    docs = _docs()
-    items, delim = make_choice_items(docs, n_items=40, seed=1)
-    assert delim == " " and len(items) == 40
-    for it in items:
-        src = docs[it["doc"]]
-        true = it["endings"][it["label"]]
-        assert f"{it['ctx']} {true}" in src
-        assert len(it["ctx"].split()) == 24 and len(true.split()) == 10
-        for k, e in enumerate(it["endings"]):
-            if k != it["label"]:
-                assert f"d{it['doc']}w" not in e  # from another document
-                assert len(e.split()) == 10
-                assert abs(len(e) - len(true)) <= 0.25 * len(true)  # length-matched
-        assert len(set(it["endings"])) == 4
-    labels = [it["label"] for it in items]
-    assert all(labels.count(k) >= 4 for k in range(4))  # the answer is not always in one place
-
-
-def test_choice_items_are_a_function_of_the_seed():
-    docs = _docs()
-    assert make_choice_items(docs, n_items=20, seed=3) == make_choice_items(docs, n_items=20,
-                                                                             seed=3)
-    assert make_choice_items(docs, n_items=20, seed=3) != make_choice_items(docs, n_items=20,
-                                                                             seed=4)
-
-
-def test_scripts_without_spaces_are_cut_in_characters():
-    docs = ["".join(chr(0x3041 + (i * 7 + j) % 80) for j in range(300)) for i in range(8)]
-    items, delim = make_choice_items(docs, n_items=10)
-    assert delim == ""
-    for it in items:
-        assert it["ctx"] + it["endings"][it["label"]] in docs[it["doc"]]
-        assert all(len(e) == 24 for e in it["endings"])
-
-
-def test_too_little_held_out_text_is_a_data_error():
-    with pytest.raises(DataError,
-                       match=r"only 3 of 3 held-out document\(s\) are long enough .* need 4"):
-        make_choice_items(_docs(n=3), n_items=5)
-
-
-def test_bpb_documents_are_cut_at_whitespace():
-    docs = make_bpb_docs(["word " * 1000, "short text"], max_chars=103)
-    assert len(docs[0]["text"]) <= 103 and docs[0]["text"].endswith("word")
-    assert docs[1]["text"] == "short text"
-
-
-def test_held_out_documents_are_the_val_split(prepared_dir):
-    docs = held_out_documents(prepared_dir, TASK)
-    val = open_split(prepared_dir, TASK, "val")
-    assert len(docs) == val.num_documents
-    tok = load_prepared_tokenizer(prepared_dir)
-    n_tokens = sum(len(tok.encode(d, add_special_tokens=False)) + 1 for d in docs)
-    assert abs(n_tokens - val.num_tokens) <= 0.01 * val.num_tokens  # stripped whitespace only
-
-
-def test_local_tasks_are_lm_eval_yaml_over_local_json(prepared_dir, tmp_path):
-    names = build_local_tasks(prepared_dir, tmp_path, tasks=[TASK], items=30)
-    assert names == [f"cptrain_choice_{TASK}", f"cptrain_bpb_{TASK}"]
-    for n in names:
-        spec = yaml.safe_load((tmp_path / f"{n}.yaml").read_text())
-        assert spec["dataset_path"] == "json"
-        data = Path(spec["dataset_kwargs"]["data_files"]["test"])
-        assert data.is_absolute() and data.is_file()
-        assert "cptrain_local" in spec["tag"]
-    rows = [json.loads(x) for x in (tmp_path / f"{names[0]}.jsonl").read_text().splitlines()]
-    assert len(rows) == 30
-
-
-@pytest.fixture(scope="module")
-def fake_run(prepared_dir, tmp_path_factory):
-    """A run directory with an exported (untrained) model, as the trainer leaves it."""
-    run = tmp_path_factory.mktemp("ds") / "run"
-    tok = load_prepared_tokenizer(prepared_dir)
-    model = build_model("tiny", len(tok), seed=0, max_positions=32)  # as trained at seq_len 32
-    out = run / "models" / f"after_0_{TASK}"
-    model.save_pretrained(out)
-    for f in (prepared_dir / "tokenizer").iterdir():
-        shutil.copy2(f, out / f.name)
-    cfg = {"data": {"dir": str(prepared_dir), "tasks": [{"name": TASK}]},
-           "train": {"seq_len": 32}}
-    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
-    return run
 
 
 def _log_probs(model, ids):
@@ -195,46 +106,6 @@ def test_evaluation_only_tasks_of_a_run_are_scored_too(fake_run, tmp_path):
     assert set(rec["tasks"]) == {f"cptrain_choice_{TASK}"}
 
 
-def test_before_after_scores_use_the_same_items_for_every_model(fake_run, prepared_dir, tmp_path):
-    from cptrain.evaluation.downstream_table import before_after_scores, scores_table
-
-    model = fake_run / "models" / f"after_0_{TASK}"
-    run = tmp_path / "run"  # a copy, so its results land apart from the module's run
-    shutil.copytree(fake_run, run, ignore=shutil.ignore_patterns("downstream"))
-    rows = before_after_scores(model, {"after": run}, tasks=[TASK], data_dir=prepared_dir,
-                               out_dir=tmp_path / "ds", items=8, max_length=64)
-    assert [r["model"] for r in rows] == ["before", "after"]
-    # the same weights scored on the same items: equal to the last digit
-    strip = lambda r: {k: v for k, v in r.items() if k not in ("model", "model_dir")}  # noqa: E731
-    assert strip(rows[0]) == strip(rows[1]) and 0.0 <= rows[0][f"{TASK} acc"] <= 1.0
-    assert (tmp_path / "ds" / "before" / f"after_0_{TASK}.json").exists()
-    assert (run / "downstream" / f"after_0_{TASK}.json").exists()
-    lines = scores_table(rows, [TASK]).splitlines()
-    assert len(lines) == 3 and f"{TASK} bpb" in lines[0]
-    # the released demo's choice-only rows: no bpb requested, none shown
-    quick = before_after_scores(model, {"after": run}, tasks=[TASK], data_dir=prepared_dir,
-                                out_dir=tmp_path / "ds2", items=8, max_length=64, bpb=False)
-    assert all(f"{TASK} bpb" not in r for r in quick)
-    assert quick[0][f"{TASK} acc"] == rows[0][f"{TASK} acc"]
-    assert "bpb" not in scores_table(quick, [TASK])
-
-
-def test_targets_resolve_to_model_directories(fake_run, tmp_path):
-    model = fake_run / "models" / f"after_0_{TASK}"
-    assert resolve_target(fake_run).model_dir == model
-    t = resolve_target(model)
-    assert t.model_dir == model and t.run_dir == fake_run and t.config is not None
-    ckpt = tmp_path / "checkpoints" / "step_4"
-    shutil.copytree(model, ckpt / "model")
-    assert resolve_target(ckpt).model_dir == ckpt / "model"
-    empty = tmp_path / "empty_run"
-    (empty / "models").mkdir(parents=True)
-    with pytest.raises(CheckpointError, match="no exported model"):
-        resolve_target(empty)
-    with pytest.raises(ConfigError, match="does not exist"):
-        resolve_target(tmp_path / "missing")
-
-
 def test_offline_mode_is_restored():
     before = os.environ.get("HF_DATASETS_OFFLINE")
     with offline_mode():
@@ -263,24 +134,6 @@ def test_lm_eval_command_line_runs_the_local_tasks_offline(fake_run, prepared_di
 
 
 # --------------------------------------------------------------------------- short contexts
-def _longest(item, delim=" ", count=len):
-    return max(count(item["ctx"] + delim + e) for e in item["endings"])
-
-
-def test_choice_items_within_a_token_budget_fit_it_and_keep_words():
-    docs = _docs()
-    assert make_choice_items(docs, n_items=20, seed=3, max_tokens=10_000, count_tokens=len) == (
-        make_choice_items(docs, n_items=20, seed=3)  # a budget that binds nowhere changes nothing
-    )
-    items, _ = make_choice_items(docs, n_items=40, seed=1, max_tokens=60, count_tokens=len)
-    assert len(items) == 40
-    for it in items:
-        assert _longest(it) <= 60  # characters stand for tokens here
-        true = it["endings"][it["label"]]
-        assert f"{it['ctx']} {true}" in docs[it["doc"]]
-        assert len({len(e.split()) for e in it["endings"]}) == 1  # same number of words
-    with pytest.raises(DataError, match="no choice item fits in 3 tokens"):
-        make_choice_items(docs, n_items=5, max_tokens=3, count_tokens=len)
 
 
 @pytest.fixture(scope="module")

@@ -232,9 +232,3 @@ def test_evaluation_only_task_has_a_val_split_only(tmp_path: Path) -> None:
     assert (out / "prepare.json").stat().st_mtime_ns == stamp  # up to date
 
 
-def test_downstream_documents_drop_the_framing_bos_and_keep_special_text(tmp_path: Path) -> None:
-    from cptrain.evaluation.downstream import held_out_documents
-
-    model = make_model_dir(tmp_path / "model", bos="post")
-    out = prepare(config(tmp_path, {"path": str(model)}), progress=False)
-    assert held_out_documents(out, "en") == VAL  # "<s>" written as text stays in the text
