@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from cptrain.config import METHODS, RunConfig, config_differences, load_run_config
+from cptrain.config import METHODS, RunConfig, config_differences
 from cptrain.config_base import build_config
 from cptrain.errors import ConfigError
 
@@ -55,30 +55,6 @@ def test_method_presets_and_explicit_override():
     assert mer.replay.alpha == 0.25 and mer.reptile.enabled
     assert make(method="replay", replay={"alpha": 0.5}).replay.alpha == 0.5
     assert make(method="sequential").replay.alpha == 0.0
-
-
-def test_yaml_and_overrides(tmp_path):
-    p = tmp_path / "run.yaml"
-    p.write_text("run_dir: r\ndata: {dir: d, tasks: [en]}\ntrain: {lr: 0.001}\n")
-    cfg = load_run_config(p, ["train.lr=3e-4", "train.seq_len=64", "model.preset=small"])
-    assert cfg.train.lr == pytest.approx(3e-4)
-    assert cfg.train.seq_len == 64 and cfg.model.preset == "small"
-    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
-        load_run_config(p, ["train.lr"])
-    with pytest.raises(ConfigError, match="train.nope: unknown key"):
-        load_run_config(p, ["train.nope=1"])
-
-
-def test_yaml_errors_are_one_line(tmp_path):
-    p = tmp_path / "bad.yaml"
-    p.write_text("run_dir: [unclosed\n")
-    with pytest.raises(ConfigError, match="not valid YAML"):
-        load_run_config(p)
-    with pytest.raises(ConfigError, match="does not exist"):
-        load_run_config(tmp_path / "missing.yaml")
-    p.write_text("- a list\n")
-    with pytest.raises(ConfigError, match="mapping"):
-        load_run_config(p)
 
 
 def test_config_layer_imports_neither_torch_nor_transformers():

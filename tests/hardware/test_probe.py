@@ -1,14 +1,10 @@
-"""``train.precision: auto``, the measured probes behind it and MFU, and honest throughput."""
+"""``train.precision: auto``, the measured probes behind it and MFU, and honest throughput.
+The cache of the measurements and their evidence is tested in test_cache.py, with the
+machine fakes defined here."""
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import json
-import os
-import subprocess
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,18 +24,6 @@ from cptrain.train.hooks import _multiples_left
 CPU = torch.device("cpu")
 NATIVE = "processor\t: 0\nmodel name\t: Test CPU\nflags\t\t: fpu sse2 avx512f avx512_bf16\n"
 EMULATED = "processor\t: 0\nmodel name\t: Test CPU\nflags\t\t: fpu sse2 avx2\n"
-
-
-@pytest.fixture(autouse=True)
-def cache_dir(tmp_path, monkeypatch) -> Path:
-    """Every test measures into its own cache."""
-    monkeypatch.setenv(hardware.CACHE_ENV, str(tmp_path / "cache"))
-    return tmp_path / "cache"
-
-
-@pytest.fixture
-def tiny_config():
-    return build_model("tiny", 512, seed=0).config
 
 
 def fake_machine(monkeypatch, cpuinfo: str, speedup: float) -> list[int]:
@@ -76,27 +60,6 @@ def plant_other_work(monkeypatch, ticks_per_read: int) -> None:
 
 def quiet_machine(monkeypatch) -> None:
     plant_other_work(monkeypatch, 0)
-
-
-@contextlib.contextmanager
-def busy_cpus() -> Iterator[None]:
-    """Real other work: two spinning processes per CPU this process may run on (two, so that
-    they hold most of each CPU whatever else the test run does at the time)."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    n = 2 * (cpus or 1)
-    spin = "import sys; print('go', flush=True)\nwhile True: pass"
-    procs = [
-        subprocess.Popen([sys.executable, "-S", "-c", spin], stdout=subprocess.PIPE)
-        for _ in range(n)
-    ]
-    try:
-        for proc in procs:
-            assert proc.stdout is not None and proc.stdout.readline() == b"go\n"
-        yield
-    finally:
-        for proc in procs:
-            proc.kill()
-            proc.wait()
 
 
 # ------------------------------------------------------------------------- the choice
@@ -221,16 +184,6 @@ def test_probes_measure_once_per_machine_and_leave_the_rng_alone(
     assert calls["speedup"] == 2
 
 
-def test_a_damaged_or_unwritable_cache_only_costs_a_measurement(monkeypatch, cache_dir):
-    monkeypatch.setattr(hardware, "measure_peak_flops", lambda d, t: hardware.Timed(5e9, 0, 4))
-    cache_dir.mkdir(parents=True)
-    (cache_dir / hardware.CACHE_FILE).write_text("{not json")
-    assert hardware.peak_flops(CPU, "bf16") == 5e9
-    assert json.loads((cache_dir / hardware.CACHE_FILE).read_text())["format"] == 2
-    monkeypatch.setenv(hardware.CACHE_ENV, "/proc/no-such-dir")
-    assert hardware.peak_flops(CPU, "bf16") == 5e9
-
-
 def test_a_peak_below_an_achieved_rate_is_measured_again_and_only_rises(monkeypatch):
     quiet_machine(monkeypatch)
     measured = iter([1e9, 3e9])
@@ -245,43 +198,6 @@ def test_a_peak_below_an_achieved_rate_is_measured_again_and_only_rises(monkeypa
 
 
 # ------------------------------------------------------------ on a busy or noisy machine
-@pytest.mark.skipif(not Path("/proc/stat").is_file(), reason="other work is read from /proc/stat")
-def test_a_peak_probed_while_other_processes_run_is_measured_again(
-    monkeypatch, cache_dir, request
-):
-    real, calls = hardware.measure_peak_flops, []
-
-    def measure(device, dtype):
-        calls.append(1)
-        return real(device, dtype)
-
-    monkeypatch.setattr(hardware, "measure_peak_flops", measure)
-    monkeypatch.setattr(hardware, "_PEAK_N", {"cpu": 256, "cuda": 256})  # a fast probe
-    # One thread: several, each preempted by a spinner at every barrier, crawl
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    request.addfinalizer(lambda: torch.set_num_threads(threads))
-    with busy_cpus():
-        busy = hardware.peak_flops(CPU, "fp32")
-        assert busy > 0 and len(calls) == 1
-        # flagged: the spinners' share of the CPUs is recorded with the value
-        (entry,) = json.loads((cache_dir / hardware.CACHE_FILE).read_text())["machines"].values()
-        record = entry["peak_flops"]["fp32"]
-        assert isinstance(record, dict), "a bare number: no evidence of the load it was taken at"
-        assert record["load_source"] == "/proc/stat", record
-        assert record["load"] > hardware.cache.BUSY_LOAD, record
-        # while the machine stays busy, measuring again would be no better: kept, and said so
-        kept = hardware.peak(CPU, "fp32")
-        assert len(calls) == 1 and kept.value == busy
-        assert "kept: other work uses" in kept.evidence["note"]
-    quiet_machine(monkeypatch)  # the other work is gone
-    again = hardware.peak(CPU, "fp32")
-    assert len(calls) == 2  # not trusted: measured again by the next run on a quiet machine
-    assert again.evidence["note"].startswith("measured while other work used")
-    steady = again.evidence["measurement"]["doubt"] is None
-    assert hardware.peak(CPU, "fp32").evidence["cached"] == steady  # trusted if it was steady
-
-
 def test_a_busy_or_unsteady_probe_is_flagged_and_measured_again(monkeypatch, tiny_config):
     calls = fake_machine(monkeypatch, NATIVE, 1.5)
     plant_other_work(monkeypatch, 10_000)  # others keep every CPU busy
@@ -311,61 +227,6 @@ def test_a_busy_or_unsteady_probe_is_flagged_and_measured_again(monkeypatch, tin
     assert "unsteady" in first.evidence()["measurement"]["doubt"]
     hardware.auto_precision(CPU, other)
     assert len(calls) == 4
-
-
-def test_the_load_average_decides_only_without_proc_stat(monkeypatch, tiny_config):
-    """The load average counts cptrain's own recent work (the demo's previous run): where
-    /proc/stat can tell others' work from ours, it is recorded but does not doubt a value."""
-    calls = fake_machine(monkeypatch, NATIVE, 1.5)
-    quiet_machine(monkeypatch)
-    n = len(hardware.cache.our_cpus())
-    monkeypatch.setattr(os, "getloadavg", lambda: (3.0 * n, 2.0 * n, 1.0 * n))
-    m = hardware.auto_precision(CPU, probe_of(tiny_config)).evidence()["measurement"]
-    assert (m["load"], m["loadavg"], m["doubt"]) == (0.0, 3.0, None)
-    monkeypatch.setattr(hardware.cache, "read_proc_stat", lambda: "")  # e.g. macOS
-    probe = hardware.PrecisionProbe.of(tiny_config, 4, 32, "cpu")
-    m = hardware.auto_precision(CPU, probe).evidence()["measurement"]
-    assert (m["load_source"], m["load"]) == ("loadavg", 3.0) and "300%" in m["doubt"]
-    monkeypatch.setattr(os, "getloadavg", lambda: (0.01 * n, 0.0, 0.0))
-    hardware.auto_precision(CPU, probe)
-    hardware.auto_precision(CPU, probe)
-    assert len(calls) == 3
-
-
-def test_a_value_from_another_torch_build_or_before_its_install_is_measured_again(
-    monkeypatch, cache_dir
-):
-    quiet_machine(monkeypatch)
-    measured = iter([1e9, 2e9, 3e9])
-    monkeypatch.setattr(
-        hardware, "measure_peak_flops", lambda d, t: hardware.Timed(next(measured), 0.01, 4)
-    )
-    assert hardware.peak_flops(CPU, "fp32") == 1e9
-    path = cache_dir / hardware.CACHE_FILE
-
-    def edit(**fields) -> None:
-        data = json.loads(path.read_text())
-        (entry,) = data["machines"].values()
-        entry["peak_flops"]["fp32"].update(fields)
-        path.write_text(json.dumps(data))
-
-    edit(torch="2.0.0 (0123456789ab)", achieved=9e9)
-    found = hardware.peak(CPU, "fp32")
-    assert found.value == 2e9  # a floor from another torch build goes with it
-    assert found.evidence["note"].startswith("measured with torch 2.0.0")
-    edit(measured_at="2000-01-01T00:00:00+00:00")
-    found = hardware.peak(CPU, "fp32")
-    assert (found.value, found.evidence["note"]) == (
-        3e9, "measured before this torch was installed"
-    )
-    assert hardware.peak(CPU, "fp32").evidence["cached"]
-
-
-def test_a_busy_cpu_doubts_a_cpu_rate_but_not_a_gpus():
-    now = hardware.cache.measure(lambda: hardware.Timed(1e9, 0.01, 4))
-    busy = dataclasses.replace(now, load=0.9)
-    assert now.doubt() is None and busy.doubt() is not None
-    assert dataclasses.replace(busy, device="cuda").doubt() is None
 
 
 @pytest.mark.parametrize(
@@ -518,20 +379,3 @@ def test_auto_is_the_default_precision():
     from cptrain.config import TrainConfig
 
     assert TrainConfig().precision == "auto"
-
-
-def test_training_threads_default_to_the_cpus_others_leave_free(monkeypatch):
-    from cptrain.hardware import cache as hc
-
-    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.setattr(hc, "our_cpus", lambda: {0, 1, 2, 3})
-    monkeypatch.setattr(hc, "others_now", lambda seconds=0.1: 0.5)  # two cores busy
-    assert hc.cpu_threads(None) == 2
-    monkeypatch.setattr(hc, "others_now", lambda seconds=0.1: 1.0)
-    assert hc.cpu_threads(None) == 1  # never none
-    monkeypatch.setattr(hc, "others_now", lambda seconds=0.1: None)  # cannot tell: all
-    assert hc.cpu_threads(None) == 4
-    assert hc.cpu_threads(None, cap=2) == 2  # never above torch's own default
-    assert hc.cpu_threads(3) == 3  # train.threads wins
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # torchrun's per-rank setting
-    assert hc.cpu_threads(None) == 1

@@ -1,10 +1,9 @@
-"""ReplayBuffer behaviour: visibility, uniform draws, determinism with prefetch and across a
-resume, reference vs copy storage, replay_from, ranks, chunk reclaiming, the thread's life."""
+"""ReplayBuffer behaviour: visibility, uniform draws, determinism across a resume, reference vs
+copy storage, replay_from, ranks, chunk reclaiming. The helpers here are shared with the tests
+of the buffer's parts: test_prefetch.py, test_buffer_state.py, test_seed_rows.py."""
 
-import itertools
 import json
 import shutil
-import threading
 
 import numpy as np
 import pytest
@@ -94,28 +93,6 @@ def test_draws_are_distinct_and_uniform_over_the_whole_buffer(tmp_path):
         assert len({tuple(r) for r in rows.tolist()}) == 10
         counts[rows[:, 0]] += 1
     assert chisquare(counts).pvalue > 0.001
-
-
-@pytest.mark.parametrize("policy", ["all", "reservoir", "fifo", "task_balanced"])
-def test_prefetch_never_changes_the_draws(tmp_path, policy):
-    cap = {} if policy == "all" else {"capacity": 40}
-    plain, _ = train(make(tmp_path / "a", policy=policy, **cap), range(40))
-    buf = make(tmp_path / "b", policy=policy, prefetch_mb=0.001, **cap)  # a 1-item queue
-    ahead, _ = train(buf, range(40), prefetch=True)
-    assert same(plain, ahead)
-    assert buf.stats()["prefetch_hits"] > 0
-    buf2 = make(tmp_path / "c", policy=policy, **cap)
-    ahead2, _ = train(buf2, range(40), prefetch=True)
-    assert same(plain, ahead2)
-    assert sum(len(v) for v in plain.values()) > 100  # the runs did replay
-
-
-def test_prefetch_is_used_and_draw_takes_its_rows(tmp_path):
-    buf = make(tmp_path, visibility_lag=3)
-    train(buf, range(30), prefetch=True)
-    st = buf.stats()
-    assert st["prefetch_hits"] >= 20
-    assert st["draws"] == 30 and st["rows_drawn"] == st["rows_requested"] - 5 * 4
 
 
 @pytest.mark.parametrize("policy", ["all", "reservoir", "fifo", "task_balanced"])
@@ -213,15 +190,6 @@ def test_a_fresh_start_over_an_old_directory_starts_empty(tmp_path, policy):
     assert snapshots == ([] if policy == "all" else [state["snapshot"]["file"]])
 
 
-def test_settings_that_change_the_buffer_cannot_change_on_resume(tmp_path):
-    _, state = train(make(tmp_path, policy="fifo", capacity=30), range(5), checkpoint_at=4)
-    with pytest.raises(ConfigError) as err:
-        make(tmp_path, policy="reservoir", capacity=30).load_state_dict(state)
-    assert "policy" in str(err.value)
-    with pytest.raises(CheckpointError):
-        make(tmp_path / "x", policy="fifo", capacity=30, run_id="run-z").load_state_dict(state)
-
-
 def test_bounded_policy_reclaims_chunks_and_old_checkpoints_fail_cleanly(tmp_path):
     cfg = {"policy": "fifo", "capacity": 30, "keep_checkpoints": 2}
     buf = make(tmp_path, **cfg)
@@ -249,121 +217,11 @@ def test_bounded_policy_reclaims_chunks_and_old_checkpoints_fail_cleanly(tmp_pat
     assert "keep_checkpoints" in str(err.value) and "\n" not in str(err.value)
 
 
-def test_prefetch_exception_reaches_the_training_thread(tmp_path):
-    buf = make(tmp_path)
-    train(buf, range(5))
-
-    def plan():
-        raise KeyError("plan exploded")
-        yield (5, 3, 0)
-
-    buf.start_prefetch(plan())
-    with pytest.raises(KeyError, match="plan exploded"):
-        buf.draw(5, 3, current_task=0)
-    buf.close()
-
-
-def test_errors_inside_a_prefetched_draw_propagate(tmp_path):
-    calls = itertools.count()
-
-    def flaky(task, windows):
-        if next(calls) >= 3:
-            raise RuntimeError("shard reader died")
-        return shard(task)[windows]
-
-    cfg = ReplayConfig(storage="reference", visibility_lag=0)
-    buf = ReplayBuffer(cfg, tmp_path, row_len=ROW_LEN, vocab_size=VOCAB, seed=1, run_id=RUN,
-                       resolver=flaky)
-    train(buf, range(3))
-    buf.start_prefetch((s, 4, 0) for s in itertools.count(3))
-    with pytest.raises(RuntimeError, match="shard reader died"):
-        for s in range(3, 20):
-            buf.draw(s, 4, current_task=0)
-            buf.add(*fresh(s)[:1], task_id=0, step=s, refs=fresh(s)[1])
-    buf.close()
-
-
-def _prefetch_threads():
-    return [t for t in threading.enumerate() if t.name.startswith("replay-prefetch")]
-
-
-def test_close_stops_the_thread_and_is_idempotent(tmp_path):
-    before = len(_prefetch_threads())
-    buf = make(tmp_path)
-    train(buf, range(3))
-    buf.start_prefetch((s, 4, 0) for s in itertools.count(3))  # endless plan
-    assert len(_prefetch_threads()) == before + 1
-    buf.start_prefetch((s, 4, 0) for s in itertools.count(3))  # replaces, does not add
-    assert len(_prefetch_threads()) == before + 1
-    buf.close()
-    assert len(_prefetch_threads()) == before
-    buf.close()
-    with pytest.raises(RuntimeError):
-        buf.draw(3, 1, current_task=0)
-
-
 def test_steps_must_increase(tmp_path):
     buf = make(tmp_path)
     buf.add(fresh(3)[0], task_id=0, step=3)
     with pytest.raises(ValueError):
         buf.add(fresh(3)[0], task_id=0, step=3)
-
-
-def test_state_is_json_and_small(tmp_path):
-    buf = make(tmp_path, policy="reservoir", capacity=100)
-    _, state = train(buf, range(30), checkpoint_at=29)
-    assert len(json.dumps(state)) < 2000
-    assert state["store"]["rows"] == buf.stats()["stored_rows"]
-
-
-def test_draw_counters_count_per_run_across_a_resume(tmp_path):
-    buf = make(tmp_path / "a", policy="fifo", capacity=40)
-    _, state = train(buf, range(20), prefetch=True, checkpoint_at=19)
-    counted = state["counters"]
-    assert state["version"] == 2 and counted == {k: buf.stats()[k] for k in counted}
-    assert counted["draws"] == 20 and counted["prefetch_hits"] > 0
-    shutil.copytree(tmp_path / "a", tmp_path / "b")
-    resumed = make(tmp_path / "b", policy="fifo", capacity=40)
-    resumed.load_state_dict(state)
-    assert {k: resumed.stats()[k] for k in counted} == counted
-    train(resumed, range(20, 30))
-    st = resumed.stats()
-    assert st["draws"] == 30 and st["rows_requested"] == 30 * 5
-    assert st["prefetch_hits"] == counted["prefetch_hits"]  # no prefetching since
-
-
-def test_a_version_1_state_loads_with_zero_counters(tmp_path):
-    _, state = train(make(tmp_path, policy="reservoir", capacity=30), range(10), checkpoint_at=9)
-    old = {k: v for k, v in state.items() if k != "counters"} | {"version": 1}
-    buf = make(tmp_path, policy="reservoir", capacity=30)
-    buf.load_state_dict(old)
-    assert buf.stats()["draws"] == 0 and len(buf) == state["rows"]
-    again = buf.state_dict()
-    assert again["version"] == 2 and again["counters"]["draws"] == 0
-    assert {k: v for k, v in again.items() if k not in ("version", "counters")} == {
-        k: v for k, v in old.items() if k != "version"}
-
-
-@pytest.mark.parametrize(
-    "change",
-    [
-        lambda s: s.pop("counters"),
-        lambda s: s["counters"].pop("draws"),
-        lambda s: s["counters"].update(draws=-1),
-        lambda s: s["counters"].update(prefetch_hits=True),
-        lambda s: s["counters"].update(rows_drawn=1.5),
-        lambda s: s.update(version=3),
-    ],
-    ids=["missing", "key missing", "negative", "bool", "float count", "newer version"],
-)
-def test_malformed_counters_are_refused_before_anything_changes(tmp_path, change):
-    _, state = train(make(tmp_path), range(10), checkpoint_at=9)
-    before = {p.name: p.read_bytes() for p in (tmp_path / "rank_0").iterdir()}
-    change(state)
-    with pytest.raises(CheckpointError) as err:
-        make(tmp_path).load_state_dict(state)
-    assert "\n" not in str(err.value)
-    assert {p.name: p.read_bytes() for p in (tmp_path / "rank_0").iterdir()} == before
 
 
 @pytest.mark.parametrize("prefetch", [False, True])

@@ -1,5 +1,6 @@
 """Reports from run directories written here (summary.json + metrics.jsonl), and one from a
-real micro sweep."""
+real micro sweep. ``make_run`` and ``_md_row`` are shared with the tests of the report's
+modules (test_runs.py, test_sections.py, test_compute.py, ...)."""
 
 from __future__ import annotations
 
@@ -110,23 +111,6 @@ def test_mean_ci_is_the_t_interval():
     assert mean_ci([])[0] is None
 
 
-def test_overview_cautions_when_runs_trained_at_different_precisions(tmp_path):
-    def overview(root: Path, small_precision: str) -> str:
-        for preset, precision in (("tiny", "fp32"), ("small", small_precision)):
-            for seed in (0, 1):
-                make_run(root, "replay", 0.25, preset, seed, precision=precision)
-        make_run(root, "sequential", 0.0, "tiny", 0, rows=2, precision="bf16")  # in progress
-        write_report([root], root / "out")
-        return (root / "out" / "report.md").read_text().split("\n## ")[1]
-
-    assert "different precisions" not in overview(tmp_path / "one", "fp32")
-    # `precision: auto` picked bf16 for the wider model only
-    mixed = overview(tmp_path / "two", "bf16")
-    assert mixed.startswith("Overview")
-    assert ("different precisions (bf16: small replay α=0.25; fp32: tiny replay α=0.25)"
-            in mixed)
-
-
 def test_sweep_report_has_every_table_and_figure(tmp_path):
     runs = make_sweep(tmp_path / "sweep", grad_cos=True)
     html_path = write_report([tmp_path / "sweep"], tmp_path / "out")
@@ -185,65 +169,6 @@ def test_single_run_report_shows_what_applies(tmp_path):
     assert "after en" in md  # its loss matrix
 
 
-def test_flops_are_taken_from_the_summary_or_computed(tmp_path):
-    sentinel = {"flops_per_token": 123456789, "flops_per_incoming_token": 2.5e8,
-                "total_flops": 7e12, "reptile_flops": 0, "convention": "test"}
-    make_run(tmp_path / "a", "sequential", flops=sentinel)
-    write_report([tmp_path / "a"], tmp_path / "oa")
-    assert "1.23e+08" in (tmp_path / "oa" / "report.md").read_text()
-
-    run = make_run(tmp_path / "b", "replay", 0.25)  # no "flops": computed from its facts
-    write_report([tmp_path / "b"], tmp_path / "ob")
-    expected = run_flops(read_summary(run))
-    row = _md_row((tmp_path / "ob" / "report.md").read_text(), "Training compute",
-                  "replay α=0.25 · tiny")
-    assert row[2] == f"{expected['flops_per_token']:.3g}"
-    assert row[3] == f"{expected['flops_per_incoming_token']:.3g}"
-
-
-def test_a_summary_of_an_older_cptrain_shows_no_compute_and_says_why(tmp_path):
-    run = make_run(tmp_path / "s", "mer", 0.25)
-    s = json.loads((run / "summary.json").read_text())  # as an older cptrain wrote it
-    del s["model_shape"], s["rows_per_step"], s["reptile_updates"]
-    (run / "summary.json").write_text(json.dumps(s))
-    write_report([tmp_path / "s"], tmp_path / "out")
-    md = (tmp_path / "out" / "report.md").read_text()
-    assert _md_row(md, "Training compute", "MER α=0.25 · tiny")[2] == "–"
-    assert "1 run(s) without compute figures" in md and "--resume" in md
-
-
-def test_paper_code_forgetting_is_shown_beside_forgetting_and_older_runs_show_a_dash(tmp_path):
-    new, old = make_run(tmp_path / "s", "sequential", seed=0), make_run(tmp_path / "s", seed=1)
-    for run, value in ((new, -0.4321), (old, None)):
-        s = read_summary(run)
-        s.pop("forgetting_paper_code", None)  # an older cptrain wrote no such key
-        if value is not None:
-            s["forgetting_paper_code"] = value
-        (run / "summary.json").write_text(json.dumps(s))
-    write_report([tmp_path / "s"], tmp_path / "out")
-    md = (tmp_path / "out" / "report.md").read_text()
-    header = md[md.index("## All runs"):].split("| run |")[1].splitlines()[0]
-    cols = [c.strip() for c in header.strip("|").split("|")]
-    at = 1 + cols.index("forgetting (paper code)")
-    assert cols[at - 2] == "forgetting"  # next to cptrain's own figure
-    assert _md_row(md, "All runs", new.name)[at] == "-0.432"
-    assert _md_row(md, "All runs", old.name)[at] == "–"
-    assert _md_row(md, "Forgetting as the paper's official code", "sequential")[1] == (
-        "-0.432 (n=1)")  # n counts the seeds that have it
-
-
-def test_groups_are_named_by_the_method_table(tmp_path):
-    make_run(tmp_path / "s", "mer", 0.25)
-    make_run(tmp_path / "s", "reptile")
-    cfg_only = make_run(tmp_path / "s", "replay", 0.25, name="custom")
-    s = read_summary(cfg_only)
-    del s["config"]["method"]  # replay keys only: still recognised as replay
-    (cfg_only / "summary.json").write_text(json.dumps(s))
-    runs, _ = collect_runs([tmp_path / "s"])
-    assert {(r.method, r.group) for r in runs} == {
-        ("mer", "MER α=0.25"), ("reptile", "Reptile"), ("replay", "replay α=0.25")}
-
-
 def test_incomplete_runs_are_listed_but_left_out_of_the_tables(tmp_path):
     make_run(tmp_path / "s", "sequential", seed=0)
     make_run(tmp_path / "s", "sequential", seed=1, rows=2)
@@ -254,30 +179,6 @@ def test_incomplete_runs_are_listed_but_left_out_of_the_tables(tmp_path):
     assert "1 in progress" in md
     assert _md_row(md, "Forgetting by method", "sequential")[1].endswith("(n=1)")
     assert _md_row(md, "All runs", "sequential_tiny_s1_en-fr-de")[-1] == "no (2 tasks)"
-
-
-def test_downstream_scores_are_tabulated(tmp_path):
-    for seed, acc in ((0, 0.30), (1, 0.40)):
-        make_run(tmp_path / "s", "replay", 0.25, seed=seed, downstream={
-            "cptrain_choice_en": {"acc": acc - 0.05, "acc_norm": acc},
-            "cptrain_bpb_en": {"bits_per_byte": 2.0 + seed},
-        })
-    write_report([tmp_path / "s"], tmp_path / "out")
-    md = (tmp_path / "out" / "report.md").read_text()
-    row = _md_row(md, "Downstream evaluation", "replay α=0.25 · tiny (n=2)")
-    header = md[md.index("Downstream evaluation"):].split("| model |")[1].splitlines()[0]
-    cols = [c.strip() for c in header.strip("|").split("|")]
-    half = stats.t.ppf(0.975, 1) * np.std([0.3, 0.4], ddof=1) / math.sqrt(2)
-    assert row[1 + cols.index("cptrain_choice_en (acc_norm)")] == f"0.350 ± {half:.3f}"
-    assert row[1 + cols.index("cptrain_bpb_en (bits_per_byte)")].startswith("2.500")
-
-
-def test_sweep_labels_name_the_groups(tmp_path):
-    make_run(tmp_path / "s", "reptile", name="reptile-k50_tiny_s0_en-fr-de")
-    (tmp_path / "s" / "sweep.json").write_text(json.dumps(
-        {"runs": [{"name": "reptile-k50_tiny_s0_en-fr-de", "label": "reptile-k50"}]}))
-    runs, _ = collect_runs([tmp_path / "s"])
-    assert runs[0].group == "reptile-k50" and runs[0].method == "reptile"
 
 
 def test_no_runs_or_damaged_summaries(tmp_path):
@@ -294,17 +195,6 @@ def test_no_runs_or_damaged_summaries(tmp_path):
     (bad / "summary.json").write_text("{not json")
     runs, notes = collect_runs([tmp_path / "s"])
     assert len(runs) == 1 and "unreadable summary.json" in notes[0]
-
-
-def test_runs_are_found_at_any_depth_but_not_inside_runs(tmp_path):
-    run = make_run(tmp_path / "a" / "b", "sequential", name="replay")  # a run named like a folder
-    inner = run / "checkpoints" / "step_3"
-    inner.mkdir(parents=True)
-    (inner / "summary.json").write_text((run / "summary.json").read_text())
-    make_run(tmp_path / "c", "sequential")
-    runs, _ = collect_runs([tmp_path])
-    assert sorted(r.dir for r in runs) == sorted([run, tmp_path / "c" /
-                                                  "sequential_tiny_s0_en-fr-de"])
 
 
 @pytest.mark.slow

@@ -1,5 +1,5 @@
 """The report package's shape: torch-free, layered without import cycles, modules of one job
-(none over 500 lines), and one renderer that writes Markdown and HTML from one model."""
+(none over 500 lines). Its one renderer is tested in test_blocks.py."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import cptrain.report
-from cptrain.report.blocks import Figure, Row, Section, Table, render
 
 PACKAGE = Path(cptrain.report.__file__).parent
 MODULES = sorted(PACKAGE.glob("*.py"))
@@ -66,28 +65,3 @@ def test_the_sibling_imports_have_no_cycle():
 
     for name in edges:
         visit(name, ())
-
-
-def test_one_model_renders_to_markdown_and_html_alike(tmp_path):
-    png = tmp_path / "figures" / "f.png"
-    png.parent.mkdir()
-    png.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
-    sections = [Section("Results & <more>", [
-        "a <b> paragraph",
-        Table(["", "x"], [["a", "1"]], "caption"),
-        Row([Table(["m"], [["1"]]), Table(["n"], [["2"]], "second")]),
-        Figure(png, "a figure"),
-    ])]
-    md, page = render("title", sections, tmp_path)
-    assert md == "\n".join([
-        "# title", "", "## Results & <more>", "", "a <b> paragraph", "",
-        "*caption*", "", "|  | x |", "|---|---|", "| a | 1 |", "",
-        "| m |", "|---|", "| 1 |", "",
-        "*second*", "", "| n |", "|---|", "| 2 |", "",
-        "![a figure](figures/f.png)", "", "*a figure*", "",
-    ])
-    assert "<h2>Results &amp; &lt;more&gt;</h2>\n<p>a &lt;b&gt; paragraph</p>" in page
-    assert "<div class='row'>\n<div><table><tr><th>m</th></tr>" in page
-    assert "<div><p class='caption'>second</p>\n<table><tr><th>n</th></tr>" in page
-    assert "src='data:image/png;base64,iVBORw0KGgpub3QgcmVhbGx5'" in page
-    assert page.startswith("<!doctype html>") and page.endswith("</body></html>")

@@ -1,6 +1,6 @@
 """Study sweeps: grid axes over any config key, paired differences against a baseline, the
-Reptile map heatmaps, the replay-ratio curve, size against replay, and the report's words for
-overlapping intervals."""
+Reptile map heatmaps, the replay-ratio curve and size against replay. ``_write_run`` and
+``_manifest`` are shared with the tests of the other report modules."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from scipy import stats
 
 from cptrain.errors import ConfigError
 from cptrain.report.document import write_report
@@ -212,29 +211,6 @@ def test_size_vs_replay_is_void_unless_the_larger_model_learns_better(tmp_path):
             "sequential), so size is confounded with precision" in mixed)
 
 
-def test_metric_tables_say_no_significant_difference_where_intervals_overlap(tmp_path):
-    root = tmp_path / "o"
-    for seed in range(3):
-        j = 0.05 * seed
-        _write_run(root, f"seq-{seed}", method="sequential", alpha=0.0, seed=seed,
-                   lm=[[5.0, 9.0], [7.0 + j, 5.0]])
-        _write_run(root, f"rep-{seed}", method="replay", alpha=0.25, seed=seed,
-                   lm=[[5.0, 9.0], [5.5 + j, 5.0]])
-        _write_run(root, f"mer-{seed}", method="mer", alpha=0.25, seed=seed,
-                   lm=[[5.0, 9.0], [5.52 + j, 5.0]])
-    write_report([root], root / "report")
-    md = (root / "report" / "report.md").read_text()
-    line = next(s for s in md.splitlines() if s.startswith("Forgetting, tiny:"))
-    assert "lowest mean replay α=0.25" in line
-    # Welch t-tests Holm-adjusted over the 3 pairs of methods: replay vs MER (0.02 apart) has
-    # the largest raw p, so Holm leaves it as it is (× 1)
-    p = stats.ttest_ind([0.5, 0.55, 0.6], [0.52, 0.57, 0.62], equal_var=False).pvalue
-    assert f"no significant difference from MER α=0.25 (Holm p = {p:.2g})" in line
-    assert "1 method(s) significantly higher: sequential (Holm p < 0.001)" in line
-    assert "across 3 pair(s) of methods" in line
-    assert "n = 3 seeds per method and size. Caution: with n < 5" in md
-
-
 def test_a_method_can_be_limited_to_some_presets(tmp_path, prepared_dir):
     grid = {"presets": ["tiny", "mini"], "alphas": [0.5], "seeds": [0],
             "methods": ["sequential", {"method": "replay", "presets": ["tiny"]}]}
@@ -304,75 +280,6 @@ def test_a_control_without_the_axis_pairs_with_the_baseline_at_its_own_setting(t
     runs, _ = collect_runs([root])
     (pair,) = pairs(runs, "sequential").values()
     assert [b.axes["lr"] for _, b in pair] == [0.003]
-
-
-def test_a_group_label_shows_the_effective_alpha_when_rows_round(tmp_path):
-    from cptrain.report.document import collect_runs
-
-    root, coords = tmp_path / "alpha", []
-    for name, rows in (("exact", {"fresh": 12, "replay": 4}), ("rounded", {"fresh": 11,
-                                                                          "replay": 5})):
-        _write_run(root, name, method="replay", alpha=0.25 if name == "exact" else 0.3,
-                   seed=0, lm=[[5.0, 9.0], [6.0, 5.5]], coords=coords)
-        summary = json.loads((root / name / "summary.json").read_text())
-        summary["rows_per_step"] = rows
-        (root / name / "summary.json").write_text(json.dumps(summary))
-    runs, _ = collect_runs([root])
-    assert sorted(r.group for r in runs) == ["replay α=0.25", "replay α=0.3 (effective 0.312)"]
-
-
-def test_runs_of_one_method_with_other_settings_are_never_pooled_as_seeds(tmp_path):
-    from cptrain.report.document import collect_runs
-
-    a, b = tmp_path / "a", tmp_path / "b"
-    for root, tokens, seeds in ((a, 200_000, (0, 1)), (b, 24_000, (0,))):
-        for seed in seeds:
-            name = f"sequential_s{seed}"
-            _write_run(root, name, method="sequential", alpha=0.0, seed=seed,
-                       lm=[[5.0, 9.0], [6.0, 5.5]])
-            summary = json.loads((root / name / "summary.json").read_text())
-            summary["config"]["data"] = {"tokens_per_task": tokens}
-            (root / name / "summary.json").write_text(json.dumps(summary))
-    runs, notes = collect_runs([a, b])
-    groups = sorted({r.group for r in runs})
-    assert groups == ["sequential [data.tokens_per_task=200000]",
-                      "sequential [data.tokens_per_task=24000]"]
-    assert any("differ in data.tokens_per_task" in n and "never pooled" in n for n in notes)
-    # the same setting and seed twice: flagged as a repeat, not a second seed
-    runs, notes = collect_runs([a, a])
-    assert any("2 runs of seed 0 with the same settings" in n for n in notes)
-    write_report([a, b], tmp_path / "report")
-    md = (tmp_path / "report" / "report.md").read_text()
-    assert "never pooled as seeds" in md and "(n=3)" not in md
-
-
-def test_replay_of_two_settings_meets_only_the_baseline_of_its_own(tmp_path):
-    """Replay runs of two budgets are two sentences, each against sequential of its budget
-    (never one mean over both); a replay run's unused Reptile keys split nothing."""
-    from cptrain.report.document import collect_runs
-
-    root = tmp_path / "runs"
-    for tokens, shift in ((100_000, 0.0), (150_000, 1.0)):
-        for method, alpha, loss in (("sequential", 0.0, 6.0), ("replay", 0.25, 5.0)):
-            if method == "sequential" and tokens == 150_000:
-                continue  # the second budget has no baseline
-            for seed in (0, 1):
-                name = f"{method}_{tokens}_s{seed}"
-                _write_run(root, name, method=method, alpha=alpha, seed=seed,
-                           lm=[[loss + shift, 9.0], [loss + shift, loss + shift]],
-                           fpt=8000.0 if alpha else 6000.0)
-                summary = json.loads((root / name / "summary.json").read_text())
-                summary["config"]["data"] = {"tokens_per_task": tokens}
-                summary["config"]["reptile"]["k"] = 5 if seed else 500  # unused: no Reptile
-                (root / name / "summary.json").write_text(json.dumps(summary))
-    runs, notes = collect_runs([root])
-    assert not any("reptile" in n for n in notes)
-    assert len({r.group for r in runs if r.method == "sequential"}) == 1
-    write_report([root], tmp_path / "report")
-    md = (tmp_path / "report" / "report.md").read_text()
-    lines = [line for line in md.splitlines() if " on tiny reaches retained loss" in line]
-    assert len(lines) == 1, lines  # the 150k replay runs have no baseline of their own
-    assert "[data.tokens_per_task=100000]" in lines[0] and "loss 5.000 " in lines[0]
 
 
 def test_an_entrys_task_fields_survive_the_task_order(tmp_path, prepared_dir):

@@ -8,12 +8,10 @@ import stat
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
 from conftest import read_metrics, with_tokenizer
 
-from cptrain.checkpoint.export import base_model_facts, model_card
 from cptrain.cli import main
 from cptrain.data.prepare import load_prepared_tokenizer
 from cptrain.errors import ConfigError
@@ -21,7 +19,6 @@ from cptrain.models.build import build_model
 from cptrain.models.registry import FORMAT, MANIFEST
 from cptrain.train import Trainer, train
 from cptrain.train.hooks import TensorBoard, after_the_newest_event_file
-from cptrain.train.state import TrainerState
 
 TRAIN_FIELDS = ("loss", "lr", "grad_norm", "tokens_per_s", "effective_alpha", "grad_cos")
 
@@ -200,53 +197,6 @@ def test_task_exports_carry_a_model_card_that_cptrain_export_repeats(
     assert {stat.S_IMODE(w.stat().st_mode) for w in weights} == {0o644}
 
 
-def test_a_card_says_when_weights_are_inside_a_task_and_what_a_fresh_model_was(make_config):
-    config = make_config("mid").model_dump(mode="json")
-    state = TrainerState(
-        step=9,
-        task_idx=1,
-        task_step=3,
-        loss_matrix=[[5.0, 6.0, 6.5]],
-        loss_before=[6.2, 6.2, 6.3],
-        run_id="ab" * 16,
-    ).state_dict()
-    card = model_card(config, state)
-    front = _front_matter(card)
-    assert "base_model" not in front and "license" not in front
-    assert "inside task 2 of 3 (xml)" in card and "3 steps into task 2" in card
-    assert "freshly initialised `tiny` model" in card and "Reptile: off" in card
-    assert "| 2 | `xml` | 1,536 | 6 | partly |" in card and "| 3 | `asyncio`" in card
-    assert "not yet" in card and "6.200" in card and "5.000" in card
-
-
-def test_a_quantized_gguf_base_gives_its_license_and_a_dequantization_note(tmp_path):
-    import gguf
-    from gguf.quants import quantize
-
-    path = tmp_path / "q.gguf"
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_license("mit")
-    rows = np.random.default_rng(0).standard_normal((4, 64)).astype(np.float32)
-    q8 = gguf.GGMLQuantizationType.Q8_0
-    w.add_tensor("token_embd.weight", quantize(rows, q8), raw_dtype=q8)
-    w.add_tensor("output_norm.weight", np.ones(64, dtype=np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    facts = base_model_facts(str(path))
-    assert facts["base_model"] == str(path) and facts["license"] == "mit"
-    assert facts["note"].startswith("dequantized from Q8_0")
-    f32 = tmp_path / "f.gguf"
-    w = gguf.GGUFWriter(str(f32), "llama")
-    w.add_tensor("output_norm.weight", np.ones(64, dtype=np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    assert "note" not in base_model_facts(str(f32))
-
-
 # --------------------------------------------------------------------------- throughput
 def test_eta_adds_the_evaluations_checkpoints_and_exports_to_come(monkeypatch):
     from types import SimpleNamespace
@@ -326,25 +276,3 @@ def test_exports_carry_eos_architectures_dtype_and_generation_defaults(make_conf
         generation = json.loads((out / "generation_config.json").read_text())
         assert generation["eos_token_id"] == eos
         assert load_pretrained(out).generation_config.eos_token_id == eos
-
-
-def test_a_card_names_the_hub_id_the_replay_seed_and_a_half_precision_base(make_config,
-                                                                          tmp_path):
-    from cptrain.models.registry import FORMAT, MANIFEST
-
-    known = tmp_path / "smollm2"
-    known.mkdir()
-    (known / MANIFEST).write_text(json.dumps({"format": FORMAT, "name": "smollm2-135m"}))
-    assert base_model_facts(str(known))["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
-    half = tmp_path / "half"
-    half.mkdir()
-    (half / "config.json").write_text(json.dumps({"torch_dtype": "bfloat16"}))
-    config = make_config("c", method="replay").model_dump(mode="json")
-    config["model"]["init_from"] = str(half)
-    config["replay"]["seed"] = [{"source": "task", "task": "xml", "tokens": 4096},
-                                {"source": "self", "tokens": 2048, "temperature": 1.0,
-                                 "top_p": 0.95}]
-    card = model_card(config, TrainerState().state_dict())
-    assert "replay seed: 4,096 tokens of `xml`" in card
-    assert "replay seed: 2,048 tokens of text sampled from the starting model" in card
-    assert "these weights are float32" in card and "were bfloat16" in card

@@ -324,7 +324,7 @@ def released_table(rows: list[dict[str, Any]]) -> str:
         (f"{fr} forgot", lambda r: _fmt(r["fr_forgetting"], signed=True)),
         ("retained", lambda r: _fmt(r["retained"])),
     ]
-    name_w = max(10, *(len(r["method"]) + 2 for r in rows))
+    name_w = max([10, *(len(r["method"]) + 2 for r in rows)])
     widths = [max(len(head), 11) + 2 for head, _ in columns]
     lines = [
         "method".ljust(name_w)

@@ -50,7 +50,7 @@ def scores_table(rows: Sequence[dict[str, Any]], tasks: Sequence[str]) -> str:
     """Plain-text table: accuracy (higher is better) then bits per byte (lower is better)."""
     heads = [h for h in [f"{t} acc" for t in tasks] + [f"{t} bpb" for t in tasks]
              if all(h in r for r in rows)]
-    name_w = max(8, *(len(r["model"]) + 2 for r in rows))
+    name_w = max([8, *(len(r["model"]) + 2 for r in rows)])
     widths = [max(len(h), 6) + 2 for h in heads]
     lines = ["model".ljust(name_w) + "".join(h.rjust(w) for h, w in zip(heads, widths,
                                                                          strict=True))]

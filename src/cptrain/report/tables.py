@@ -22,8 +22,8 @@ def loss_matrix_table(
     """Rows: ``before`` (the starting model, when given) then after each trained task;
     columns: the trained tasks, then the evaluation-only ones (marked ``*``)."""
     columns = [*tasks, *(f"{t}*" for t in eval_only)]
-    width = max(8, *(len(t) + 2 for t in columns))
-    label_w = max(12, *(len(t) + 2 for t in tasks))
+    width = max([8, *(len(t) + 2 for t in columns)])
+    label_w = max([12, *(len(t) + 2 for t in tasks)])
     lines = ["after \\ on".ljust(label_w) + "".join(t.rjust(width) for t in columns)]
     if before:
         cells = [before.get(t) for t in (*tasks, *eval_only)]
@@ -67,7 +67,7 @@ def run_report(summary: Mapping[str, Any], title: str | None = None) -> str:
 def comparison_table(rows: Sequence[tuple[str, Mapping[str, Any]]]) -> str:
     """One line per method: forgetting, retained, learned, the first task's loss right after it
     and at the end, and the mean gradient-alignment cosine (when diagnostics ran)."""
-    name_w = max(10, *(len(n) + 2 for n, _ in rows))
+    name_w = max([10, *(len(n) + 2 for n, _ in rows)])
     first = rows[0][1]["tasks"][0] if rows else "task0"
     head = (
         "method".ljust(name_w)
