@@ -144,7 +144,7 @@ def test_a_summary_of_an_older_cptrain_is_a_one_line_error_naming_the_key(key):
     with pytest.raises(ConfigError) as e:
         run_flops(s)
     msg = str(e.value)
-    assert f"summary.json of runs/x has no {key}" in msg and "--resume" in msg
+    assert f"the summary of runs/x has no {key}" in msg and "--resume" in msg
     assert "\n" not in msg
 
 
@@ -154,6 +154,6 @@ def test_a_summary_of_an_older_cptrain_is_a_one_line_error_naming_the_key(key):
 def test_malformed_facts_are_one_line_errors(key, value):
     s = _summary()
     s[key] = value
-    with pytest.raises(ConfigError, match=f"summary.json: {key} is") as e:
+    with pytest.raises(ConfigError, match=f"the run's summary: {key} is") as e:
         run_flops(s)
     assert "\n" not in str(e.value)

@@ -171,7 +171,7 @@ def _recorded(summary: dict[str, Any], key: str) -> Any:
     if key not in summary:
         run = summary.get("config", {}).get("run_dir") or "this run"
         raise ConfigError(
-            f"summary.json of {run} has no {key}; it was written by an older cptrain: re-run "
+            f"the summary of {run} has no {key}; it was written by an older cptrain: re-run "
             "`cptrain train --resume` to rewrite it"
         )
     return summary[key]
@@ -179,7 +179,7 @@ def _recorded(summary: dict[str, Any], key: str) -> Any:
 
 def _malformed(key: str, value: Any) -> ConfigError:
     return ConfigError(
-        f"summary.json: {key} is {value!r}, not what cptrain writes; re-run `cptrain train "
+        f"the run's summary: {key} is {value!r}, not what cptrain writes; re-run `cptrain train "
         "--resume` to rewrite it"
     )
 
