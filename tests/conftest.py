@@ -48,6 +48,7 @@ HEAVY_FIRST = (
     "train/test_trainer.py",
     "e2e/test_fault_matrix.py",
     "e2e/test_kill_anywhere.py",
+    "test_merge.py",
     "train/test_reptile.py",
     "report/test_document.py",
     "test_progress.py",

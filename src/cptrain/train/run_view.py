@@ -34,6 +34,9 @@ class RunView:
     def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError(f"hooks read the run; {name!r} is the trainer's to set")
 
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"hooks read the run; {name!r} is the trainer's to keep")
+
     @property
     def cfg(self) -> RunConfig:
         return self._trainer.cfg
