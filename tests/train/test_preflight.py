@@ -78,3 +78,12 @@ def test_the_checks_import_no_torch(make_config):
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "False"
+
+
+def test_a_mistyped_init_from_is_reported_before_the_data_is_opened(make_config, tmp_path):
+    """Checked before the data (whose tokenizer load imports transformers): with both wrong,
+    the model path is what the user hears of first."""
+    cfg = make_config("typo", data={"dir": str(tmp_path / "no-data")},
+                      model={"init_from": str(tmp_path / "no-model")})
+    with pytest.raises(DataError, match="no-model does not exist; fix the path"):
+        preflight(cfg, False)

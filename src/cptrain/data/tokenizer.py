@@ -156,12 +156,19 @@ def model_tokenizer_sha256(model_dir: Path | str) -> str | None:
     is the prepare config's ``tokenizer.path``; None when the directory has no tokenizer.json.
 
     DataError when the directory does not exist or its tokenizer cannot be loaded."""
-    model_dir = Path(model_dir)
-    if not model_dir.is_dir():
-        raise DataError(f"model directory {model_dir} does not exist; fix the path")
+    model_dir = require_model_dir(model_dir)
     if not (model_dir / "tokenizer.json").is_file():
         return None
     return tokenizer_sha256(load_tokenizer(model_dir))
+
+
+def require_model_dir(model_dir: Path | str) -> Path:
+    """``model_dir`` as a Path; DataError when no such directory exists (checked before the
+    data's tokenizer is loaded, so a mistyped ``init_from`` fails at once)."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise DataError(f"model directory {model_dir} does not exist; fix the path")
+    return model_dir
 
 
 def require_gguf() -> None:
@@ -208,9 +215,7 @@ def gguf_tokens(path: Path | str) -> list[str] | None:
 def model_separators(model_dir: Path | str) -> Separators | None:
     """The separators prepare uses with this model directory as ``tokenizer.path`` (None when
     it has no tokenizer.json); compare with prepare.json ``tokenizer.eos_id``/``bos_id``."""
-    model_dir = Path(model_dir)
-    if not model_dir.is_dir():
-        raise DataError(f"model directory {model_dir} does not exist; fix the path")
+    model_dir = require_model_dir(model_dir)
     if not (model_dir / "tokenizer.json").is_file():
         return None
     return document_separators(load_tokenizer(model_dir), model_dir)
