@@ -179,6 +179,27 @@ def test_dry_run_says_changed_where_the_real_sweep_refuses(tmp_path, capsys):
     assert lines[runs[1].name].rstrip().endswith("done")
 
 
+def test_a_finished_auto_run_records_its_precision_and_stays_done(tmp_path, capsys):
+    """A run's summary holds the precision `auto` resolved to; the sweep asking `auto` again
+    sees the same setting (an explicit other precision is a change)."""
+    cfg = _sweep(tmp_path, methods=["sequential"], presets=["tiny"], seeds=[0])
+    (run,) = expand_sweep(cfg)
+    run.run_dir.mkdir(parents=True)
+    done = run.config.model_dump(mode="json")
+    assert done["train"]["precision"] == "auto"
+    done["train"]["precision"] = "bf16"
+    (run.run_dir / "summary.json").write_text(json.dumps({"complete": True, "config": done,
+                                                          "version": 2}))
+    run_sweep(cfg, dry_run=True)
+    assert capsys.readouterr().out.splitlines()[1].rstrip().endswith("done")
+    explicit = run.config.model_copy(update={"train": run.config.train.model_copy(
+        update={"precision": "fp32"})})
+    from cptrain.sweep import _changed
+
+    assert _changed(run.__class__(**{**vars(run), "config": explicit})) == [
+        "train.precision: checkpoint has 'bf16', config has 'fp32'"]
+
+
 def test_two_sweeps_on_one_directory_are_refused(tmp_path):
     cfg = _sweep(tmp_path, methods=["sequential"], presets=["tiny"], seeds=[0])
     out = tmp_path / "sweep"

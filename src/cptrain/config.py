@@ -426,7 +426,13 @@ def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 
     A key the older config does not have came with a later cptrain, whose convention is a
     default that does what the code did before: at that default it is no difference, so
-    upgrading cptrain neither blocks a resume nor retrains a finished sweep run."""
+    upgrading cptrain neither blocks a resume nor retrains a finished sweep run. A run records
+    the precision ``train.precision: auto`` resolved to, and ``auto`` keeps it, so ``auto`` in
+    ``new`` matches either; an explicit precision must equal the recorded one."""
+    train = new.get("train")
+    if isinstance(train, dict) and train.get("precision") == "auto":
+        kept = (old.get("train") or {}).get("precision", "auto")
+        new = {**new, "train": {**train, "precision": kept}}
     a, b = result_settings(old), result_settings(new)
     diffs = []
     for key in sorted(set(a) | set(b)):

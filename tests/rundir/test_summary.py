@@ -171,3 +171,13 @@ def test_the_model_types_the_keys_readers_rely_on():
     assert (s.format, s.version, s.tasks, s.loss_matrix, s.complete, s.eval_only) == (
         sm.FORMAT, sm.VERSION, [], [], False, [])
     assert s.model_extra == {"anything": [1]}
+
+
+def test_a_version_1_summary_gets_the_precision_auto_resolved_to_inside_its_config():
+    raw = {"config": {"train": {"precision": "auto", "lr": 0.1}}, "precision": "bf16",
+           "tasks": [], "loss_matrix": []}
+    out = sm.migrate(raw)
+    assert out["config"]["train"] == {"precision": "bf16", "lr": 0.1}
+    assert raw["config"]["train"]["precision"] == "auto"  # the input is left alone
+    explicit = {**raw, "config": {"train": {"precision": "fp32"}}}
+    assert sm.migrate(explicit)["config"]["train"]["precision"] == "fp32"

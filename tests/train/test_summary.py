@@ -23,6 +23,7 @@ def test_a_run_not_yet_trained_reports_its_facts_and_no_measurement(make_config)
     assert s["rows_per_step"] == {"fresh": 6, "replay": 2}
     assert s["model_shape"]["layers"] == 2 and s["params"] == trainer.n_params
     assert s["precision"] == "fp32" and s["threads"] == torch.get_num_threads()
+    assert s["config"]["train"]["precision"] == s["precision"]  # resolved, inside the config
     assert s["warnings"] == trainer.warnings and "25.0%, not 30.0%" in s["warnings"][0]
     assert s["replay"] == trainer.buffer.stats()
     assert "forgetting" not in s and "union_loss" not in s and "grad_cos_mean" not in s

@@ -42,15 +42,10 @@ def vocab_problem(rows: int, vocab: int, data_dir: Path | str) -> str | None:
 
 
 def config_problem(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
-    """Result-changing differences between the checkpoint's config and this one. A checkpoint
-    records the precision ``train.precision: auto`` resolved to, and a resume with ``auto``
-    keeps it, so ``auto`` here matches either; an explicit precision must equal the saved."""
+    """Result-changing differences between the checkpoint's config and this one
+    (``config_differences``: ``auto`` matches the precision it resolved to)."""
     from cptrain.config import config_differences
 
-    train = now.get("train")
-    if isinstance(train, dict) and train.get("precision") == "auto":
-        kept = (saved.get("train") or {}).get("precision", "auto")
-        now = {**now, "train": {**train, "precision": kept}}
     return config_differences(saved, now)
 
 

@@ -51,6 +51,11 @@ def migrate(raw: dict[str, Any], source: str = "summary") -> dict[str, Any]:
     if version < 2:
         out.setdefault("format", FORMAT)
         out["version"] = VERSION
+        # The config as given ("auto"): the precision it resolved to goes inside, as now.
+        config = out["config"] if isinstance(out.get("config"), dict) else {}
+        train, resolved = config.get("train"), out.get("precision")
+        if isinstance(train, dict) and train.get("precision") == "auto" and resolved:
+            out["config"] = {**config, "train": {**train, "precision": resolved}}
         # Before the history-based forgetting existed, "forgetting" was the task-end figure.
         if "forgetting" in out:
             out.setdefault("forgetting_task_end", out["forgetting"])

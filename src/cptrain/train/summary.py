@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from cptrain.evaluation import metrics
+from cptrain.hardware.probe import resolved_config
 from cptrain.models.flops import run_flops, shape_from_hf_config, summary_facts
 
 if TYPE_CHECKING:
@@ -17,7 +18,7 @@ def run_summary(trainer: Trainer) -> dict[str, Any]:
     state, plan = trainer.state, trainer.plan
     lm = state.loss_matrix
     out: dict[str, Any] = {
-        "config": trainer.cfg.model_dump(mode="json"),
+        "config": resolved_config(trainer.cfg, trainer.precision),  # what auto resolved to
         "tasks": trainer.task_names,
         "eval_only": trainer.data.eval_only,
         "loss_matrix": lm,  # columns: tasks, then eval_only
