@@ -6,9 +6,9 @@
 can also run by hand. Paths in the recipes assume ``data/`` (and ``models/``) under the
 working directory; the demos move them under their own ``--data-dir`` and model folder.
 
-The recipes are not part of the installed package (pyproject.toml packages ``src/`` alone):
-they are found next to ``src/`` in a source checkout (the editable install of
-scripts/setup.sh); anywhere else, reading one fails with a one-line error naming it.
+The recipes ship inside the package: ``demo/_recipes`` links to the checkout's ``recipes/``
+(what an editable install reads) and a wheel carries the files themselves (package data in
+pyproject.toml); a recipe missing from either fails with a one-line error naming it.
 """
 
 from __future__ import annotations
@@ -19,8 +19,7 @@ from typing import Any
 from cptrain.config_base import read_yaml
 from cptrain.errors import ConfigError
 
-# src/cptrain/demo/recipes.py → the checkout's root
-RECIPES_DIR = Path(__file__).resolve().parents[3] / "recipes"
+RECIPES_DIR = Path(__file__).resolve().parent / "_recipes"
 # where the recipes' paths put the demo corpus and the prepared shards
 RECIPE_DATA_DIR = Path("data")
 
@@ -31,8 +30,7 @@ def read_recipe(name: str) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(
             f"the demo's recipe {path} is missing: `cptrain demo` reads its settings from the "
-            "recipes/ folder of a cptrain source checkout; install cptrain from one with "
-            "`pip install -e .`"
+            "recipes cptrain ships; reinstall cptrain (`bash scripts/setup.sh` in a checkout)"
         )
     return read_yaml(path)
 
