@@ -1,35 +1,15 @@
 """``cptrain merge``: the interpolation of a run's start and final weights, its table and plot,
-and the sibling runs drawn beside it. The runs merged are test_trainer's reference runs (same
-settings), trained once per module."""
+and the sibling runs drawn beside it. The runs merged are the reference runs of tests/conftest.py,
+trained once per module."""
 
 import json
 import shutil
-from typing import Any
 
 import pytest
 import torch
-from conftest import tiny_run_config
-from train.test_trainer import METHOD_SETTINGS, REFERENCE_EXTRAS
 
 from cptrain.errors import CheckpointError, ConfigError
 from cptrain.merge import domains, parse_lambdas
-from cptrain.train import train
-
-
-@pytest.fixture(scope="module")
-def reference(prepared_dir, tmp_path_factory):
-    """method -> (config, summary) of a finished uninterrupted run, trained on first use."""
-    root = tmp_path_factory.mktemp("reference")
-    done: dict[str, Any] = {}
-
-    def get(method: str):
-        if method not in done:
-            extra = {**METHOD_SETTINGS[method], **REFERENCE_EXTRAS[method]}
-            cfg = tiny_run_config(root / method, prepared_dir, **extra)
-            done[method] = (cfg, train(cfg, progress=False))
-        return done[method]
-
-    return get
 
 
 def test_parse_lambdas_reads_a_comma_list_and_refuses_anything_else():

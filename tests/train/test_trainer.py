@@ -10,7 +10,13 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import model_after, read_metrics, read_summary, tiny_run_config
+from conftest import (
+    METHOD_SETTINGS,
+    model_after,
+    read_metrics,
+    read_summary,
+    tiny_run_config,
+)
 from safetensors.torch import load_file
 
 from cptrain import checkpoint as ckpt
@@ -18,39 +24,6 @@ from cptrain.errors import CheckpointError, ConfigError, DataError
 from cptrain.train import Trainer, train
 from cptrain.train.batches import TaskStream
 from cptrain.train.hooks import Hook
-
-METHOD_SETTINGS: dict[str, dict[str, Any]] = {
-    "sequential": {"method": "sequential"},
-    "replay": {"method": "replay", "replay": {"alpha": 0.25, "visibility_lag": 1}},
-    "mer": {
-        "method": "mer",
-        "replay": {"alpha": 0.25, "visibility_lag": 1},
-        "reptile": {"k": 3, "epsilon": 0.5},
-    },
-}
-# Run-control settings of the reference runs: diagnostics and checkpoints change no number,
-# which the resumed runs (trained without them) prove by matching the references bit for bit.
-REFERENCE_EXTRAS: dict[str, dict[str, Any]] = {
-    "sequential": {"diagnostics": {"every": 3}, "checkpoint": {"every": 2, "keep_last": 3}},
-    "replay": {"diagnostics": {"every": 2}},
-    "mer": {},
-}
-
-
-@pytest.fixture(scope="module")
-def reference(prepared_dir, tmp_path_factory):
-    """method -> (config, summary) of a finished uninterrupted run, trained on first use."""
-    root = tmp_path_factory.mktemp("reference")
-    done: dict[str, Any] = {}
-
-    def get(method: str):
-        if method not in done:
-            extra = {**METHOD_SETTINGS[method], **REFERENCE_EXTRAS[method]}
-            cfg = tiny_run_config(root / method, prepared_dir, **extra)
-            done[method] = (cfg, train(cfg, progress=False))
-        return done[method]
-
-    return get
 
 
 def test_sequential_run_fills_loss_matrix(reference):
