@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 from cptrain import checkpoint as ckpt
 from cptrain.checkpoint import compat
-from cptrain.config import RunConfig, load_run_config
+from cptrain.config import RunConfig, config_differences, load_run_config
 from cptrain.errors import ConfigError, CptrainError
 from cptrain.rundir.run_dir import RunDir
 
@@ -203,7 +203,7 @@ def _check_config_matches(report: Report, cfg: RunConfig, state: dict[str, Any])
     saved = state.get("config")
     if not isinstance(saved, dict):
         return
-    diffs = compat.config_problem(saved, cfg.model_dump(mode="json"))
+    diffs = config_differences(saved, cfg.model_dump(mode="json"))
     if diffs:
         more = f" ({len(diffs) - 1} more)" if len(diffs) > 1 else ""
         report.add(

@@ -9,6 +9,7 @@ import pytest
 from conftest import tiny_run_config
 
 from cptrain.checkpoint import compat
+from cptrain.config import config_differences
 from cptrain.errors import CheckpointError, DataError
 
 IDENTITY = {"tokenizer_sha256": "a" * 64, "data_sha256": "b" * 64}
@@ -176,4 +177,4 @@ def test_single_checks_return_none_when_compatible():
     assert compat.tokenizer_problem(None, "x", "d") is None
     assert compat.tokenizer_problem("x", "x", "d") is None
     assert compat.sharding_problem(PATH, {}, False) is None
-    assert compat.config_problem({"seed": 1}, {"seed": 1}) == []
+    assert config_differences({"seed": 1}, {"seed": 1}) == []

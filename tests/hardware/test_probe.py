@@ -12,8 +12,8 @@ import torch
 import yaml
 from conftest import model_after, read_metrics, tiny_run_config
 
-from cptrain.checkpoint import compat
 from cptrain.cli import compute_line
+from cptrain.config import config_differences
 from cptrain.distributed import DistEnv
 from cptrain.hardware import probe as hardware
 from cptrain.models.build import build_model
@@ -271,9 +271,9 @@ def test_the_probe_is_the_models_shape_within_budget():
 
 def test_auto_in_a_checkpoint_never_reads_as_a_config_change():
     saved = {"train": {"precision": "bf16", "lr": 1.0}}
-    assert compat.config_problem(saved, {"train": {"precision": "auto", "lr": 1.0}}) == []
-    assert compat.config_problem(saved, {"train": {"precision": "bf16", "lr": 1.0}}) == []
-    assert compat.config_problem(saved, {"train": {"precision": "fp32", "lr": 1.0}}) == [
+    assert config_differences(saved, {"train": {"precision": "auto", "lr": 1.0}}) == []
+    assert config_differences(saved, {"train": {"precision": "bf16", "lr": 1.0}}) == []
+    assert config_differences(saved, {"train": {"precision": "fp32", "lr": 1.0}}) == [
         "train.precision: checkpoint has 'bf16', config has 'fp32'"
     ]
 

@@ -41,14 +41,6 @@ def vocab_problem(rows: int, vocab: int, data_dir: Path | str) -> str | None:
     )
 
 
-def config_problem(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
-    """Result-changing differences between the checkpoint's config and this one
-    (``config_differences``: ``auto`` matches the precision it resolved to)."""
-    from cptrain.config import config_differences
-
-    return config_differences(saved, now)
-
-
 def sharding_problem(path: Path, state: dict[str, Any], distributed: bool) -> str | None:
     if bool(state.get("sharded")) == distributed:
         return None
@@ -83,7 +75,9 @@ def check_resume(
     ) or sharding_problem(path, state, distributed)
     if problem:
         raise CheckpointError(problem)
-    diffs = config_problem(state["config"], config)
+    from cptrain.config import config_differences
+
+    diffs = config_differences(state["config"], config)
     moved = [d for d in diffs if d.startswith("data.dir:")]
     if moved and state.get("data_sha256") == identity["data_sha256"]:
         # the same shards, byte for byte, at another path: the run is unchanged
