@@ -343,13 +343,12 @@ def _tokenizer_texts(cfg: PrepareConfig, task: TaskInputs, share: int) -> Iterat
 
 def _is_val(doc: str, fraction: float) -> bool:
     """Whole-document hold-out by content hash: stable across runs and input order."""
-    digest = hashlib.blake2b(doc.encode("utf-8"), digest_size=8).digest()
-    return int.from_bytes(digest, "little") < fraction * 2**64
+    return _split_hash(doc) < fraction * 2**64
 
 
-def _split_position(doc: str) -> float:
-    digest = hashlib.blake2b(doc.encode("utf-8"), digest_size=8).digest()
-    return int.from_bytes(digest, "little") / 2**64
+def _split_hash(doc: str) -> int:
+    """A document's place in [0, 2**64): held out when below ``val_fraction`` of the range."""
+    return int.from_bytes(hashlib.blake2b(doc.encode("utf-8"), digest_size=8).digest(), "little")
 
 
 def _text_key(cfg: PrepareConfig, task: TaskInputs) -> str:
@@ -397,12 +396,14 @@ def _check_holdout(cfg: PrepareConfig, task: TaskInputs) -> None:
     if task.val or not task.train:
         return
     seen = {True: False, False: False}
-    lowest, count = 1.0, 0
+    lowest, count = 2**64, 0
     for doc in iter_documents_many(task.train, _text_key(cfg, task)):
-        seen[_is_val(doc, cfg.val_fraction)] = True
+        place = _split_hash(doc)  # hashed once: the same test as _is_val, and the suggestion
+        seen[place < cfg.val_fraction * 2**64] = True
         if all(seen.values()):
             return
-        lowest, count = min(lowest, _split_position(doc)), count + 1
+        lowest, count = min(lowest, place), count + 1
+    lowest /= 2**64
     if count >= 2 and lowest < 0.499:
         # The smallest fraction that holds out a document is known from the hashes read.
         raise DataError(

@@ -263,12 +263,13 @@ class Trainer:
         with self.clock.timed("step"):
             record = self.train_step(task_idx)
         self._fire("on_step_end", record)
-        step = self.state.step
-        if not self.at_task_end and self.cfg.eval.every and step % self.cfg.eval.every == 0:
-            losses = self.evaluate("eval")  # kept in eval_history, which forgetting counts
-            self.state.record_eval([losses[n] for n in self.data.columns])
-        if not self.at_task_end and self.checkpoints.should_save(step):
-            self.save()
+        step, every = self.state.step, self.cfg.eval.every
+        if not self.at_task_end:
+            if every and step % every == 0:
+                losses = self.evaluate("eval")  # kept in eval_history, which forgetting counts
+                self.state.record_eval([losses[n] for n in self.data.columns])
+            if self.checkpoints.should_save(step):
+                self.save()
         return record
 
     def train_step(self, task_idx: int) -> dict[str, Any]:
