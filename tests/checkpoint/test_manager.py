@@ -11,6 +11,7 @@ import torch
 from conftest import flip, tiny_run_config
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from checkpoint.test_local import assert_same
 from cptrain.checkpoint import local
 from cptrain.checkpoint.manager import CheckpointManager, load_weights
 from cptrain.distributed import DistEnv
@@ -77,20 +78,6 @@ def steps(root: Path) -> list[int]:
     return [s for s, _ in local.list_checkpoints(root)]
 
 
-def assert_same(a: Any, b: Any) -> None:
-    assert type(a) is type(b), (a, b)
-    if isinstance(a, torch.Tensor):
-        assert a.dtype == b.dtype and torch.equal(a, b)
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys()
-        for k in a:
-            assert_same(a[k], b[k])
-    elif isinstance(a, list | tuple):
-        assert len(a) == len(b)
-        for x, y in zip(a, b, strict=True):
-            assert_same(x, y)
-    else:
-        assert a == b
 
 
 # ------------------------------------------------------------------------ save and restore
