@@ -23,6 +23,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from cptrain.anchor.config import RegularizeConfig
 from cptrain.config_base import (
     StrictModel,
     apply_overrides,
@@ -50,10 +51,16 @@ class MethodSpec:
     # (weights data.joint_weights, default the per-task budgets) for the same total steps.
     sampler: Sampler
     label: str  # how reports name the method
+    kl: float = 0.0  # default regularize.kl_to_start.weight
+    l2: float = 0.0  # default regularize.l2_to_start.weight
 
     @property
     def replays(self) -> bool:
         return self.alpha > 0
+
+    @property
+    def anchors(self) -> bool:
+        return self.kl > 0 or self.l2 > 0
 
 
 # The one table of methods: configs, sweeps and reports read it instead of comparing names.
@@ -63,6 +70,12 @@ METHODS: dict[str, MethodSpec] = {
     "reptile": MethodSpec(alpha=0.0, reptile=True, sampler="sequential", label="Reptile"),
     "mer": MethodSpec(alpha=0.25, reptile=True, sampler="sequential", label="MER"),
     "joint": MethodSpec(alpha=0.0, reptile=False, sampler="joint", label="joint"),
+    # Anchors to the start model (cptrain.anchor); λ = 1 for KL as TiC-LM ran it.
+    "kl": MethodSpec(alpha=0.0, reptile=False, sampler="sequential", label="KL to start", kl=1.0),
+    "kl-replay": MethodSpec(
+        alpha=0.25, reptile=False, sampler="sequential", label="KL + replay", kl=1.0
+    ),
+    "l2": MethodSpec(alpha=0.0, reptile=False, sampler="sequential", label="L2 to start", l2=10.0),
 }
 
 
@@ -267,6 +280,7 @@ class RunConfig(StrictModel):
     checkpoint: CheckpointConfig = CheckpointConfig()
     replay: ReplayConfig = ReplayConfig()
     reptile: ReptileConfig = ReptileConfig()
+    regularize: RegularizeConfig = RegularizeConfig()
     diagnostics: DiagnosticsConfig = DiagnosticsConfig()
     distributed: DistributedConfig = DistributedConfig()
     logging: LoggingConfig = LoggingConfig()
@@ -280,13 +294,19 @@ class RunConfig(StrictModel):
         spec = METHODS.get(data["method"]) if isinstance(data.get("method"), str) else None
         if spec is None:
             return data  # no method, or an unknown one that the method check reports
-        preset = {"replay": {"alpha": spec.alpha}, "reptile": {"enabled": spec.reptile}}
-        out = dict(data)
-        for section, values in preset.items():
-            given = out.get(section)
-            if given is not None and not isinstance(given, dict):
-                continue  # let validation report the wrong type
-            out[section] = {**values, **(given or {})}
+        preset: dict[str, Any] = {
+            "replay": {"alpha": spec.alpha}, "reptile": {"enabled": spec.reptile}
+        }
+        anchors = {"kl_to_start": spec.kl, "l2_to_start": spec.l2}
+        preset["regularize"] = {k: {"weight": w} for k, w in anchors.items() if w > 0}
+        return _merged(preset, data)
+
+    @model_serializer(mode="wrap")
+    def _anchors_when_used(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # Runs that use no anchor dump as they did before the section existed.
+        out = handler(self)
+        if self.regularize == RegularizeConfig():
+            out.pop("regularize", None)
         return out
 
     @field_validator("method")
@@ -330,6 +350,33 @@ class RunConfig(StrictModel):
                 "replay.alpha={alpha} replays round(α·{b}) = 0 rows a step, so the run would be "
                 "sequential; raise train.batch_size to at least {need} or set alpha 0",
                 {"alpha": alpha, "b": b, "need": need},
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _anchor_rows_exist(self) -> RunConfig:
+        kl = self.regularize.kl_to_start
+        if kl.top_k is not None and (self.replay.alpha == 0 or not self.replay.seed):
+            raise PydanticCustomError(
+                "top_k_without_buffer",
+                "regularize.kl_to_start.top_k keeps the start model's targets with the replay "
+                "buffer's seed rows, and this run has none; set replay.alpha > 0 and "
+                "replay.seed, or drop top_k",
+            )
+        if kl.top_k is not None and kl.rows != "seed":
+            raise PydanticCustomError(
+                "top_k_rows", "stored top-k targets exist for seed rows only; set "
+                "regularize.kl_to_start.rows: seed (or drop top_k for the full KL)",
+            )
+        if kl.weight > 0 and kl.rows != "all" and self.replay.alpha == 0:
+            raise PydanticCustomError(
+                "kl_rows_absent", "regularize.kl_to_start.rows: {rows} needs replayed rows; set "
+                "replay.alpha > 0 or rows: all", {"rows": kl.rows},
+            )
+        if kl.weight > 0 and kl.rows == "seed" and not self.replay.seed:
+            raise PydanticCustomError(
+                "kl_seed_absent", "regularize.kl_to_start.rows: seed needs replay.seed rows; "
+                "add a replay.seed source or set rows: replay",
             )
         return self
 
@@ -441,6 +488,19 @@ def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
         if a.get(key) != b.get(key):
             diffs.append(f"{key}: checkpoint has {a.get(key)!r}, config has {b.get(key)!r}")
     return diffs
+
+
+def _merged(preset: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+    """``given`` over ``preset``, section by section, down to the leaves (a value of the wrong
+    type is kept for validation to report)."""
+    out = dict(given)
+    for key, values in preset.items():
+        mine = out.get(key)
+        if isinstance(values, dict) and (mine is None or isinstance(mine, dict)):
+            out[key] = _merged(values, mine or {})
+        elif key not in out:
+            out[key] = values
+    return out
 
 
 def load_run_config(path: Path | None, overrides: list[str] | None = None) -> RunConfig:

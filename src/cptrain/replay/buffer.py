@@ -78,6 +78,7 @@ class Drawn:
     rows: np.ndarray
     seed_counts: np.ndarray | None = None  # per origin, in add_seed() order; None: no seeds
     tasks: np.ndarray | None = None  # each row's task id (seed rows: seed_task_id(origin))
+    ids: np.ndarray | None = None  # each row's id in the buffer (seed rows: 0 … n_seed − 1)
 
     @property
     def nbytes(self) -> int:
@@ -160,6 +161,7 @@ class ReplayBuffer:
         self._counters = DrawCounters()  # shared with the prefetcher, saved in the state
         self._last_draw: dict[str, Any] = {"step": None, "requested": 0, "returned": 0}
         self._last_tasks: np.ndarray | None = None
+        self._last_ids: np.ndarray | None = None
 
     # ---- helpers --------------------------------------------------------------------------
     @property
@@ -305,6 +307,7 @@ class ReplayBuffer:
         c.rows_drawn += len(rows)
         self._last_draw = {"step": step, "requested": n, "returned": len(rows)}
         self._last_tasks = drawn.tasks
+        self._last_ids = drawn.ids
         if drawn.seed_counts is not None:
             self._seed_rows.count_drawn(drawn.seed_counts)
             self._last_draw["seed"] = int(drawn.seed_counts.sum())
@@ -317,6 +320,24 @@ class ReplayBuffer:
             return None
         return self._last_tasks.copy()
 
+    def drawn_ids(self, step: int) -> np.ndarray | None:
+        """The buffer id of each row that draw(step) returned (as ``drawn_tasks``)."""
+        if self._last_draw["step"] != step or self._last_ids is None:
+            return None
+        return self._last_ids.copy()
+
+    @property
+    def seed_rows(self) -> int:
+        """How many seed rows the buffer holds: they have ids 0 … seed_rows − 1."""
+        ends = self._seed_rows.ends
+        return int(ends[-1]) if len(ends) else 0
+
+    def read_rows(self, ids: np.ndarray) -> np.ndarray:
+        """int64 tokens of rows by id (checksummed), outside any draw."""
+        with self._lock:
+            self._check_usable()
+        return self._read(np.asarray(ids, dtype=np.int64))[0]
+
     def _compute_draw(self, step: int, n: int, current_task: int) -> Drawn:
         exclude = current_task if self.cfg.replay_from == "previous_tasks" else None
         rng = self._draw_rng(step)
@@ -324,7 +345,7 @@ class ReplayBuffer:
             self._check_usable()
             ids = self._policy.sample(rng, step - 1 - self.cfg.visibility_lag, n, exclude)
         rows, tasks = self._read(ids)
-        return Drawn(rows, self._seed_rows.counts(ids), tasks)
+        return Drawn(rows, self._seed_rows.counts(ids), tasks, ids)
 
     def _read(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(int64 tokens, task ids) of rows by id, checksummed (benches/ times this alone)."""

@@ -88,6 +88,7 @@ def seed_buffer(trainer: Trainer, progress: bool) -> None:
                 decode=tok.decode, sample_path=trainer.run_dir.path / f"replay_seed_{i}.txt",
             )
         trainer.buffer.add_seed(rows, origin=i, name=src.label)
+    trainer.objective.write_topk(trainer.buffer, cfg.eval.batch_size)
     # The generation's resumable scratch is in the buffer now: nothing reads it again.
     shutil.rmtree(root / "seed_work" / f"rank_{env.rank}", ignore_errors=True)
     with contextlib.suppress(OSError):

@@ -21,6 +21,7 @@ class TrainerState:
     eval_history: list[dict[str, Any]] = field(default_factory=list)
     fresh_tokens: int = 0
     replay_tokens: int = 0
+    teacher_tokens: int = 0  # tokens the KL anchor's start model ran on (FLOPs count them)
     wall_s: float = 0.0
     run_id: str = ""
 
@@ -40,7 +41,7 @@ class TrainerState:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if isinstance(state, dict):
             # checkpoints written before these existed
-            state = {"loss_before": [], "eval_history": [], **state}
+            state = {"loss_before": [], "eval_history": [], "teacher_tokens": 0, **state}
         known = {f.name for f in fields(self)}
         if not isinstance(state, dict) or not known <= set(state):
             missing = sorted(known - set(state if isinstance(state, dict) else {}))

@@ -25,7 +25,7 @@ from cptrain.checkpoint.export import export_model, model_card
 from cptrain.checkpoint.manager import CheckpointManager
 from cptrain.config import RunConfig
 from cptrain.distributed import init_distributed, set_grad_sync, shutdown, wrap_model
-from cptrain.evaluation.losses import evaluate_tasks, token_loss
+from cptrain.evaluation.losses import evaluate_tasks
 from cptrain.hardware.cache import cpu_threads
 from cptrain.hardware.probe import resolved_config, run_precision
 from cptrain.models.build import count_parameters, model_for_run
@@ -34,6 +34,7 @@ from cptrain.train import hooks as H
 from cptrain.train.batches import BatchPlan, make_sampler
 from cptrain.train.data import TrainingData
 from cptrain.train.diagnostics import GradientDiagnostics
+from cptrain.train.objective import Objective
 from cptrain.train.optim import build_optimizer
 from cptrain.train.run_view import RunView
 from cptrain.train.schedule import Schedule
@@ -127,6 +128,7 @@ class Trainer:
         self.clock = H.Throughput()
         if self.plan.n_replay > 0:
             self.buffer = open_buffer(self)
+        self.objective = Objective(self)  # attaches L2-to-start before Reptile attaches
         if cfg.reptile.enabled:
             from cptrain.train.reptile import Reptile
 
@@ -156,13 +158,9 @@ class Trainer:
     def _builtin_hooks(self, progress: bool) -> list[H.Hook]:
         # Observers only: what changes the run (evaluations, checkpoints, exports, Reptile's
         # task boundary) the loop calls by name, so hooks in any order give the same run.
-        return [
-            self.diagnostics,
-            self.clock,
-            H.MetricsLogger(),
-            H.TensorBoard(self.cfg.logging.tensorboard, self.env.is_main),
-            H.ProgressBar(progress),
-        ]
+        return [self.diagnostics, self.clock, H.MetricsLogger(),
+                H.TensorBoard(self.cfg.logging.tensorboard, self.env.is_main),
+                H.ProgressBar(progress)]
 
     # ---------------------------------------------------------------- resume
     def _start_fresh(self) -> str:
@@ -291,7 +289,10 @@ class Trainer:
                 extra.update(hook.before_step(self.view, H.Batch(task_idx, fresh, replay)))
         n_rep_local = 0 if replay is None else len(replay)
         n_rep = int(round(self.env.sum_scalar(n_rep_local))) if self.env.active else n_rep_local
+        self.objective.begin_step(len(fresh), self.buffer, self.state.step, len(rows_np),
+                                  self.plan.n_fresh + n_rep)
         loss, gnorm = self._forward_backward_step(torch.from_numpy(rows_np), n_rep)
+        extra.update(self.objective.end_step())
         if self.buffer is not None:
             for t, idx in used:
                 part_rows = self.streams[t].rows(idx) if len(used) > 1 else fresh
@@ -320,8 +321,9 @@ class Trainer:
         for i, start in enumerate(starts):
             part = rows[start : start + mb]
             with set_grad_sync(self.forward_model, self.env, i == len(starts) - 1):
-                loss = token_loss(self.forward_model, part, self.autocast)
-                (loss * (part.shape[0] * scale)).backward()
+                loss, anchor = self.objective.loss(self.forward_model, part, start)
+                total = loss * (part.shape[0] * scale)
+                (total if anchor is None else total + anchor * scale).backward()
             loss_sum += float(loss.detach()) * part.shape[0]
         total_loss = self.env.sum_scalar(loss_sum) / n_global
         gnorm, clip = float("nan"), self.cfg.train.grad_clip
