@@ -82,6 +82,11 @@ OFFICIAL = {
     "checkpoint": {"every": 3, "keep_last": 10},
 }
 
+# Both anchors to the start model, with Reptile (SETTINGS): the KL's teacher is a replica per
+# rank under DDP and sharded like the model under FSDP2; L2 pulls each rank's local shard.
+ANCHORS = {**SETTINGS, "regularize": {"kl_to_start": {"weight": 1.0},
+                                      "l2_to_start": {"weight": 30.0}}}
+
 
 def tied(qwen2: Path) -> dict:
     """A tied qwen2-like model trained on two tasks of the default budget."""
@@ -106,6 +111,7 @@ def multi_configs(module_dir: Path, data: Path, qwen2: Path) -> dict[str, RunCon
     for strategy in ("ddp", "fsdp2"):
         out[f"plain-{strategy}"] = (SETTINGS, strategy)
         out[f"replay-{strategy}"] = (REPLAY, strategy)
+        out[f"anchors-{strategy}"] = (ANCHORS, strategy)
     out["official-fsdp2"] = (OFFICIAL, "fsdp2")
     out["tied-fsdp2"] = (tied(qwen2), "fsdp2")
     return {
@@ -120,7 +126,8 @@ def single_runs(module_dir, prepared_dir, qwen2_dir):
     """One-process references, name -> (config, summary)."""
     runs = {}
     for name, settings in (
-        ("plain", SETTINGS), ("replay", REPLAY), ("official", OFFICIAL), ("tied", tied(qwen2_dir))
+        ("plain", SETTINGS), ("replay", REPLAY), ("official", OFFICIAL), ("tied", tied(qwen2_dir)),
+        ("anchors", ANCHORS),
     ):  # fmt: skip
         cfg = tiny_run_config(module_dir / f"single_{name}", prepared_dir, **settings)
         runs[name] = (cfg, train(cfg, progress=False))
@@ -149,6 +156,20 @@ def test_two_ranks_match_one_process_without_replay(single_runs, multi, strategy
     # re-association in the all-reduce (stated tolerance 1e-4 relative on losses).
     np.testing.assert_allclose(got["loss_matrix"], ref["loss_matrix"], rtol=1e-4)
     a, b = model_after(single.run_dir, 1), model_after(cfgs[f"plain-{strategy}"].run_dir, 1)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_kl_and_l2_anchors_match_one_process(single_runs, multi, strategy):
+    single, ref = single_runs["anchors"]
+    cfgs, launch = multi
+    launch.check(f"anchors-{strategy}")
+    got = read_summary(cfgs[f"anchors-{strategy}"].run_dir)
+    np.testing.assert_allclose(got["loss_matrix"], ref["loss_matrix"], rtol=1e-4)
+    # each rank counts what its teacher ran on; the summary holds all ranks' (rows: all)
+    assert got["teacher_tokens"] == ref["teacher_tokens"] > 0
+    a, b = model_after(single.run_dir, 1), model_after(cfgs[f"anchors-{strategy}"].run_dir, 1)
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-4)
 

@@ -21,14 +21,17 @@ enough for it to matter):
 
 Per run: C × (fresh + replayed tokens processed). Reptile's meta-update
 θ ← θ₀ + ε(θ − θ₀) costs 3·|θ| FLOPs every k optimizer steps; it is counted separately (it is
-tiny), once per meta-update the run did, and added to the total. Evaluation FLOPs are not
+tiny), once per meta-update the run did, and added to the total. The KL anchor's start model
+runs forward passes only: C/3 per token it ran on (``teacher_tokens``, counted by the trainer,
+seed rows' stored top-k targets included), added to the total. Evaluation FLOPs are not
 counted: they are the same for every method.
 
 FLOPs per *incoming* token (the x-axis of the paper's Fig. 6): the compute spent per token of
 the incoming task stream. With a replay fraction α of each batch, every fresh token costs
 C·(rows per step)/(fresh rows per step): C/(1−α) in *substitute* mode (batch fixed, α of it
 replayed) and likewise in *additive* mode (B fresh rows plus α/(1−α)·B replayed), plus
-Reptile's 3·|θ|/k per step spread over the step's fresh tokens.
+Reptile's 3·|θ|/k per step spread over the step's fresh tokens, plus the start model's forward
+FLOPs of the run spread over its fresh tokens.
 
 A run's accounting uses only facts its trainer recorded in the run's summary (see
 ``summary_facts``): the model's shape, the fresh/replayed rows of a step and the number of
@@ -232,7 +235,9 @@ def run_flops(summary: dict[str, Any]) -> dict[str, Any]:
     reptile_updates = int(_recorded(summary, "reptile_updates"))
     reptile_total = REPTILE_FLOPS_PER_PARAM * params * reptile_updates
     model_total = per_token * processed
-    total = model_total + reptile_total
+    teacher_tokens = int(summary.get("teacher_tokens", 0))  # runs before the KL anchor: none
+    teacher_total = per_token * teacher_tokens // 3
+    total = model_total + reptile_total + teacher_total
 
     n_fresh, n_replay = recorded_rows_per_step(summary)
     fresh_per_step = n_fresh * seq_len
@@ -248,12 +253,15 @@ def run_flops(summary: dict[str, Any]) -> dict[str, Any]:
         "model_flops": model_total,
         "reptile_updates": reptile_updates,
         "reptile_flops": reptile_total,
+        "teacher_tokens": teacher_tokens,
+        "teacher_flops": teacher_total,
         "total_flops": total,
         "flops_per_step": total / steps if steps else None,
         "flops_per_fresh_token": total / fresh if fresh else None,
         "replay_fraction": n_replay / (n_fresh + n_replay),
         "flops_per_incoming_token": per_token * (n_fresh + n_replay) / n_fresh
-        + reptile_per_incoming,
+        + reptile_per_incoming
+        + (teacher_total / fresh if fresh else 0.0),
         "reptile_flops_per_incoming_token": reptile_per_incoming,
     }
 

@@ -19,11 +19,12 @@ from cptrain.report.scaling import fit_groups, replay_vs_size
 from cptrain.rundir import layout
 
 # The α = 0 method each replay method is compared with when asking "replay or a bigger model?":
-# the one that differs only in not replaying (replay → sequential, mer → reptile).
+# the one that differs only in not replaying (replay → sequential, mer → reptile, kl-replay → kl).
 BASELINE_OF = {
     name: next(
         base for base, b in METHODS.items()
-        if not b.replays and (b.reptile, b.sampler) == (spec.reptile, spec.sampler)
+        if not b.replays
+        and (b.reptile, b.sampler, b.kl, b.l2) == (spec.reptile, spec.sampler, spec.kl, spec.l2)
     )
     for name, spec in METHODS.items()
     if spec.replays

@@ -101,9 +101,11 @@ def _infer_method(cfg: dict[str, Any]) -> str:
         return str(cfg["method"])
     replays = float(cfg.get("replay", {}).get("alpha", 0.0)) > 0
     reptile = bool(cfg.get("reptile", {}).get("enabled"))
+    # the plain method of these keys (an anchor without a method keeps its plain method's name)
     return next(
         name for name, spec in METHODS.items()
-        if spec.sampler == "sequential" and (spec.replays, spec.reptile) == (replays, reptile)
+        if spec.sampler == "sequential" and not spec.anchors
+        and (spec.replays, spec.reptile) == (replays, reptile)
     )
 
 

@@ -235,7 +235,8 @@ def reptile_map_section(done: Sequence[Run], baseline: str | None, fig_dir: Path
 # ------------------------------------------------------------------------------ replay ratio
 def _plain_sequential(r: Run) -> bool:
     spec = METHODS.get(r.method)
-    return spec is not None and spec.sampler == "sequential" and not spec.reptile
+    return (spec is not None and spec.sampler == "sequential" and not spec.reptile
+            and not spec.anchors)
 
 
 def _rewarm(r: Run) -> bool:

@@ -5,9 +5,12 @@ computed exactly as before they existed.
 
 The start model is the trainer's model as built, before a resume loads a checkpoint into it
 (``init_from`` weights, or the seeded preset init), so nothing about it is checkpointed: a
-resumed run rebuilds the same anchors. The teacher is a frozen copy, in bf16 when the run
-computes in bf16 (half the memory; its logits are what an autocast forward gives anyway),
-sharded like the model under FSDP2 (whose forwards are collective, so every rank then runs the
+resumed run rebuilds the same anchors. The teacher is a frozen copy run under the same
+autocast as the model, so at step 0 the KL is exactly 0. Its weights stay fp32 on CPU; on a GPU
+in bf16 they are cast to bf16 (half the memory), which puts a floor under the KL: 0.0026 nats
+per token on SmolLM2-135M under bf16 autocast (the model's own forward, measured on French rows),
+a small pull toward the rounded model rather than the start model. It is sharded like the model
+under FSDP2 (whose forwards are collective, so every rank then runs the
 teacher on every row). Its forward passes are counted (``teacher_tokens``) for FLOPs.
 
 Scaling: the step minimises mean CE over the global batch + λ · (Σ KL of chosen rows) / (number
@@ -56,8 +59,8 @@ def start_teacher(trainer: Trainer) -> torch.nn.Module:
         teacher = copy.deepcopy(model)
     teacher.requires_grad_(False)
     teacher.eval()
-    if trainer.autocast == torch.bfloat16:
-        teacher.to(torch.bfloat16)
+    if trainer.autocast == torch.bfloat16 and env.device.type == "cuda":
+        teacher.to(torch.bfloat16)  # where memory is scarce; see the module docstring
     if env.strategy == "fsdp2":
         wrap_model(teacher, env, trainer.cfg.distributed.model_copy(
             update={"activation_checkpointing": False}))
@@ -93,6 +96,7 @@ class Objective:
         self._targets: tuple[torch.Tensor, torch.Tensor] | None = None
         self._factor = 0.0
         self._kl_sum = 0.0
+        self._tokens = 0  # this rank's teacher tokens in the current step
         self._n_sel = 0
 
     @property
@@ -126,6 +130,7 @@ class Objective:
         # Σ_chosen KL / n_sel, in units of the CE's per-row weight (rows are weighed n_global)
         self._factor = self.kl.weight * n_global / self._n_sel if self._n_sel else 0.0
         self._kl_sum = 0.0
+        self._tokens = 0
 
     def loss(self, model: torch.nn.Module, part: torch.Tensor, start: int
              ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -164,38 +169,49 @@ class Objective:
             return None
         with torch.no_grad(), _autocast(part.device, self.trainer.autocast):
             t_logits = self.teacher(input_ids=rows[:, :-1]).logits
-        self.trainer.state.teacher_tokens += int(rows[:, :-1].numel())
+        self._tokens += int(rows[:, :-1].numel())
         if everyone:
             t_logits = t_logits[sel]
         return kl_rows(logits[sel], t_logits) if bool(sel.any()) else None
 
     def end_step(self) -> dict[str, float]:
-        """The step's mean KL over the global batch's chosen rows (logged as kl_to_start)."""
-        if not self.anchored or not self._n_sel:
+        """Count the step's teacher tokens (all ranks') and return its mean KL over the global
+        batch's chosen rows (logged as kl_to_start)."""
+        if not self.anchored:
             return {}
+        total, tokens = self._kl_sum, self._tokens
+        self._count(tokens)
         env = self.trainer.env
-        total = env.sum_scalar(self._kl_sum) if env.active else self._kl_sum
-        return {"kl_to_start": total / self._n_sel}
+        if env.active:
+            total = env.sum_scalar(total)
+        return {"kl_to_start": total / self._n_sel} if self._n_sel else {}
+
+    def _count(self, local_tokens: int) -> None:
+        env = self.trainer.env
+        tokens = env.sum_scalar(local_tokens) if env.active else local_tokens
+        self.trainer.state.teacher_tokens += int(round(tokens))
 
     # ------------------------------------------------------- stored targets
     @torch.no_grad()
     def write_topk(self, buffer: ReplayBuffer, batch_size: int) -> None:
         """The start model's top-k of every seed row (fresh start, right after seeding)."""
-        if self.store is None or buffer.seed_rows == 0:
+        if self.store is None:
             return
         model, k = self.trainer.model, self.kl.top_k
         assert k is not None
         was = model.training
         model.eval()
-        ids_out, logp_out = [], []
+        ids_out, logp_out, tokens = [], [], 0
         for first in range(0, buffer.seed_rows, batch_size):
             idx = np.arange(first, min(first + batch_size, buffer.seed_rows))
             rows = torch.from_numpy(buffer.read_rows(idx)).to(self.trainer.env.device)
             with _autocast(rows.device, self.trainer.autocast):
                 logits = model(input_ids=rows[:, :-1]).logits
-            self.trainer.state.teacher_tokens += int(rows[:, :-1].numel())
+            tokens += int(rows[:, :-1].numel())
             ids, logp = topk_targets(logits, k)
             ids_out.append(ids.cpu().numpy())
             logp_out.append(logp.cpu().numpy())
         model.train(was)
-        self.store.write(np.concatenate(ids_out), np.concatenate(logp_out))
+        self._count(tokens)  # a collective: every rank seeds its own buffer, all get here
+        if ids_out:
+            self.store.write(np.concatenate(ids_out), np.concatenate(logp_out))

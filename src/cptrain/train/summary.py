@@ -31,6 +31,7 @@ def run_summary(trainer: Trainer) -> dict[str, Any]:
         "task_steps": list(plan.task_steps),
         "fresh_tokens": state.fresh_tokens,
         "replay_tokens": state.replay_tokens,
+        "teacher_tokens": state.teacher_tokens,  # the KL anchor's start model (FLOPs)
         "params": trainer.n_params,
         **summary_facts(
             shape_from_hf_config(trainer.model.config.to_dict()),
