@@ -7,6 +7,11 @@ with its tokenizer on first use.
 
     .venv/bin/python benches/released.py [--seq-len 256] [--batch-size 8] [--precision fp32]
 
+``--anchors`` instead measures the anchors to the start model: training tokens/s with the KL anchor
+(one extra forward of the start model per step) and with L2-to-start (one fused pass over the
+weights per step), each ÷ the same loop without, blocks alternating in one process; and peak
+memory (VmHWM of a child process that builds the run and trains 3 steps) with ÷ without.
+
 ``--gen-options`` instead measures what makes self-seed generation faster: cptrain's sampler at
 batch 8 / 16 / 32 / 64 in fp32 and in bf16 autocast, and plain ``generate`` with its static KV
 cache against its dynamic one (same batch and length), side by side.
@@ -15,7 +20,9 @@ cache against its dynamic one (same batch and length), side by side.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -96,6 +103,82 @@ def training(args, model_dir: Path, prepared: Path) -> tuple[list[float], list[f
                     bare.append(tokens / (time.perf_counter() - t0))
         trainer.stop()
     return ours, bare
+
+
+ANCHORS: dict[str, dict[str, Any]] = {
+    "without": {},
+    "kl": {"regularize": {"kl_to_start": {"weight": 1.0}}},
+    "l2": {"regularize": {"l2_to_start": {"weight": 10.0}}},
+}
+
+
+def anchor_trainer(args, model_dir: Path, prepared: Path, name: str, root: Path) -> Trainer:
+    cfg = build_config(RunConfig, {
+        "run_dir": str(root / name),
+        "model": {"init_from": str(model_dir)},
+        # a budget of 1,000 steps: the sampler's index arrays grow with it, and a huge one
+        # would set the peak memory that this bench compares
+        "data": {"dir": str(prepared), "tasks": ["en"],
+                 "tokens_per_task": 1000 * args.batch_size * args.seq_len},
+        "train": {"seq_len": args.seq_len, "batch_size": args.batch_size,
+                  "precision": args.precision, "lr": 1e-4},
+        **ANCHORS[name],
+    })
+    trainer = Trainer(cfg, progress=False)
+    trainer.start()
+    return trainer
+
+
+def anchor_speed(args, model_dir: Path, prepared: Path) -> dict[str, list[float]]:
+    tokens = args.steps * args.batch_size * args.seq_len
+    out: dict[str, list[float]] = {name: [] for name in ANCHORS}
+    with tempfile.TemporaryDirectory() as tmp:
+        trainers = {n: anchor_trainer(args, model_dir, prepared, n, Path(tmp)) for n in ANCHORS}
+        for t in trainers.values():
+            t.step(0)  # warm-up
+        for r in range(args.rounds):
+            for name in list(ANCHORS) if r % 2 == 0 else list(reversed(ANCHORS)):
+                t0 = time.perf_counter()
+                for _ in range(args.steps):
+                    trainers[name].step(0)
+                out[name].append(tokens / (time.perf_counter() - t0))
+        for t in trainers.values():
+            t.stop()
+    return out
+
+
+def anchor_memory_child(args, model_dir: Path, prepared: Path, name: str) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = anchor_trainer(args, model_dir, prepared, name, Path(tmp))
+        for _ in range(3):
+            trainer.step(0)
+        trainer.stop()
+    # VmHWM, not ru_maxrss: the latter survives exec, so a child forked from this bench's
+    # parent (which holds three runs) would report the parent's peak.
+    status = Path("/proc/self/status").read_text().splitlines()
+    hwm_kib = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+    print(json.dumps({"max_rss_mib": hwm_kib / 1024}))
+
+
+def anchors(args, model_dir: Path, prepared: Path) -> None:
+    speed = anchor_speed(args, model_dir, prepared)
+    print(f"SmolLM2-135M training with anchors to the start model, seq {args.seq_len}, batch "
+          f"{args.batch_size}, {args.precision}, {args.threads} threads, {args.rounds} rounds x "
+          f"{args.steps} steps")
+    base = statistics.median(speed["without"])
+    for name, vals in speed.items():
+        med = statistics.median(vals)
+        print(f"  {name:8s} median {med:7,.0f} tok/s  ({', '.join(f'{x:,.0f}' for x in vals)})"
+              f"  ÷ without {med / base:.3f}")
+    rss = {}
+    for name in ANCHORS:
+        argv = [sys.executable, __file__, "--anchor-memory", name, "--seq-len", str(args.seq_len),
+                "--batch-size", str(args.batch_size), "--precision", args.precision,
+                "--threads", str(args.threads), "--prepared", str(prepared)]
+        done = subprocess.run(argv, capture_output=True, text=True, check=True)
+        rss[name] = json.loads(done.stdout.strip().splitlines()[-1])["max_rss_mib"]
+    for name, mib in rss.items():
+        print(f"  {name:8s} peak RSS {mib:7,.0f} MiB  ÷ without {mib / rss['without']:.3f}")
 
 
 def generation(args, model_dir: Path) -> tuple[list[float], list[float]]:
@@ -191,6 +274,10 @@ def main() -> None:
     ap.add_argument("--gen-rounds", type=int, default=4)
     ap.add_argument("--data-dir", default="data")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--anchors", action="store_true",
+                    help="only the KL and L2 anchors' tokens/s and peak memory ÷ without")
+    ap.add_argument("--anchor-memory", choices=list(ANCHORS), help=argparse.SUPPRESS)
+    ap.add_argument("--prepared", help=argparse.SUPPRESS)
     ap.add_argument("--gen-options", action="store_true",
                     help="only compare generation batch sizes, precisions and KV caches")
     args = ap.parse_args()
@@ -199,7 +286,13 @@ def main() -> None:
     if args.gen_options:
         generation_options(args, model_dir)
         return
+    if args.anchor_memory:  # the parent prepared the data: its peak must not count here
+        anchor_memory_child(args, model_dir, Path(args.prepared), args.anchor_memory)
+        return
     prepared = prepared_english(Path(args.data_dir), model_dir)
+    if args.anchors:
+        anchors(args, model_dir, prepared)
+        return
 
     ours, bare = training(args, model_dir, prepared)
     print(f"SmolLM2-135M training, seq {args.seq_len}, batch {args.batch_size}, {args.precision}, "

@@ -23,7 +23,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from cptrain.anchor.config import RegularizeConfig
+from cptrain.anchor.config import RegularizeConfig, check_anchors
 from cptrain.config_base import (
     StrictModel,
     apply_overrides,
@@ -355,29 +355,8 @@ class RunConfig(StrictModel):
 
     @model_validator(mode="after")
     def _anchor_rows_exist(self) -> RunConfig:
-        kl = self.regularize.kl_to_start
-        if kl.top_k is not None and (self.replay.alpha == 0 or not self.replay.seed):
-            raise PydanticCustomError(
-                "top_k_without_buffer",
-                "regularize.kl_to_start.top_k keeps the start model's targets with the replay "
-                "buffer's seed rows, and this run has none; set replay.alpha > 0 and "
-                "replay.seed, or drop top_k",
-            )
-        if kl.top_k is not None and kl.rows != "seed":
-            raise PydanticCustomError(
-                "top_k_rows", "stored top-k targets exist for seed rows only; set "
-                "regularize.kl_to_start.rows: seed (or drop top_k for the full KL)",
-            )
-        if kl.weight > 0 and kl.rows != "all" and self.replay.alpha == 0:
-            raise PydanticCustomError(
-                "kl_rows_absent", "regularize.kl_to_start.rows: {rows} needs replayed rows; set "
-                "replay.alpha > 0 or rows: all", {"rows": kl.rows},
-            )
-        if kl.weight > 0 and kl.rows == "seed" and not self.replay.seed:
-            raise PydanticCustomError(
-                "kl_seed_absent", "regularize.kl_to_start.rows: seed needs replay.seed rows; "
-                "add a replay.seed source or set rows: replay",
-            )
+        check_anchors(self.regularize, alpha=self.replay.alpha, seeded=bool(self.replay.seed),
+                      peak_lr=self.peak_lr)
         return self
 
     @property

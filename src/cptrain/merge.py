@@ -170,7 +170,7 @@ def write_merge(run: Path, lambdas: list[float]) -> Path:
          "new_loss": float(np.mean([f[c] for c in new]))}
         for name, f in siblings
     ]
-    out = run / "merge"
+    out = run / layout.MERGE
     out.mkdir(exist_ok=True)
     fsutil.atomic_write_json(out / "merge.json", result)
     fsutil.atomic_write_text(out / "merge.md", merge_table(result))

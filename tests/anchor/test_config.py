@@ -57,6 +57,9 @@ def test_a_run_without_anchors_dumps_as_before_the_section_existed():
         ({"method": "kl-replay", "regularize": {"kl_to_start": {"rows": "seed"}}},
          "rows: seed needs replay.seed rows"),
         ({"regularize": {"kl_to_start": {"rows": "fresh"}}}, "regularize.kl_to_start.rows"),
+        ({"method": "l2", "train": {"lr": 1e-3}, "regularize": {"l2_to_start": {"weight": 2000}}},
+         "weight × train.lr = 2 > 1 pulls the weights past the start model every step; use a "
+         "weight ≤ 1000"),
     ],
 )
 def test_bad_anchor_values_get_one_line_errors(changes, fragment):

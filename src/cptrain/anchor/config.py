@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Literal
 
 from pydantic import Field, SerializerFunctionWrapHandler, model_serializer
+from pydantic_core import PydanticCustomError
 
 from cptrain.config_base import StrictModel, without_unset
 
@@ -48,3 +49,37 @@ class RegularizeConfig(StrictModel):
     @property
     def l2(self) -> bool:
         return self.l2_to_start.weight > 0
+
+
+def check_anchors(cfg: RegularizeConfig, *, alpha: float, seeded: bool, peak_lr: float) -> None:
+    """What the anchors need from the rest of a run config (called by RunConfig's validator)."""
+    kl = cfg.kl_to_start
+    if kl.top_k is not None and (alpha == 0 or not seeded):
+        raise PydanticCustomError(
+            "top_k_without_buffer",
+            "regularize.kl_to_start.top_k keeps the start model's targets with the replay "
+            "buffer's seed rows, and this run has none; set replay.alpha > 0 and "
+            "replay.seed, or drop top_k",
+        )
+    if kl.top_k is not None and kl.rows != "seed":
+        raise PydanticCustomError(
+            "top_k_rows", "stored top-k targets exist for seed rows only; set "
+            "regularize.kl_to_start.rows: seed (or drop top_k for the full KL)",
+        )
+    if kl.weight > 0 and kl.rows != "all" and alpha == 0:
+        raise PydanticCustomError(
+            "kl_rows_absent", "regularize.kl_to_start.rows: {rows} needs replayed rows; set "
+            "replay.alpha > 0 or rows: all", {"rows": kl.rows},
+        )
+    pull = cfg.l2_to_start.weight * peak_lr
+    if pull > 1:
+        raise PydanticCustomError(
+            "l2_overshoots", "regularize.l2_to_start.weight × train.lr = {pull} > 1 pulls "
+            "the weights past the start model every step; use a weight ≤ {most}",
+            {"pull": f"{pull:g}", "most": f"{1 / peak_lr:g}"},
+        )
+    if kl.weight > 0 and kl.rows == "seed" and not seeded:
+        raise PydanticCustomError(
+            "kl_seed_absent", "regularize.kl_to_start.rows: seed needs replay.seed rows; "
+            "add a replay.seed source or set rows: replay",
+        )

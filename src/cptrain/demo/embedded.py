@@ -13,9 +13,11 @@ from cptrain.config_base import apply_overrides, build_config
 from cptrain.data.prepare import PrepareConfig, prepare
 from cptrain.demo.corpus import demo_corpus_ready, fetch_demo
 from cptrain.demo.recipes import prepare_under, read_recipe, under_data_dir
+from cptrain.errors import DataError
 from cptrain.fsutil import atomic_write_json, atomic_write_text
 from cptrain.report.document import write_report
 from cptrain.report.tables import comparison_table, run_report
+from cptrain.rundir import layout
 from cptrain.rundir.run_dir import RunDir, find_runs
 from cptrain.train import train
 
@@ -343,7 +345,7 @@ def _released_merge(run: Path, runs_dir: Path) -> dict[str, Any]:
     other runs are its comparison points)."""
     from cptrain.merge import merge_table, write_merge
 
-    out = run / "merge" / "merge.json"
+    out = run / layout.MERGE / "merge.json"
     newest = max(r.summary_path.stat().st_mtime for r in find_runs(runs_dir))
     if not out.is_file() or out.stat().st_mtime < newest:
         print(
@@ -353,7 +355,9 @@ def _released_merge(run: Path, runs_dir: Path) -> dict[str, Any]:
         write_merge(run, list(MERGE_LAMBDAS))
     else:
         print(f"[merge] already evaluated in {out.parent}")
-    result = json.loads(out.read_text(encoding="utf-8"))
+    result = RunDir.open(run).merge_curve()
+    if result is None:
+        raise DataError(f"{out} cannot be read; delete it and run the demo again")
     print(merge_table(result))
     return result
 

@@ -25,6 +25,7 @@ from cptrain.report import studies
 from cptrain.report.blocks import Section, render
 from cptrain.report.compute import compute_section, scaling_section
 from cptrain.report.curves import alignment_section, curve_section
+from cptrain.report.released import released_section
 from cptrain.report.runs import Groups, collect_runs, sweep_baseline
 from cptrain.report.sections import (
     downstream_section,
@@ -52,6 +53,7 @@ def build_sections(dirs: Sequence[Path], fig_dir: Path) -> list[Section]:
                     studies.reptile_map_section(done, baseline, fig_dir),
                     studies.replay_ratio_section(done, fig_dir),
                     studies.size_vs_replay_section(done),
+                    released_section(done, baseline, fig_dir),
                     scaling_section(done, fig_dir), downstream_section(g),
                     alignment_section(g, fig_dir)]
         sections += [s for s in optional if s is not None]

@@ -248,3 +248,39 @@ def ratio_figure(
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def pareto_figure(
+    points: Sequence[dict[str, Any]],
+    line: Sequence[tuple[float, float, float]],
+    path: Path,
+    *,
+    xlabel: str,
+    ylabel: str,
+    line_label: str = "",
+) -> Path | None:
+    """One point per group with its 95% intervals both ways (``x``/``y``: (mean, half width));
+    ``line``: (λ, x, y) joined and labelled by λ (a merge curve)."""
+    shown = [p for p in points if p["x"][0] is not None and p["y"][0] is not None]
+    if len(shown) < 2:
+        return None
+    fig, (ax,) = _grid(1, 1, width=6.5, height=4.6)
+    for i, p in enumerate(shown):
+        (x, xh), (y, yh) = p["x"], p["y"]
+        ax.errorbar([x], [y], xerr=[[xh if math.isfinite(xh) else 0]],
+                    yerr=[[yh if math.isfinite(yh) else 0]], fmt="o", ms=5, capsize=3,
+                    color=plt.cm.tab10(i % 10), label=p["group"])
+    if len(line) > 1:
+        ax.plot([p[1] for p in line], [p[2] for p in line], color="0.35", linestyle="--",
+                linewidth=1.0, marker=".", label=line_label or None)
+        for lam, x, y in line:
+            ax.annotate(f"λ={lam:g}", (x, y), fontsize=6, color="0.35",
+                        xytext=(3, 3), textcoords="offset points")
+    ax.axvline(0.0, color="0.7", linewidth=0.8)
+    ax.set_xlabel(xlabel, fontsize=8)
+    ax.set_ylabel(ylabel, fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, loc="best")
+    fig.tight_layout()
+    return _save(fig, path)

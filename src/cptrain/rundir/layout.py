@@ -13,6 +13,7 @@ SUMMARY = "summary.json"
 METRICS = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
 MODELS = "models"
+MERGE = "merge"  # `cptrain merge`: merge/merge.json (+ .md, .png)
 DOWNSTREAM = "downstream"  # lm-eval results per task model: downstream/after_<i>_<task>.json
 RUN_ID = "run_id"
 ATTEMPTS = "attempts"  # earlier attempts of a restarted run: <run_dir>/attempts/<n>/

@@ -204,6 +204,15 @@ class RunDir:
                 return dict(json.loads(f.read_text(encoding="utf-8")).get("tasks", {}))
         return {}
 
+    def merge_curve(self) -> dict[str, Any] | None:
+        """``cptrain merge``'s result (``merge/merge.json``: rows of λ with their losses), or
+        None where the run has none or it cannot be read."""
+        with contextlib.suppress(OSError, ValueError):
+            found = json.loads((self.path / layout.MERGE / "merge.json").read_text("utf-8"))
+            if isinstance(found, dict) and isinstance(found.get("rows"), list):
+                return found
+        return None
+
     def checkpoints(self) -> list[tuple[int, Path]]:
         """(step, directory) of every checkpoint, oldest first (complete or not)."""
         return list_checkpoints(self.path / layout.CHECKPOINTS)
