@@ -34,7 +34,7 @@ def reference() -> str:
 
 def test_every_run_and_prepare_key_is_in_the_readme_reference():
     ref = reference()
-    documented = set(re.findall(r"`([a-z_.]+)`", ref))
+    documented = set(re.findall(r"`([a-z0-9_.]+)`", ref))
     keys = leaf_keys(RunConfig) + leaf_keys(PrepareConfig)
     assert len(keys) > 60
     missing = [k for k in keys if k not in documented]
@@ -48,6 +48,6 @@ def test_the_check_would_catch_a_new_key():
     class Extra(BaseModel):
         brand_new_key: int = 0
 
-    documented = set(re.findall(r"`([a-z_.]+)`", reference()))
+    documented = set(re.findall(r"`([a-z0-9_.]+)`", reference()))
     assert "brand_new_key" not in documented
     assert leaf_keys(Extra) == ["brand_new_key"]
