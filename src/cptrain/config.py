@@ -356,7 +356,7 @@ class RunConfig(StrictModel):
     @model_validator(mode="after")
     def _anchor_rows_exist(self) -> RunConfig:
         check_anchors(self.regularize, alpha=self.replay.alpha, seeded=bool(self.replay.seed),
-                      peak_lr=self.peak_lr)
+                      peak_lr=self.peak_lr, sharded=self.distributed.strategy == "fsdp2")
         return self
 
     @property

@@ -57,6 +57,9 @@ def test_a_run_without_anchors_dumps_as_before_the_section_existed():
         ({"method": "kl-replay", "regularize": {"kl_to_start": {"rows": "seed"}}},
          "rows: seed needs replay.seed rows"),
         ({"regularize": {"kl_to_start": {"rows": "fresh"}}}, "regularize.kl_to_start.rows"),
+        ({"method": "kl-replay", "replay": {"seed": SEED}, "distributed": {"strategy": "fsdp2"},
+          "regularize": {"kl_to_start": {"top_k": 8, "rows": "seed"}}},
+         "top_k computes its targets with the unsharded model"),
         ({"method": "l2", "train": {"lr": 1e-3}, "regularize": {"l2_to_start": {"weight": 2000}}},
          "weight × train.lr = 2 > 1 pulls the weights past the start model every step; use a "
          "weight ≤ 1000"),

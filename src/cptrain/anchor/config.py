@@ -51,9 +51,15 @@ class RegularizeConfig(StrictModel):
         return self.l2_to_start.weight > 0
 
 
-def check_anchors(cfg: RegularizeConfig, *, alpha: float, seeded: bool, peak_lr: float) -> None:
+def check_anchors(cfg: RegularizeConfig, *, alpha: float, seeded: bool, peak_lr: float,
+                  sharded: bool) -> None:
     """What the anchors need from the rest of a run config (called by RunConfig's validator)."""
     kl = cfg.kl_to_start
+    if kl.top_k is not None and sharded:
+        raise PydanticCustomError(
+            "top_k_sharded", "regularize.kl_to_start.top_k computes its targets with the "
+            "unsharded model; use distributed.strategy ddp or none, or drop top_k",
+        )
     if kl.top_k is not None and (alpha == 0 or not seeded):
         raise PydanticCustomError(
             "top_k_without_buffer",

@@ -31,7 +31,6 @@ from cptrain.anchor.kl import kl_rows, topk_kl_rows, topk_targets
 from cptrain.anchor.l2 import L2ToStart
 from cptrain.anchor.topk import TopKStore
 from cptrain.distributed import wrap_model
-from cptrain.errors import ConfigError
 from cptrain.evaluation.losses import token_loss
 
 if TYPE_CHECKING:
@@ -84,12 +83,7 @@ class Objective:
         self.store: TopKStore | None = None
         if self.kl.weight > 0 and self.kl.top_k is None:
             self.teacher = start_teacher(trainer)
-        if self.kl.top_k is not None:
-            if trainer.env.strategy == "fsdp2":
-                raise ConfigError(
-                    "regularize.kl_to_start.top_k computes its targets with the unsharded model; "
-                    "use distributed.strategy ddp or none, or drop top_k"
-                )
+        if self.kl.top_k is not None:  # the config refuses it under FSDP2
             assert trainer.buffer is not None  # the config requires replay.seed with top_k
             self.store = TopKStore(trainer.buffer.directory, self.kl.top_k,
                                    trainer.data.vocab_size)
