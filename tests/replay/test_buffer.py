@@ -225,7 +225,7 @@ def test_steps_must_increase(tmp_path):
 
 
 @pytest.mark.parametrize("prefetch", [False, True])
-def test_drawn_tasks_name_the_task_of_every_returned_row(tmp_path, prefetch):
+def test_the_last_draw_names_the_task_and_id_of_every_returned_row(tmp_path, prefetch):
     buf = make(tmp_path, replay_from="all")
     steps = range(40)
     if prefetch:
@@ -233,11 +233,13 @@ def test_drawn_tasks_name_the_task_of_every_returned_row(tmp_path, prefetch):
     seen = 0
     for s in steps:
         rows = buf.draw(s, 5, current_task=task_of(s))
-        tasks = buf.drawn_tasks(s)
-        assert tasks is not None and len(tasks) == len(rows)
-        assert rows[:, 1].tolist() == tasks.tolist()  # a shard row's second token is its task
+        drawn = buf.last_drawn(s)
+        assert drawn is not None and drawn.tasks is not None and len(drawn.tasks) == len(rows)
+        assert rows[:, 1].tolist() == drawn.tasks.tolist()  # a shard row's 2nd token: its task
+        # the buffer ids read back the same rows
+        assert (buf.read_rows(drawn.ids)[0] == rows).all()
         seen += len(rows)
-        assert buf.drawn_tasks(s + 1) is None  # only the latest draw's
+        assert buf.last_drawn(s + 1) is None  # only the latest draw's
         buf.add(*fresh(s)[:1], task_id=task_of(s), step=s, refs=fresh(s)[1])
     assert seen > 0
     buf.close()

@@ -47,8 +47,8 @@ class Buffer:
     def __init__(self, origins: np.ndarray) -> None:
         self.origins = origins
 
-    def drawn_tasks(self, step: int) -> np.ndarray:
-        return self.origins.copy()
+    def last_drawn(self, step: int) -> SimpleNamespace:
+        return SimpleNamespace(tasks=self.origins.copy())
 
 
 def fake_trainer(env: DistEnv, model: torch.nn.Module, buffer: Buffer | None):

@@ -41,8 +41,8 @@ class Buffer:
     def __init__(self, origins: np.ndarray | None) -> None:
         self.origins = origins
 
-    def drawn_tasks(self, step: int) -> np.ndarray | None:
-        return None if self.origins is None else self.origins.copy()
+    def last_drawn(self, step: int) -> SimpleNamespace:
+        return SimpleNamespace(tasks=None if self.origins is None else self.origins.copy())
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from cptrain.errors import CheckpointError
 from cptrain.train.state import TrainerState
 
 KEYS = {"step", "task_idx", "task_step", "loss_matrix", "loss_before", "eval_history",
-        "fresh_tokens", "replay_tokens", "wall_s", "run_id"}
+        "fresh_tokens", "replay_tokens", "teacher_tokens", "wall_s", "run_id"}
 
 
 def busy() -> TrainerState:
@@ -87,7 +87,7 @@ def test_an_incomplete_state_names_what_it_lacks(missing):
     s = TrainerState()
     with pytest.raises(CheckpointError) as err:
         s.load_state_dict(state)
-    absent = sorted(set(missing) - {"loss_before", "eval_history"})
+    absent = sorted(set(missing) - {"loss_before", "eval_history", "teacher_tokens"})
     assert str(err.value).startswith(f"the checkpoint's trainer state lacks {', '.join(absent)};")
     assert s == TrainerState()  # nothing half-loaded
 

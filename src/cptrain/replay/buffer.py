@@ -160,8 +160,7 @@ class ReplayBuffer:
         self._fresh = True  # no checkpoint state loaded: what an earlier attempt left is void
         self._counters = DrawCounters()  # shared with the prefetcher, saved in the state
         self._last_draw: dict[str, Any] = {"step": None, "requested": 0, "returned": 0}
-        self._last_tasks: np.ndarray | None = None
-        self._last_ids: np.ndarray | None = None
+        self._last: Drawn | None = None
 
     # ---- helpers --------------------------------------------------------------------------
     @property
@@ -306,37 +305,21 @@ class ReplayBuffer:
         c.rows_requested += n
         c.rows_drawn += len(rows)
         self._last_draw = {"step": step, "requested": n, "returned": len(rows)}
-        self._last_tasks = drawn.tasks
-        self._last_ids = drawn.ids
+        self._last = drawn
         if drawn.seed_counts is not None:
             self._seed_rows.count_drawn(drawn.seed_counts)
             self._last_draw["seed"] = int(drawn.seed_counts.sum())
         return rows
 
-    def drawn_tasks(self, step: int) -> np.ndarray | None:
-        """The task id of each row that draw(step) returned, in its order (seed rows have
-        negative ids, see seed_task_id); None unless the latest draw was the one of ``step``."""
-        if self._last_draw["step"] != step or self._last_tasks is None:
-            return None
-        return self._last_tasks.copy()
-
-    def drawn_ids(self, step: int) -> np.ndarray | None:
-        """The buffer id of each row that draw(step) returned (as ``drawn_tasks``)."""
-        if self._last_draw["step"] != step or self._last_ids is None:
-            return None
-        return self._last_ids.copy()
+    def last_drawn(self, step: int) -> Drawn | None:
+        """What draw(step) returned: its rows' task ids (seed rows negative, see seed_task_id)
+        and buffer ids, in order (read-only); None unless the latest draw was ``step``'s."""
+        return self._last if self._last_draw["step"] == step else None
 
     @property
     def seed_rows(self) -> int:
         """How many seed rows the buffer holds: they have ids 0 … seed_rows − 1."""
-        ends = self._seed_rows.ends
-        return int(ends[-1]) if len(ends) else 0
-
-    def read_rows(self, ids: np.ndarray) -> np.ndarray:
-        """int64 tokens of rows by id (checksummed), outside any draw."""
-        with self._lock:
-            self._check_usable()
-        return self._read(np.asarray(ids, dtype=np.int64))[0]
+        return int(self._seed_rows.ends[-1]) if len(self._seed_rows.ends) else 0
 
     def _compute_draw(self, step: int, n: int, current_task: int) -> Drawn:
         exclude = current_task if self.cfg.replay_from == "previous_tasks" else None
@@ -350,6 +333,8 @@ class ReplayBuffer:
     def _read(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(int64 tokens, task ids) of rows by id, checksummed (benches/ times this alone)."""
         return self._reader.read(ids)
+
+    read_rows = _read  # the same, for readers outside a draw (the KL anchor's seed targets)
 
     # ---- prefetch -------------------------------------------------------------------------
     def start_prefetch(self, steps_and_counts: Iterable[tuple[int, int, int]]) -> None:

@@ -63,7 +63,8 @@ class GradientDiagnostics(Hook):
         replayed rows, or when their origins cannot be told (then none counts as earlier)."""
         if batch.replay is None or not len(batch.replay) or run.buffer is None:
             return None
-        origins = run.buffer.drawn_tasks(run.state.step)
+        drawn = run.buffer.last_drawn(run.state.step)
+        origins = None if drawn is None else drawn.tasks
         if origins is None or len(origins) != len(batch.replay):
             return None
         return batch.replay[origins < batch.task], batch.replay[origins == batch.task]

@@ -112,13 +112,15 @@ class Objective:
         if self.kl.rows != "all":
             mask[:n_fresh] = False
             if self.kl.rows == "seed" and n_rows > n_fresh:
-                tasks = buffer.drawn_tasks(step) if buffer is not None else None
+                drawn = buffer.last_drawn(step) if buffer is not None else None
+                tasks = None if drawn is None else drawn.tasks
                 mask[n_fresh:] = tasks is not None and tasks < 0  # seed task ids are negative
         self._targets = None
         if self.store is not None and mask.any():
             assert buffer is not None
-            ids = buffer.drawn_ids(step)
-            assert ids is not None
+            drawn = buffer.last_drawn(step)
+            assert drawn is not None and drawn.ids is not None
+            ids = drawn.ids
             if self.store._ids is None:
                 self.store.open(buffer.seed_rows, self.trainer.data.window_len - 1)
             self._targets = self.store.read(ids[mask[n_fresh:]])
@@ -205,7 +207,7 @@ class Objective:
         ids_out, logp_out, tokens = [], [], 0
         for first in range(0, buffer.seed_rows, batch_size):
             idx = np.arange(first, min(first + batch_size, buffer.seed_rows))
-            rows = torch.from_numpy(buffer.read_rows(idx)).to(self.trainer.env.device)
+            rows = torch.from_numpy(buffer.read_rows(idx)[0]).to(self.trainer.env.device)
             with _autocast(rows.device, self.trainer.autocast):
                 logits = model(input_ids=rows[:, :-1]).logits
             tokens += int(rows[:, :-1].numel())
