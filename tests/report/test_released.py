@@ -67,7 +67,7 @@ def test_one_seed_says_it_cannot_rank_and_no_merge_no_line(tmp_path):
     write_study(tmp_path / "study", merge=False, seeds=1)
     write_report([tmp_path / "study"], tmp_path / "out")
     sec = section((tmp_path / "out" / "report.md").read_text())
-    assert "Lowest old-domain rise: cannot tell with one seed per method." in sec
+    assert "Lowest old-domain rise: cannot tell, a method has a single seed." in sec
     assert "merge curve" not in sec
 
 

@@ -137,7 +137,7 @@ def _words(sec: Section, groups: dict[str, list[Run]]) -> None:
         ranked = versus_lowest({g: [v for r in rs if (v := fn(r)) is not None]
                                 for g, rs in groups.items()})
         if ranked is None:
-            sec.blocks.append(f"Lowest {name}: cannot tell with one seed per method.")
+            sec.blocks.append(f"Lowest {name}: cannot tell, a method has a single seed.")
             continue
         best, higher, same = ranked
         text = f"Lowest {name}: {best}"
