@@ -29,7 +29,9 @@ def test_every_released_method_builds_a_valid_config():
     for name in (*demo.RELEASED_TASKS, demo.RELEASED_PROXY):
         assert prepared[name].train
     configs = _configs()
-    assert list(configs) == ["sequential", "replay-25-proxy", "replay-25-self", "mer-25-self"]
+    assert list(configs) == [
+        "sequential", "sequential-lr-matched", "replay-25-proxy", "mer-25-self"
+    ]
     for name, cfg in configs.items():
         assert cfg.run_dir == f"runs/demo-released/{name}"
         assert cfg.model.init_from == "models/smollm2-135m"
@@ -41,17 +43,23 @@ def test_every_released_method_builds_a_valid_config():
     assert configs["sequential"].replay.alpha == 0 and configs["sequential"].replay.seed is None
     proxy = configs["replay-25-proxy"].replay
     assert proxy.alpha == 0.25 and [s.label for s in proxy.seed] == ["task:en"]
-    for name in ("replay-25-self", "mer-25-self"):
-        replay = configs[name].replay
-        assert replay.alpha == 0.25 and [s.label for s in replay.seed] == ["self"]
-        assert replay.seed[0].tokens == demo.RELEASED_SEED_TOKENS
-        assert replay.seed[0].prompt.task == demo.RELEASED_PROXY
+    replay = configs["mer-25-self"].replay
+    assert replay.alpha == 0.25 and [s.label for s in replay.seed] == ["self"]
+    assert replay.seed[0].tokens == demo.RELEASED_SEED_TOKENS
+    assert replay.seed[0].prompt.task == demo.RELEASED_PROXY
     mer = configs["mer-25-self"].reptile
     assert mer.enabled and (mer.k, mer.epsilon) == (
         demo.RELEASED_REPTILE_K,
         demo.RELEASED_REPTILE_EPSILON,
     )
-    assert not configs["replay-25-self"].reptile.enabled
+    assert not configs["replay-25-proxy"].reptile.enabled
+    # the control: sequential at the lr that matches MER's effective step (ε of each move)
+    control = configs["sequential-lr-matched"]
+    assert control.replay.alpha == 0 and not control.reptile.enabled
+    assert control.train.lr == pytest.approx(configs["sequential"].train.lr * mer.epsilon)
+    assert control.model_dump(exclude={"run_dir", "train"}) == configs["sequential"].model_dump(
+        exclude={"run_dir", "train"}
+    )
     # Reptile fires a few times per task at this step count
     steps_per_task = demo.RELEASED_TOKENS_PER_TASK // (256 * 4)
     assert 2 <= steps_per_task // mer.k <= 6

@@ -177,6 +177,7 @@ RELEASED_SEED_TOKENS = 4_096  # 16 rows of 256: both seeds the same size, self c
 RELEASED_REPTILE_K = 5
 RELEASED_REPTILE_EPSILON = 0.5
 RELEASED_ALPHA = 0.25
+RELEASED_LR_MATCHED: float = RELEASED_BASE_RUN["train"]["lr"] * RELEASED_REPTILE_EPSILON
 MERGE_LAMBDAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 # lm-eval on the starting model and each method's final model: items per local choice task
 RELEASED_DOWNSTREAM_ITEMS = 32
@@ -196,13 +197,18 @@ SELF_SEED: dict[str, Any] = {
 # name → (label in tables and the report, config overrides on top of RELEASED_BASE_RUN)
 RELEASED_METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "sequential": ("sequential", {"method": "sequential"}),
+    # MER's step-size control: Reptile keeps ε of each k-step move, so MER at lr η moves about
+    # as far as sequential at ε·η. Over 3 seeds (README "Keeping a released model's knowledge
+    # without its data") this lower lr kept English and learned about as well as MER (not
+    # significantly worse) at 0.75 of its FLOPs, and replay from a self seed did no better than
+    # from the proxy seed, so the demo shows the self seed once, under MER.
+    "sequential-lr-matched": (
+        f"sequential, lr {RELEASED_LR_MATCHED:g} (MER's step)",
+        {"method": "sequential", "train": {"lr": RELEASED_LR_MATCHED}},
+    ),
     "replay-25-proxy": (
         "replay, English proxy seed",
         {"method": "replay", "replay": {"alpha": RELEASED_ALPHA, "seed": [PROXY_SEED]}},
-    ),
-    "replay-25-self": (
-        "replay, self seed",
-        {"method": "replay", "replay": {"alpha": RELEASED_ALPHA, "seed": [SELF_SEED]}},
     ),
     "mer-25-self": (
         "MER, self seed",
@@ -464,18 +470,16 @@ def run_released_demo(
                 "quantization noise, documents framed by EOS for an instruct model), so "
                 "forgetting shows once training moves further."
             )
-    proxy, own = results.get("replay-25-proxy"), results.get("replay-25-self")
-    if proxy is not None and own is not None:
-        a = proxy["eval_only_forgetting"][RELEASED_EVAL_ONLY]
-        b = own["eval_only_forgetting"][RELEASED_EVAL_ONLY]
-        verdict = (
-            "both protect English about equally"
-            if abs(a - b) < 0.01
-            else f"the {'self' if b < a else 'proxy'} seed protects English better here"
-        )
+    mer, control = results.get("mer-25-self"), results.get("sequential-lr-matched")
+    if mer is not None and control is not None:
+        a = mer["eval_only_forgetting"][RELEASED_EVAL_ONLY]
+        b = control["eval_only_forgetting"][RELEASED_EVAL_ONLY]
         print(
-            f"{RELEASED_EVAL_ONLY} forgetting with replay 25%: proxy seed {a:+.3f}, self seed "
-            f"{b:+.3f}: {verdict} (one seed of one run each)."
+            f"{RELEASED_EVAL_ONLY} forgetting: MER {a:+.3f}, sequential at lr "
+            f"{RELEASED_LR_MATCHED:g} (MER's effective step, 0.75 of MER's FLOPs) {b:+.3f}; "
+            f"retained {mer['retained_loss']:.3f} against {control['retained_loss']:.3f} (one "
+            "seed each). Over 3 seeds the README's study found MER not significantly better "
+            "than this control: pick a smaller lr first, then a merge toward the start."
         )
     table_path = runs_dir / "table.txt"
     atomic_write_text(table_path, table + "\n")
