@@ -489,5 +489,4 @@ def run_released_demo(
     print(f"table: {table_path}; merge curve: {Path(configs['sequential'].run_dir) / 'merge'}")
     print(f"report: {report}")
     print(f"downstream scores: {scores}")
-    print(f"downstream: {scores}")
     return results
