@@ -187,6 +187,18 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from cptrain.plan.command import run_plan
+
+    try:
+        run_plan(Path(args.config), overrides=args.overrides, do_verify=args.verify,
+                 progress=_progress(args))
+    except KeyboardInterrupt:
+        print("cptrain: interrupted; re-run `cptrain plan` to continue", file=sys.stderr)
+        return 130
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from cptrain.rundir.run_dir import check_run_dirs
 
@@ -358,6 +370,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="list the runs, train nothing")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("plan", help="pilot runs → predicted forgetting and learning for any "
+                       "replay ratio and lr → a recommended setting within a forgetting budget")
+    p.add_argument("config", help="plan file (YAML), e.g. recipes/plan-demo.yaml")
+    _add_overrides(p)
+    p.add_argument("--verify", action="store_true",
+                   help="then train the recommended setting at the full budget and compare")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("report", help="tables and figures (report.md / report.html) of runs")
     p.add_argument("dirs", nargs="+", help="run or sweep directories")
