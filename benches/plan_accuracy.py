@@ -73,7 +73,7 @@ def main() -> None:
     sweep = plan_sweep(cfg, base, settings, tokens=cfg.budget.tokens, seeds=args.seeds,
                    sub="heldout", start_model=start_model)
     run_pilots(sweep, progress=False)
-    runs = [read_pilot(d, s, seed, [*old, new]) for d, s, seed in sweep_settings(sweep, settings)]
+    runs = [read_pilot(d, s, seed, old, new) for d, s, seed in sweep_settings(sweep, settings)]
     rows, errors, inside = [], [], []
     print(f"\nheld-out settings at the full budget ({cfg.budget.tokens:,} tokens), "
           f"{len(args.seeds)} seeds each; predicted [95 % interval] vs measured mean")

@@ -58,7 +58,7 @@ def test_plan_trains_fits_recommends_and_verifies(prepared_dir, tmp_path, capsys
     assert (plan_dir / "figures" / "fits.png").is_file()
     # the start run's final model is what every pilot continued
     pilots = sorted((plan_dir / "pilots").glob("*_s0_xml"))
-    assert len(pilots) == 5
+    assert len(pilots) == 9
     start_model = RunDir.open(plan_dir / "start").final_model()
     for p in pilots:
         assert RunDir.open(p).config()["model"]["init_from"] == str(start_model)
@@ -66,7 +66,7 @@ def test_plan_trains_fits_recommends_and_verifies(prepared_dir, tmp_path, capsys
         assert len(steps) >= 8  # whole curves, not end points
     assert len(written["candidates"]) == 9 and written["cost"]["ratio"] < 1
     for law in written["laws"].values():
-        assert set(law["loo"]) == {"wang", "no-shift"}
+        assert set(law["loo"]) == {"wang", "no-shift", "mix"}
     # the recommendation meets its budget by the prediction and is the lowest new-task loss
     # among those that do
     best = written["recommended"]
@@ -120,5 +120,5 @@ def test_the_recipes_are_valid_plans(name):
 
     recipe = Path(__file__).resolve().parents[2] / "recipes" / name
     cfg, base, start = prepare_plan(recipe)
-    assert len(pilot_settings(cfg, base)) == 5 and len(candidate_settings(cfg, base)) == 49
+    assert len(pilot_settings(cfg, base)) == 9 and len(candidate_settings(cfg, base)) == 49
     assert (start is not None) == (name == "plan-demo.yaml")

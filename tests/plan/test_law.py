@@ -42,7 +42,8 @@ def _pilots(form: str, params: dict[str, float], noise: float = 0.0, seed: int =
             lrs = _cosine(steps, peak) if kind == "cos" else [peak] * steps
             at = list(range(0, steps + 1, 10))
             s1, s2 = schedule_areas(lrs, at)
-            loss = f.fn(p, s1, s2, np.full(s1.size, alpha)) + rng.normal(0, noise, s1.size)
+            a = np.full(s1.size, alpha)
+            loss = f.fn(p, s1, s2, a, a) + rng.normal(0, noise, s1.size)
             curves.append(Curve(f"{kind}-a{alpha}", alpha, np.array(at), s1, s2, loss))
     return curves
 
@@ -74,7 +75,7 @@ def test_fit_recovers_planted_parameters():
     lrs = _cosine(400, 3e-3)
     s1, s2 = schedule_areas(lrs, [400])
     p = np.array([PLANTED[k] for k in FORMS["wang"].params])
-    truth = FORMS["wang"].fn(p, s1, s2, np.array([0.4]))
+    truth = FORMS["wang"].fn(p, s1, s2, np.array([0.4]), np.array([0.4]))
     assert fit.predict(s1, s2, 0.4) == pytest.approx(truth, abs=2e-3)
 
 
@@ -84,8 +85,8 @@ def test_fit_with_noise_stays_close_and_bootstrap_brackets_the_truth():
     assert 0.003 < fit.rmse < 0.008
     s1, s2 = schedule_areas(_cosine(200, 3e-3), [200])
     p = np.array([PLANTED[k] for k in FORMS["wang"].params])
-    truth = float(FORMS["wang"].fn(p, s1, s2, np.array([0.4]))[0])
-    preds = [float(b.predict(s1, s2, 0.4)[0]) for b in bootstrap_fits(curves, fit, 40)]
+    truth = float(FORMS["wang"].fn(p, s1, s2, np.array([0.4]), np.array([0.4]))[0])
+    preds = [float(b.predict(s1, s2, 0.4)[0]) for b in bootstrap_fits(curves, fit, 20)]
     lo, hi = np.percentile(preds, [2.5, 97.5])
     assert lo - 0.01 <= truth <= hi + 0.01 and hi - lo < 0.1
 
@@ -117,8 +118,9 @@ def test_too_few_points_is_a_clear_error():
 def test_analytic_jacobians_match_finite_differences():
     rng = np.random.default_rng(0)
     s1, s2, alpha = rng.uniform(0, 2, 20), rng.uniform(0, 0.5, 20), rng.uniform(0, 0.5, 20)
+    w = 1 - alpha
     for f in FORMS.values():
         p = np.array([PLANTED[k] for k in f.params])
-        numeric = np.stack([(f.fn(p + d, s1, s2, alpha) - f.fn(p - d, s1, s2, alpha)) / 2e-6
-                            for d in np.eye(p.size) * 1e-6], axis=1)
-        assert np.abs(f.jac(p, s1, s2, alpha) - numeric).max() < 1e-6, f.name
+        numeric = np.stack([(f.fn(p + d, s1, s2, alpha, w) - f.fn(p - d, s1, s2, alpha, w))
+                            / 2e-6 for d in np.eye(p.size) * 1e-6], axis=1)
+        assert np.abs(f.jac(p, s1, s2, alpha, w) - numeric).max() < 1e-6, f.name

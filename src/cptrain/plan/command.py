@@ -111,9 +111,9 @@ def fit_plan(cfg: PlanConfig, base: dict[str, Any], start_model: Path | None,
              ) -> tuple[list[Prediction], Any, dict[str, Any]]:
     old, new = tasks_of(cfg, base)
     sweep = pilot_sweep(cfg, base, start_model)
-    pilots = [read_pilot(d, s, seed, [*old, new])
+    pilots = [read_pilot(d, s, seed, old, new)
               for d, s, seed in sweep_settings(sweep, pilot_settings(cfg, base))]
-    laws = fit_tasks(pilots, [*old, new], cfg.bootstrap)
+    laws = fit_tasks(pilots, [*old, new], cfg.bootstrap, cfg.pilots.fit_from)
     before = before_losses(pilots, [*old, new])
     cands = candidate_settings(cfg, base)
     preds = predict(cfg, base, laws, old, new, before, cands)
@@ -138,7 +138,7 @@ def verify(cfg: PlanConfig, base: dict[str, Any], start_model: Path | None,
     old, new = tasks_of(cfg, base)
     sweep = verify_sweep(cfg, base, setting, start_model)
     run_pilots(sweep, progress)
-    runs = [read_pilot(d, s, seed, [*old, new])
+    runs = [read_pilot(d, s, seed, old, new)
             for d, s, seed in sweep_settings(sweep, [setting])]
     before = before_losses(runs, [*old, new])
     measured = {t: float(np.mean([r.curves[t].loss[-1] for r in runs])) for t in [*old, new]}

@@ -119,6 +119,8 @@ class VarySpec(StrictModel):
 class PilotSpec(StrictModel):
     fraction: float = Field(default=0.2, gt=0, description="of the full budget, per pilot")
     points: int = Field(default=12, ge=4, description="evaluations per pilot (whole curves)")
+    fit_from: float = Field(default=0.2, ge=0, lt=1, description="fit each pilot's curve from "
+                            "this fraction of its steps on (skips the first steps' transient)")
     seeds: list[int] = Field(default=[0], min_length=1)
     alphas: list[float] | None = Field(default=None, description="default: min, middle, max")
     lrs: list[float] | None = Field(default=None, description="default: min, geometric "

@@ -14,8 +14,12 @@ unknown, so its forward area is the fitted constant ``S0`` and its annealing are
 so both starts share one fit. Replay enters through the shift amplitude ``B(α) = B·e^(−κα)``
 (the form ``wang``); ``no-shift`` drops the shift term (for the test that a curve without one is
 not fitted as one with it, and as the simpler candidate the planner compares by leave-one-pilot-
-out error). Each task (old or new) gets its own parameters; ``B`` is free in sign (the old
-domain's loss rises, the new one's falls).
+out error). ``mix`` extends ``wang`` where the measurements asked for it (README, "How much
+replay do I need?"): the power term counts only the forward area spent on the task's own
+domain, ``A·(S0 + w·S1)^(−a)`` with ``w`` its share of each batch (α for an old domain that
+replay draws from, 1 − α for the new one), so replaying a start that is still learning its
+old domain trains it further. Each task (old or new) gets its own parameters; ``B`` is free in
+sign (the old domain's loss rises, the new one's falls).
 """
 
 from __future__ import annotations
@@ -69,9 +73,15 @@ class Curve:
     s1: np.ndarray
     s2: np.ndarray
     loss: np.ndarray
+    share: float | None = None  # of each batch from this task's domain (default: α, an old one)
+
+    @property
+    def w(self) -> float:
+        return self.alpha if self.share is None else self.share
 
 
-Fn = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+# (params, S1, S2, α, the task's share w of each batch) → loss (or its Jacobian)
+Fn = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -84,33 +94,60 @@ class LawForm:
     jac: Fn  # ∂fn/∂params, one column per parameter (a tenth of finite differences' cost)
 
 
-def _wang(p: np.ndarray, s1: np.ndarray, s2: np.ndarray, alpha: np.ndarray) -> np.ndarray:
-    l0, a_, s0, a, c, b_, kappa, e, b = p
-    base = l0 + a_ * np.power(s0 + s1, -a) - c * s2
-    return base + b_ * np.exp(-kappa * alpha) * (1 - np.power(1 + e * s1, -b))
+def _shift(p: np.ndarray, s1: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    b_, kappa, e, b = p[5:]
+    return b_ * np.exp(-kappa * alpha) * (1 - np.power(1 + e * s1, -b))
 
 
-def _no_shift(p: np.ndarray, s1: np.ndarray, s2: np.ndarray, alpha: np.ndarray) -> np.ndarray:
-    l0, a_, s0, a, c = p
-    return l0 + a_ * np.power(s0 + s1, -a) - c * s2
+def _power(p: np.ndarray, x: np.ndarray, s2: np.ndarray) -> np.ndarray:
+    l0, a_, s0, a, c = p[:5]
+    return l0 + a_ * np.power(s0 + x, -a) - c * s2
 
 
-def _no_shift_jac(p: np.ndarray, s1: np.ndarray, s2: np.ndarray, alpha: np.ndarray
-                  ) -> np.ndarray:
+def _no_shift(p: np.ndarray, s1: np.ndarray, s2: np.ndarray, alpha: np.ndarray,
+              w: np.ndarray) -> np.ndarray:
+    return _power(p, s1, s2)
+
+
+def _wang(p: np.ndarray, s1: np.ndarray, s2: np.ndarray, alpha: np.ndarray,
+          w: np.ndarray) -> np.ndarray:
+    return _power(p, s1, s2) + _shift(p, s1, alpha)
+
+
+def _mix(p: np.ndarray, s1: np.ndarray, s2: np.ndarray, alpha: np.ndarray,
+         w: np.ndarray) -> np.ndarray:
+    return _power(p, w * s1, s2) + _shift(p, s1, alpha)
+
+
+def _power_jac(p: np.ndarray, x: np.ndarray, s2: np.ndarray) -> np.ndarray:
     _, a_, s0, a, _ = p[:5]
-    x = s0 + s1
-    pw = np.power(x, -a)
-    return np.stack([np.ones_like(s1), pw, -a * a_ * pw / x, -a_ * pw * np.log(x), -s2], axis=1)
+    y = s0 + x
+    pw = np.power(y, -a)
+    return np.stack([np.ones_like(x), pw, -a * a_ * pw / y, -a_ * pw * np.log(y), -s2], axis=1)
 
 
-def _wang_jac(p: np.ndarray, s1: np.ndarray, s2: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+def _shift_jac(p: np.ndarray, s1: np.ndarray, alpha: np.ndarray) -> np.ndarray:
     b_, kappa, e, b = p[5:]
     damp = np.exp(-kappa * alpha)
     y = 1 + e * s1
     u = np.power(y, -b)
-    shift = np.stack([damp * (1 - u), -alpha * b_ * damp * (1 - u),
-                      b_ * damp * b * s1 * u / y, b_ * damp * u * np.log(y)], axis=1)
-    return np.concatenate([_no_shift_jac(p, s1, s2, alpha), shift], axis=1)
+    return np.stack([damp * (1 - u), -alpha * b_ * damp * (1 - u),
+                     b_ * damp * b * s1 * u / y, b_ * damp * u * np.log(y)], axis=1)
+
+
+def _no_shift_jac(p: np.ndarray, s1: np.ndarray, s2: np.ndarray, alpha: np.ndarray,
+                  w: np.ndarray) -> np.ndarray:
+    return _power_jac(p, s1, s2)
+
+
+def _wang_jac(p: np.ndarray, s1: np.ndarray, s2: np.ndarray, alpha: np.ndarray,
+              w: np.ndarray) -> np.ndarray:
+    return np.concatenate([_power_jac(p, s1, s2), _shift_jac(p, s1, alpha)], axis=1)
+
+
+def _mix_jac(p: np.ndarray, s1: np.ndarray, s2: np.ndarray, alpha: np.ndarray,
+             w: np.ndarray) -> np.ndarray:
+    return np.concatenate([_power_jac(p, w * s1, s2), _shift_jac(p, s1, alpha)], axis=1)
 
 
 _INF = math.inf
@@ -122,6 +159,14 @@ FORMS: dict[str, LawForm] = {
         (_INF, _INF, 1e6, 4.0, _INF, _INF, 20.0, 1e4, 4.0),
         _wang,
         _wang_jac,
+    ),
+    "mix": LawForm(
+        "mix",
+        ("L0", "A", "S0", "a", "C", "B", "kappa", "E", "b"),
+        (-_INF, 0.0, 1e-6, 1e-3, -_INF, -_INF, -20.0, 1e-4, 0.05),
+        (_INF, _INF, 1e6, 4.0, _INF, _INF, 20.0, 1e4, 4.0),
+        _mix,
+        _mix_jac,
     ),
     "no-shift": LawForm(
         "no-shift",
@@ -146,20 +191,25 @@ class LawFit:
     alphas: tuple[float, ...] = field(default=())
 
     def predict(
-        self, s1: np.ndarray | float, s2: np.ndarray | float, alpha: np.ndarray | float
+        self, s1: np.ndarray | float, s2: np.ndarray | float, alpha: np.ndarray | float,
+        share: np.ndarray | float | None = None,
     ) -> np.ndarray:
+        """The loss at these areas and replay ratio; ``share``: the task's share of each batch
+        (default α: an old domain's)."""
         f = FORMS[self.form]
         p = np.array([self.params[k] for k in f.params])
+        w = alpha if share is None else share
         return f.fn(p, *np.broadcast_arrays(np.asarray(s1, float), np.asarray(s2, float),
-                                            np.asarray(alpha, float)))
+                                            np.asarray(alpha, float), np.asarray(w, float)))
 
 
 def _stack(curves: Sequence[Curve]) -> tuple[np.ndarray, ...]:
     s1 = np.concatenate([c.s1 for c in curves])
     s2 = np.concatenate([c.s2 for c in curves])
     alpha = np.concatenate([np.full(c.loss.size, c.alpha) for c in curves])
+    w = np.concatenate([np.full(c.loss.size, c.w) for c in curves])
     loss = np.concatenate([c.loss for c in curves])
-    return s1, s2, alpha, loss
+    return s1, s2, alpha, w, loss
 
 
 def _starts(form: LawForm, loss: np.ndarray, s1_max: float) -> list[np.ndarray]:
@@ -171,7 +221,7 @@ def _starts(form: LawForm, loss: np.ndarray, s1_max: float) -> list[np.ndarray]:
     out = []
     for a, s0 in ((0.5, scale), (1.0, 0.1 * scale), (0.3, 10 * scale)):
         base = [lo - 0.1 * span, span * s0**a, s0, a, 0.0]
-        if form.name == "no-shift":
+        if len(form.params) == 5:
             out.append(np.array(base))
             continue
         for sign in (1.0, -1.0):
@@ -186,7 +236,7 @@ def fit_law(
     reflective within the form's bounds), the best of several starts (or one, ``start``:
     a previous fit, for bootstrap refits)."""
     f = FORMS[form]
-    s1, s2, alpha, loss = _stack(curves)
+    s1, s2, alpha, w, loss = _stack(curves)
     if loss.size < len(f.params) + 1:
         raise ValueError(f"{loss.size} points cannot fit the {len(f.params)} parameters of "
                          f"the {form} law; evaluate the pilots more often (eval.every)")
@@ -200,8 +250,8 @@ def fit_law(
         with warnings.catch_warnings(), np.errstate(all="ignore"):
             warnings.simplefilter("ignore")
             res = least_squares(
-                lambda p: f.fn(p, s1, s2, alpha) - loss, p0,
-                jac=lambda p: f.jac(p, s1, s2, alpha), bounds=(lower, upper),
+                lambda p: f.fn(p, s1, s2, alpha, w) - loss, p0,
+                jac=lambda p: f.jac(p, s1, s2, alpha, w), bounds=(lower, upper),
                 x_scale="jac", max_nfev=2000,
             )
         if np.all(np.isfinite(res.fun)) and (best is None or res.cost < best.cost):
@@ -243,7 +293,7 @@ def leave_one_out(curves: Sequence[Curve], form: str, full: LawFit | None = None
         except ValueError:
             out[held.name] = (math.nan, math.nan)
             continue
-        err = np.abs(fit.predict(held.s1, held.s2, held.alpha) - held.loss)
+        err = np.abs(fit.predict(held.s1, held.s2, held.alpha, held.w) - held.loss)
         out[held.name] = (float(err.mean()), float(err[-1]))
     return LeaveOneOut(form, out)
 

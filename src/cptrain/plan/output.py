@@ -86,7 +86,7 @@ def fits_figure(laws: dict[str, TaskLaw], pilots: Sequence[PilotRun], path: Path
         for i, p in enumerate(pilots):
             c = p.curves[t]
             ax.plot(c.steps, c.loss, "o", ms=3, color=colors(i % 10))
-            ax.plot(c.steps, law.fit.predict(c.s1, c.s2, c.alpha), "-", lw=1,
+            ax.plot(c.steps, law.fit.predict(c.s1, c.s2, c.alpha, c.w), "-", lw=1,
                     color=colors(i % 10), label=p.setting.name if len(pilots) <= 10 else None)
         loo = law.loo[law.fit.form].mean_abs
         ax.set_title(f"{t}: {law.fit.form} law (leave-one-out {loo:.3f})", fontsize=9)

@@ -62,19 +62,18 @@ def _warmups(cfg: PlanConfig, base: dict[str, Any]) -> list[float]:
 
 
 def pilot_settings(cfg: PlanConfig, base: dict[str, Any]) -> list[Setting]:
-    """Corners and centre of the (α, lr) range in the first schedule (every pilot anneals over
-    its own short horizon, so the fit sees S1 and S2 move apart), the centre again in every
-    other schedule and warm-up; explicit ``pilots.alphas``/``lrs`` give a full grid instead."""
+    """A 3 × 3 grid over the (α, lr) range (ends and middle; lr geometric) in the first
+    schedule, every pilot annealing over its own short horizon so the fit sees S1 and S2 move
+    apart; the centre again in every other schedule and warm-up. ``pilots.alphas``/``lrs``
+    replace the grid's values. (Corners and centre alone, 5 pilots, left each corner to an
+    extrapolation in both α and lr when held out: leave-one-out errors of 0.1–1.5 nats on the
+    demo.)"""
     (a_lo, a_hi), (l_lo, l_hi) = cfg.vary.alpha, cfg.vary.lr
     warm = _warmups(cfg, base)
-    first, *others = cfg.vary.schedules
-    if cfg.pilots.alphas or cfg.pilots.lrs:
-        alphas = cfg.pilots.alphas or [a_lo, _mid(a_lo, a_hi, False), a_hi]
-        lrs = cfg.pilots.lrs or [l_lo, _mid(l_lo, l_hi, True), l_hi]
-        points = list(itertools.product(alphas, lrs))
-    else:
-        points = [(a_lo, l_lo), (a_lo, l_hi), (a_hi, l_lo), (a_hi, l_hi),
-                  (_mid(a_lo, a_hi, False), _mid(l_lo, l_hi, True))]
+    first = cfg.vary.schedules[0]
+    alphas = cfg.pilots.alphas or [a_lo, _mid(a_lo, a_hi, False), a_hi]
+    lrs = cfg.pilots.lrs or [l_lo, _mid(l_lo, l_hi, True), l_hi]
+    points = list(itertools.product(alphas, lrs))
     out = [Setting(a, lr, first, warm[0]) for a, lr in points]
     centre = (_mid(a_lo, a_hi, False), _mid(l_lo, l_hi, True))
     out += [Setting(*centre, s, w) for s in cfg.vary.schedules for w in warm
@@ -197,8 +196,10 @@ class PilotRun:
     summary: dict[str, Any]
 
 
-def read_pilot(run_dir: Path, setting: Setting, seed: int, tasks: list[str]) -> PilotRun:
-    """One finished run's loss curves (the before row, periodic evaluations, the task end)."""
+def read_pilot(run_dir: Path, setting: Setting, seed: int, old: list[str], new: str
+               ) -> PilotRun:
+    """One finished run's loss curves (the before row, periodic evaluations, the task end);
+    ``new``: the task trained (its share of each batch is 1 − α; an old one's, α)."""
     run = RunDir.open(run_dir)
     cfg = build_config(RunConfig, run.config(), source=str(run_dir))
     lrs = lr_sequence(cfg)
@@ -213,8 +214,9 @@ def read_pilot(run_dir: Path, setting: Setting, seed: int, tasks: list[str]) -> 
     s1, s2 = schedule_areas(lrs, steps)
     curves = {
         t: Curve(run_dir.name, setting.alpha, np.array(steps), s1, s2,
-                 np.array([by_step[s][t] for s in steps]))
-        for t in tasks
+                 np.array([by_step[s][t] for s in steps]),
+                 share=1 - setting.alpha if t == new else setting.alpha)
+        for t in [*old, new]
     }
     return PilotRun(run_dir.name, setting, seed, curves, dict(by_step[0]), run.summary())
 

@@ -6,14 +6,22 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
 from cptrain.models.flops import rows_per_step
 from cptrain.plan.config import PlanConfig
-from cptrain.plan.law import FORMS, LawFit, LeaveOneOut, bootstrap_fits, fit_law, leave_one_out
+from cptrain.plan.law import (
+    FORMS,
+    Curve,
+    LawFit,
+    LeaveOneOut,
+    bootstrap_fits,
+    fit_law,
+    leave_one_out,
+)
 from cptrain.plan.law import schedule_areas as areas
 from cptrain.plan.pilots import PilotRun, Setting, full_steps, setting_lrs
 
@@ -31,14 +39,24 @@ class TaskLaw:
     boots: list[LawFit]
 
 
+def _from(c: Curve, fraction: float) -> Curve:
+    """The curve from ``fraction`` of its steps on: the first steps of continued training are a
+    transient no form here models (at a high lr the old domain's loss jumps, then partly
+    recovers), and what the plan predicts is the loss at the end."""
+    keep = c.steps >= fraction * c.steps.max()
+    return replace(c, steps=c.steps[keep], s1=c.s1[keep], s2=c.s2[keep], loss=c.loss[keep])
+
+
 def fit_tasks(pilots: Sequence[PilotRun], tasks: Sequence[str], n_boot: int,
-              seed: int = 0) -> dict[str, TaskLaw]:
+              fit_from: float = 0.0, seed: int = 0) -> dict[str, TaskLaw]:
+    """Every form fitted to every task; the one whose leave-one-pilot-out error on the pilots'
+    final losses is lowest is used, with ``n_boot`` bootstrap refits for its intervals."""
     out = {}
     for t in tasks:
-        curves = [p.curves[t] for p in pilots]
+        curves = [_from(p.curves[t], fit_from) for p in pilots]
         fits = {f: fit_law(curves, f) for f in FORMS}
         loo = {f: leave_one_out(curves, f, full=fits[f]) for f in FORMS}
-        chosen = min(FORMS, key=lambda f: (math.isnan(loo[f].mean_abs), loo[f].mean_abs))
+        chosen = min(FORMS, key=lambda f: (math.isnan(loo[f].final_abs), loo[f].final_abs))
         out[t] = TaskLaw(t, fits[chosen], loo, bootstrap_fits(curves, fits[chosen], n_boot,
                                                               seed))
     return out
@@ -110,9 +128,9 @@ def predict(cfg: PlanConfig, base: dict[str, Any], laws: dict[str, TaskLaw], old
     for s in settings:
         s1, s2 = areas(setting_lrs(base, s, cfg.budget.tokens), [steps])
 
-        def at(law: LawFit, s1: np.ndarray = s1, s2: np.ndarray = s2, a: float = s.alpha
-               ) -> float:
-            return float(law.predict(s1, s2, a)[0])
+        def at(law: LawFit, new_task: bool = False, s1: np.ndarray = s1, s2: np.ndarray = s2,
+               a: float = s.alpha) -> float:
+            return float(law.predict(s1, s2, a, 1 - a if new_task else a)[0])
 
         olds = {t: _band(at(laws[t].fit), [at(b) for b in laws[t].boots]) for t in old}
         scale = {t: before[t] if relative else 1.0 for t in old}
@@ -123,7 +141,7 @@ def predict(cfg: PlanConfig, base: dict[str, Any], laws: dict[str, TaskLaw], old
         boot_rise = [float(agg([(at(laws[t].boots[i]) - before[t]) / scale[t] for t in old]))
                      for i in range(n_boot)]
         budget_rise = _band(float(agg([rises[t].mean for t in old])), boot_rise)
-        newb = _band(at(laws[new].fit), [at(b) for b in laws[new].boots])
+        newb = _band(at(laws[new].fit, True), [at(b, True) for b in laws[new].boots])
         reach = max(laws[t].fit.s1_max for t in (*old, new))
         p = Prediction(s, olds, rises, budget_rise, newb, relative_cost(base, s.alpha),
                        float(s1[0] / reach) if reach > 0 else math.inf)
