@@ -120,3 +120,13 @@ def test_loss_matrix_writes_a_run_directory_cptrain_reads(tmp_path):
     assert (run / "report" / "report.md").is_file()
     with pytest.raises(ConfigError, match="once per task"):
         matrix.task_end(model, 0, step=7)
+
+
+def test_transformers_version_outside_the_range_is_one_line():
+    from cptrain.integrations.transformers import SUPPORTED, check_version
+
+    check_version()  # the pinned one
+    with pytest.raises(ConfigError, match=f"transformers>={SUPPORTED[0]}"):
+        check_version("4.40.0")
+    with pytest.raises(ConfigError, match="found 6.0.0"):
+        check_version("6.0.0")
