@@ -130,3 +130,19 @@ def test_transformers_version_outside_the_range_is_one_line():
         check_version("4.40.0")
     with pytest.raises(ConfigError, match="found 6.0.0"):
         check_version("6.0.0")
+
+
+def test_the_readme_loop_is_the_example_the_suite_runs():
+    import re
+    from pathlib import Path
+
+    def code(text: str) -> str:
+        lines = (line.split("#")[0].strip() for line in text.splitlines())
+        return "\n".join(line for line in lines if line)
+
+    repo = Path(__file__).resolve().parents[2]
+    readme = (repo / "README.md").read_text(encoding="utf-8")
+    section = readme.split("### Inside your own training loop", 1)[1]
+    block = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    example = (repo / "examples" / "plain_loop.py").read_text(encoding="utf-8")
+    assert code(block) in code(example.split("def train(", 1)[1])
