@@ -56,6 +56,9 @@ def test_trainer_integration_equals_cptrain_train(root, prepared_dir, model_dir)
     np.testing.assert_allclose(got["loss_matrix"], ref["loss_matrix"], rtol=0, atol=1e-5)
     assert got["forgetting"] == pytest.approx(ref["forgetting"], abs=1e-5)  # eval.every too
     assert got["complete"] and len(RunDir.open(cfg.run_dir).task_models()) == 2
+    train_lines = [r for r in RunDir.open(cfg.run_dir).records() if r["type"] == "train"]
+    assert [r["step"] for r in train_lines] == [2, 4, 6, 8, 10, 12]  # train.log_every: 2
+    assert train_lines[-1]["task"] == "xml" and train_lines[0]["loss"] > 0
     logged = [h for h in trainer.state.log_history if "eval/email_loss" in h]
     assert len(logged) == 1 + 2 + 2  # before, two task ends, eval.every at steps 4 and 8
 

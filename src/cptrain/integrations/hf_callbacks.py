@@ -169,9 +169,14 @@ class LossMatrixCallback(TrainerCallback):
     def _file(self, folder: Path) -> Path:
         return folder / "cptrain-loss-matrix.json"
 
-    def _log(self, losses: dict[str, float]) -> None:
-        if self.trainer is not None:
-            self.trainer.log({f"eval/{k}_loss": v for k, v in losses.items()})
+    def _log(self, losses: dict[str, float], control: Any) -> None:
+        if self.trainer is None:
+            return
+        # Trainer.log clears control.should_log: the step's own loss line must still follow
+        keep = getattr(control, "should_log", False)
+        self.trainer.log({f"eval/{k}_loss": v for k, v in losses.items()})
+        if control is not None:
+            control.should_log = keep
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         if state.global_step > 0:
@@ -179,7 +184,7 @@ class LossMatrixCallback(TrainerCallback):
                               "loss matrix state")
             self.matrix.load_state_dict(found["matrix"])
             return
-        self._log(self.matrix.before(kw["model"]))
+        self._log(self.matrix.before(kw["model"]), control)
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         step, model = state.global_step, kw["model"]
@@ -188,11 +193,23 @@ class LossMatrixCallback(TrainerCallback):
             if self.extra_summary is not None:
                 self.matrix.extra.update(self.extra_summary())
             self._export(model, task)
-            self._log(self.matrix.task_end(model, task, step=step))
+            self._log(self.matrix.task_end(model, task, step=step), control)
             if str(getattr(args.save_strategy, "value", args.save_strategy)) != "no":
                 control.should_save = True  # as `cptrain train`: a checkpoint at each task end
         elif self.every and step % self.every == 0:
-            self._log(self.matrix.evaluate(model, step=step))
+            self._log(self.matrix.evaluate(model, step=step), control)
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None,
+               **kw: Any) -> None:
+        # the Trainer's training-loss lines join metrics.jsonl as `cptrain train`'s do
+        if not logs or "loss" not in logs or not self.matrix.is_main:
+            return
+        step = state.global_step
+        task = next((i for i, end in enumerate(self.ends) if step <= end), len(self.ends) - 1)
+        rec = {"type": "train", "step": step, "task": self.matrix.tasks[task],
+               "loss": logs["loss"], "lr": logs.get("learning_rate"),
+               "grad_norm": logs.get("grad_norm")}
+        self.matrix.metrics.write({k: v for k, v in rec.items() if v is not None})
 
     def _export(self, model: torch.nn.Module, task: int) -> None:
         if not self.export_models:
