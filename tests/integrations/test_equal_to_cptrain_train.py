@@ -36,8 +36,8 @@ def test_trainer_integration_equals_cptrain_train(root, prepared_dir, model_dir)
     settings = {**MER, "model": {"init_from": str(model_dir)}, "eval": {"every": 4}}
     ref, rows = cptrain_train(tiny_run_config(root / "cptrain", prepared_dir, **settings))
     cfg = tiny_run_config(root / "hf", prepared_dir, **settings)
-    trainer = ContinualTrainer(AutoModelForCausalLM.from_pretrained(model_dir),
-                               training_arguments(cfg, root / "hf" / "checkpoints"), config=cfg)
+    args = training_arguments(cfg, root / "hf" / "checkpoints", report_to=["tensorboard"])
+    trainer = ContinualTrainer(AutoModelForCausalLM.from_pretrained(model_dir), args, config=cfg)
     seen = {}
     trainer.dataset.on_rows = lambda r: seen.setdefault(r.step, r)
     trainer.train()
@@ -59,8 +59,18 @@ def test_trainer_integration_equals_cptrain_train(root, prepared_dir, model_dir)
     train_lines = [r for r in RunDir.open(cfg.run_dir).records() if r["type"] == "train"]
     assert [r["step"] for r in train_lines] == [2, 4, 6, 8, 10, 12]  # train.log_every: 2
     assert train_lines[-1]["task"] == "xml" and train_lines[0]["loss"] > 0
-    logged = [h for h in trainer.state.log_history if "eval/email_loss" in h]
+    logged = [h for h in trainer.state.log_history if "eval_email_loss" in h]
     assert len(logged) == 1 + 2 + 2  # before, two task ends, eval.every at steps 4 and 8
+    # TensorBoard shows them as eval/<task>_loss: the forgetting curves
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (events,) = (root / "hf" / "checkpoints" / "runs").glob("*")
+    board = EventAccumulator(str(events))
+    board.Reload()
+    curve = board.Scalars("eval/email_loss")
+    assert [e.step for e in curve] == [0, 4, 6, 8, 12]
+    assert curve[-1].value == pytest.approx(got["loss_matrix"][1][0])
+    assert "eval/asyncio_loss" not in board.Tags()["scalars"]  # not a column of this run
 
 
 def test_plain_loop_example_equals_cptrain_train(root, prepared_dir, model_dir):

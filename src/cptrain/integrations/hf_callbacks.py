@@ -141,8 +141,9 @@ def _cumsum(steps: Sequence[int]) -> list[int]:
 class LossMatrixCallback(TrainerCallback):
     """The loss matrix of a task sequence the ``Trainer`` trains as one run: every column
     (evaluation-only tasks too) before training, after each task's last step (``task_steps``)
-    and every ``every`` steps; each evaluation is logged as ``eval/<task>_loss`` through the
-    Trainer's loggers (TensorBoard, W&B… show the forgetting curves; call ``bind(trainer)``)
+    and every ``every`` steps; each evaluation is logged through the Trainer's loggers as
+    ``eval_<task>_loss``, which TensorBoard and W&B show as ``eval/<task>_loss`` (the forgetting
+    curves; call ``bind(trainer)``)
     and written to the run directory (``metrics.jsonl``, ``summary.json``,
     ``models/after_<i>_<task>/`` with ``export_models``) that ``cptrain eval`` and ``cptrain
     report`` read."""
@@ -174,7 +175,9 @@ class LossMatrixCallback(TrainerCallback):
             return
         # Trainer.log clears control.should_log: the step's own loss line must still follow
         keep = getattr(control, "should_log", False)
-        self.trainer.log({f"eval/{k}_loss": v for k, v in losses.items()})
+        # eval_<task>_loss: the reporting integrations (TensorBoard, W&B, …) rewrite the eval_
+        # prefix to eval/, so the curves appear as eval/<task>_loss beside the Trainer's own
+        self.trainer.log({f"eval_{k}_loss": v for k, v in losses.items()})
         if control is not None:
             control.should_log = keep
 
