@@ -36,4 +36,8 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted([*globals(), *_EXPORTS])
+    # the public names and the loaded subpackages, not this module's own helpers
+    import types
+
+    mods = [n for n, v in globals().items() if isinstance(v, types.ModuleType)]
+    return sorted({*__all__, *mods})
