@@ -72,8 +72,9 @@ class StepSchedule(torch.optim.lr_scheduler.LRScheduler):
 def training_arguments(cfg: RunConfig, output_dir: str | Path, **overrides: Any
                        ) -> TrainingArguments:
     """``TrainingArguments`` that train ``cfg`` as ``cptrain train`` does: its steps, seed, grad
-    clip and precision, one item (one step's rows) per device batch, and the data-loader
-    settings the replay dataset needs; ``overrides`` set the rest (save_steps, report_to, …)."""
+    clip and precision, checkpoints every ``checkpoint.every`` steps (besides each task end)
+    keeping the last ``checkpoint.keep_last``, one item (one step's rows) per device batch,
+    and the data-loader settings the replay dataset needs; ``overrides`` set the rest."""
     precision = cfg.train.precision
     if precision == "auto":
         precision = "fp32"  # the Trainer has no probe; fp32 is what every machine computes
@@ -85,8 +86,10 @@ def training_arguments(cfg: RunConfig, output_dir: str | Path, **overrides: Any
         accelerator_config={"dispatch_batches": False}, logging_steps=cfg.train.log_every,
         remove_unused_columns=False, use_cpu=not torch.cuda.is_available(),
     )
+    every = cfg.checkpoint.every or sum(cfg.task_steps)  # task ends: LossMatrixCallback
     return TrainingArguments(**{"report_to": "none", "save_strategy": "steps",
-                                "save_steps": max(1, sum(cfg.task_steps)), **fixed,
+                                "save_steps": max(1, every),
+                                "save_total_limit": cfg.checkpoint.keep_last, **fixed,
                                 **overrides})
 
 
