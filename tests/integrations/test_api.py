@@ -18,7 +18,10 @@ from cptrain.errors import ConfigError
 
 def test_import_cptrain_loads_no_torch():
     code = ("import sys, cptrain; assert 'torch' not in sys.modules, 'torch'; "
-            "assert 'numpy' not in sys.modules, 'numpy'; print(sorted(cptrain.__all__))")
+            "assert 'numpy' not in sys.modules, 'numpy'; print(sorted(cptrain.__all__)); "
+            # the data and run-directory readers stay torch-free too
+            "cptrain.PreparedData, cptrain.ArrayWindows, cptrain.RunDir; "
+            "assert 'torch' not in sys.modules, 'torch after the readers'")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     for name in ("ReplayBuffer", "Reptile", "LossMatrix", "RunDir", "PreparedData"):
