@@ -85,3 +85,31 @@ def test_a_loader_reading_past_the_visibility_lag_is_one_line(tmp_path, prepared
     assert rows.shape[0] == 8 and ds.added_through == 0
     assert all((step0 == r).all(axis=1).any() for r in rows[6:])
     ds.close()
+
+
+def test_kl_mixin_on_a_plain_trainer(tmp_path):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+
+    from cptrain.integrations.transformers import KLToStartMixin
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=1, num_attention_heads=2))
+    rows = torch.randint(0, 40, (8, 9))
+    data = [{"input_ids": r, "labels": r} for r in rows]
+
+    class KLTrainer(KLToStartMixin, Trainer):
+        pass
+
+    args = TrainingArguments(str(tmp_path), max_steps=3, per_device_train_batch_size=4,
+                             learning_rate=1e-2, report_to="none", save_strategy="no",
+                             use_cpu=True, disable_tqdm=True)
+    trainer = KLTrainer(model=model, args=args, train_dataset=data, kl_weight=0.5)
+    first = trainer.compute_loss(model, {"input_ids": rows[:4], "labels": rows[:4]})
+    assert trainer.last_kl == 0.0  # the start model is the model: no KL yet
+    plain = model(input_ids=rows[:4], labels=rows[:4]).loss
+    torch.testing.assert_close(first, plain)
+    trainer.train()
+    trainer.compute_loss(model, {"input_ids": rows[:4], "labels": rows[:4]})
+    assert trainer.kl_weight == 0.5 and trainer.last_kl > 0
