@@ -43,6 +43,7 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
 # missing here only runs later, nothing else changes.
 HEAVY_FIRST = (
     "e2e/test_distributed.py",  # 61 s of the 327 s the files take together
+    "integrations/test_trainer_distributed.py",
     "evaluation/test_downstream.py",
     "demo/test_corpus.py",
     "train/test_trainer.py",
