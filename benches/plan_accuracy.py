@@ -93,8 +93,9 @@ def main() -> None:
                 rows.append({"setting": s.as_dict(), "task": t, "what": what,
                              "predicted": pred.as_list(), "measured": value, "abs_error": err,
                              "inside": hit, "seeds": len(mine)})
+                shown = f"{value:+.3f}" if what == "rise" else f"{value:.3f}"
                 print(f"  α {s.alpha:<5g} lr {s.lr:<8.3g} {t:>8} {what}: predicted "
-                      f"{band(pred, what == 'rise')}, measured {value:+.3f}"
+                      f"{band(pred, what == 'rise')}, measured {shown}"
                       f" | error {err:.3f} | {'inside' if hit else 'outside'}")
     final = [e for w, e in errors if w == "loss"]
     print(f"mean absolute error on final losses: {np.mean(final):.4f} nats over {len(final)} "
