@@ -32,6 +32,7 @@ from cptrain.plan.pilots import (
     pilot_sweep,
     plan_sweep,
     read_pilot,
+    realizable,
     run_pilots,
     start_run_config,
     sweep_settings,
@@ -43,13 +44,14 @@ from cptrain.plan.predict import predict
 
 def held_out(cfg: Any, base: dict[str, Any]) -> list[Setting]:
     """Four settings at fractions of the ranges the pilots' design never uses (its α are the
-    ends and the middle; its lr the ends and the geometric middle)."""
+    ends and the middle; its lr the ends and the geometric middle), α as whole replayed rows."""
     (a_lo, a_hi), (l_lo, l_hi) = cfg.vary.alpha, cfg.vary.lr
     sched, warm = cfg.vary.schedules[0], pilot_settings(cfg, base)[0].warmup
 
     def at(fa: float, fl: float) -> Setting:
         lr = math.exp(math.log(l_lo) + fl * (math.log(l_hi) - math.log(l_lo)))
-        return Setting(round(a_lo + fa * (a_hi - a_lo), 4), float(f"{lr:.3g}"), sched, warm)
+        (alpha,) = realizable([a_lo + fa * (a_hi - a_lo)], base) or [0.0]
+        return Setting(alpha, float(f"{lr:.3g}"), sched, warm)
 
     return [at(0.2, 0.3), at(0.7, 0.15), at(0.4, 0.8), at(0.9, 0.6)]
 

@@ -120,5 +120,9 @@ def test_the_recipes_are_valid_plans(name):
 
     recipe = Path(__file__).resolve().parents[2] / "recipes" / name
     cfg, base, start = prepare_plan(recipe)
-    assert len(pilot_settings(cfg, base)) == 9 and len(candidate_settings(cfg, base)) == 49
+    cands = candidate_settings(cfg, base)
+    assert len(pilot_settings(cfg, base)) == 9 and len(cands) == 7 * len({c.alpha for c in cands})
+    batch = base["train"]["batch_size"]
+    for c in cands:  # every candidate replays whole rows, and at least one when α > 0
+        assert (c.alpha * batch).is_integer() and (c.alpha == 0 or c.alpha * batch >= 1)
     assert (start is not None) == (name == "plan-demo.yaml")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import itertools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from cptrain.config_base import build_config
 from cptrain.errors import ConfigError
 from cptrain.plan.config import PlanConfig, new_task, old_tasks
 from cptrain.plan.law import Curve, schedule_areas
+from cptrain.replay.mixer import mix_counts
 from cptrain.rundir.run_dir import RunDir
 from cptrain.sweep import MethodSpec, SweepConfig, SweepGrid, expand_sweep, run_sweep
 from cptrain.train.schedule import Schedule
@@ -81,16 +83,32 @@ def pilot_settings(cfg: PlanConfig, base: dict[str, Any]) -> list[Setting]:
     return list(dict.fromkeys(out))
 
 
+def realizable(alphas: Sequence[float], base: dict[str, Any]) -> list[float]:
+    """Each α as the share of the batch it really replays (whole rows: at 4 rows a step, α 0.1
+    replays none and 0.3 one, i.e. 0.25), without repeats; an α > 0 that replays no row is
+    dropped (it would be sequential training)."""
+    batch = int(base["train"]["batch_size"])
+    mode = base.get("replay", {}).get("mode", "substitute")
+    out = []
+    for a in alphas:
+        fresh, rep = mix_counts(float(a), batch, mode)
+        if a > 0 and rep == 0:
+            continue
+        out.append(round(rep / (fresh + rep), 6))
+    return sorted(set(out))
+
+
 def candidate_settings(cfg: PlanConfig, base: dict[str, Any]) -> list[Setting]:
-    """The grid the recommendation is chosen from: ``candidates`` replay ratios (evenly) and
-    learning rates (geometrically) across the ranges, every schedule and warm-up."""
+    """The grid the recommendation is chosen from: ``candidates`` replay ratios (evenly, as
+    whole replayed rows) and learning rates (geometrically) across the ranges, every schedule
+    and warm-up."""
     n = cfg.candidates
     alphas = np.linspace(*cfg.vary.alpha, n) if cfg.vary.alpha[1] > cfg.vary.alpha[0] else [
         cfg.vary.alpha[0]]
     lrs = np.geomspace(*cfg.vary.lr, n) if cfg.vary.lr[1] > cfg.vary.lr[0] else [cfg.vary.lr[0]]
-    return [Setting(round(float(a), 6), float(f"{lr:.4g}"), s, w)
+    return [Setting(a, float(f"{lr:.4g}"), s, w)
             for s in cfg.vary.schedules for w in _warmups(cfg, base)
-            for a in alphas for lr in lrs]
+            for a in realizable(alphas, base) for lr in lrs]
 
 
 def _tokens_per_step(base: dict[str, Any]) -> int:
