@@ -54,14 +54,21 @@ def frontier_figure(preds: Sequence[Prediction], pilots: Sequence[PilotRun], rec
                     cfg: PlanConfig, old: list[str], new: str, before: dict[str, float],
                     path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    x = [p.budget_rise.mean for p in preds]
-    y = [p.new.mean for p in preds]
-    sc = ax.scatter(x, y, c=[p.setting.alpha for p in preds], cmap="viridis", s=18,
-                    marker="o", label="predicted at the full budget")
+    inside = [p for p in preds if not p.notes]
+    far = [p for p in preds if p.notes]
+    sc = ax.scatter([p.budget_rise.mean for p in inside], [p.new.mean for p in inside],
+                    c=[p.setting.alpha for p in inside], cmap="viridis", vmin=cfg.vary.alpha[0],
+                    vmax=cfg.vary.alpha[1], s=18, marker="o",
+                    label="predicted at the full budget")
+    if far:  # shown apart: the pilots cannot check them
+        ax.scatter([p.budget_rise.mean for p in far], [p.new.mean for p in far], s=14,
+                   facecolors="none", edgecolors="0.6", marker="o",
+                   label="predicted, extrapolating (> 2× the pilots' forward area)")
     fig.colorbar(sc, ax=ax, label="replay ratio α")
     pts = _pilot_points(pilots, old, new, before, cfg)
     ax.scatter([p[0] for p in pts], [p[1] for p in pts], c=[p[2] for p in pts], cmap="viridis",
-               marker="s", edgecolors="k", s=40, label="pilots, measured (their own budget)")
+               vmin=cfg.vary.alpha[0], vmax=cfg.vary.alpha[1], marker="s", edgecolors="k",
+               s=40, label="pilots, measured (their own budget)")
     ax.axvline(cfg.forgetting.limit, color="crimson", ls="--", lw=1, label="forgetting budget")
     if rec.best is not None:
         r, n = rec.best.budget_rise, rec.best.new
@@ -148,7 +155,8 @@ def write_plan(out_dir: Path, cfg: PlanConfig, laws: dict[str, TaskLaw], preds: 
                                "Leave-one-pilot-out: each pilot predicted by a fit on the "
                                "others; the form with the lower mean error is used."),
                          Figure(fits, "Fitted curves (lines) over the pilots' measured losses "
-                                "(points).")]),
+                                f"(points); fitted from {cfg.pilots.fit_from:.0%} of each "
+                                "pilot's steps on.")]),
         Section("Candidates", [_pred_table(preds, old, new, "Every candidate at the full "
                                            "budget; rise: final − before.")]),
         Section("Cost", [f"Pilots: {cost['pilot_flops']:.3g} FLOPs; a full-budget sweep over "
