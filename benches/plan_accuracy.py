@@ -4,7 +4,12 @@ measured; the recommendation verified with the same seeds; the plan's FLOPs agai
 full-budget sweep over its candidate grid.
 
     .venv/bin/python benches/plan_accuracy.py [--plan recipes/plan-demo.yaml] [--seeds 0 1 2]
-        [--set KEY=VALUE ...]    # plan overrides, e.g. fr → de (see the README)
+        [--set KEY=VALUE ...]    # plan overrides
+
+fr → de on the demo corpus: ``--set out_dir=runs/plan-demo-fr-de --set 'start.run.data.tasks=[fr]'
+--set 'base.data.tasks=[de]' --set 'base.data.eval_only=[fr]'
+--set 'replay_seed=[{source: task, task: fr, tokens: 300000}]'``; the released model:
+``--plan recipes/plan-released.yaml --seeds 0``.
 
 Prints, per held-out setting and task: predicted (95 % interval), measured (mean over seeds),
 the absolute error and whether the measured mean lies inside the interval; for the old tasks'
