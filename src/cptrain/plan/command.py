@@ -4,13 +4,13 @@ the recommended setting at the full budget and compares."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from cptrain.errors import ConfigError
+from cptrain.data.prepare import load_prepared
+from cptrain.errors import ConfigError, DataError
 from cptrain.fsutil import atomic_write_json
 from cptrain.plan.config import PlanConfig, base_dict, load_plan, start_dict
 from cptrain.plan.output import band, recommendation_lines, write_plan
@@ -46,8 +46,8 @@ def _check_prepared(base: dict[str, Any], tasks: list[str], seed: list[dict[str,
     """Every task the plan names is prepared (when prepare.json is there to say so)."""
     data_dir = Path(base["data"].get("dir", ""))
     try:
-        prepared = json.loads((data_dir / "prepare.json").read_text(encoding="utf-8"))["tasks"]
-    except (OSError, ValueError, KeyError, TypeError):
+        prepared = load_prepared(data_dir)["tasks"]
+    except (DataError, KeyError):
         return  # not prepared yet: the first run's own check names what is missing
     wanted = [*tasks, *(s["task"] for s in seed or [] if s.get("task"))]
     for t in wanted:
@@ -152,9 +152,7 @@ def verify(cfg: PlanConfig, base: dict[str, Any], start_model: Path | None,
         where = "" if inside is None else ", inside the interval" if inside else ", outside it"
         print(f"  {t}: predicted {band(p)}, measured {measured[t]:.3f} (error "
               f"{measured[t] - p.mean:+.3f}{where})")
-    scale = {t: before[t] if cfg.forgetting.relative else 1.0 for t in old}
-    rises = [(measured[t] - before[t]) / scale[t] for t in old]
-    rise = float(np.mean(rises) if cfg.forgetting.over == "mean" else np.max(rises))
+    rise = cfg.forgetting.budget_rise({t: measured[t] for t in old}, before)
     held = rise <= cfg.forgetting.limit
     print(f"  forgetting budget ({cfg.forgetting.describe()}): measured {rise:+.4f}, "
           f"predicted {band(pred.budget_rise, True)}: {'held' if held else 'NOT held'}")

@@ -74,6 +74,15 @@ class ForgettingSpec(StrictModel):
         value = float(m.group(1))
         return value / 100 if self.relative else value
 
+    def rise(self, loss: float, before: float) -> float:
+        """How far a loss rose above its loss before training, in the budget's unit."""
+        return (loss - before) / (before if self.relative else 1.0)
+
+    def budget_rise(self, final: dict[str, float], before: dict[str, float]) -> float:
+        """What the budget reads of the old tasks' final losses: their mean or largest rise."""
+        rises = [self.rise(final[t], before[t]) for t in final]
+        return sum(rises) / len(rises) if self.over == "mean" else max(rises)
+
     def describe(self) -> str:
         what = (f"{self.limit:.1%} of its loss before" if self.relative
                 else f"{self.limit:g} nats")

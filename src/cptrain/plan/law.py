@@ -151,31 +151,21 @@ def _mix_jac(p: np.ndarray, s1: np.ndarray, s2: np.ndarray, alpha: np.ndarray,
 
 
 _INF = math.inf
+# (name, lower, upper) of the power part, then of the shift part
+_POWER = (("L0", -_INF, _INF), ("A", 0.0, _INF), ("S0", 1e-6, 1e6), ("a", 1e-3, 4.0),
+          ("C", -_INF, _INF))
+_SHIFT = (("B", -_INF, _INF), ("kappa", -20.0, 20.0), ("E", 1e-4, 1e4), ("b", 0.05, 4.0))
+
+
+def _form(name: str, parts: tuple[tuple[str, float, float], ...], fn: Fn, jac: Fn) -> LawForm:
+    names, lower, upper = zip(*parts, strict=True)
+    return LawForm(name, names, lower, upper, fn, jac)
+
+
 FORMS: dict[str, LawForm] = {
-    "wang": LawForm(
-        "wang",
-        ("L0", "A", "S0", "a", "C", "B", "kappa", "E", "b"),
-        (-_INF, 0.0, 1e-6, 1e-3, -_INF, -_INF, -20.0, 1e-4, 0.05),
-        (_INF, _INF, 1e6, 4.0, _INF, _INF, 20.0, 1e4, 4.0),
-        _wang,
-        _wang_jac,
-    ),
-    "mix": LawForm(
-        "mix",
-        ("L0", "A", "S0", "a", "C", "B", "kappa", "E", "b"),
-        (-_INF, 0.0, 1e-6, 1e-3, -_INF, -_INF, -20.0, 1e-4, 0.05),
-        (_INF, _INF, 1e6, 4.0, _INF, _INF, 20.0, 1e4, 4.0),
-        _mix,
-        _mix_jac,
-    ),
-    "no-shift": LawForm(
-        "no-shift",
-        ("L0", "A", "S0", "a", "C"),
-        (-_INF, 0.0, 1e-6, 1e-3, -_INF),
-        (_INF, _INF, 1e6, 4.0, _INF),
-        _no_shift,
-        _no_shift_jac,
-    ),
+    "wang": _form("wang", _POWER + _SHIFT, _wang, _wang_jac),
+    "mix": _form("mix", _POWER + _SHIFT, _mix, _mix_jac),
+    "no-shift": _form("no-shift", _POWER, _no_shift, _no_shift_jac),
 }
 
 

@@ -13,22 +13,13 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first
-import numpy as np  # noqa: E402
 
-from cptrain.fsutil import atomic_write_json, atomic_write_text, replace_file  # noqa: E402
+from cptrain.fsutil import atomic_write_json, atomic_write_text  # noqa: E402
 from cptrain.plan.config import PlanConfig  # noqa: E402
 from cptrain.plan.pilots import PilotRun  # noqa: E402
 from cptrain.plan.predict import Band, Prediction, Recommendation, TaskLaw  # noqa: E402
 from cptrain.report.blocks import Figure, Section, Table, render  # noqa: E402
-
-
-def _save(fig: Any, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    replace_file(tmp, path)
-    return path
+from cptrain.report.figures import save_figure  # noqa: E402
 
 
 def band(b: Band, signed: bool = False) -> str:
@@ -41,13 +32,8 @@ def band(b: Band, signed: bool = False) -> str:
 def _pilot_points(pilots: Sequence[PilotRun], old: list[str], new: str, before: dict[str, float],
                   cfg: PlanConfig) -> list[tuple[float, float, float]]:
     """(budget rise, new-task loss, α) at each pilot's end, as the budget reads them."""
-    agg = np.mean if cfg.forgetting.over == "mean" else np.max
-    out = []
-    for p in pilots:
-        rises = [(p.curves[t].loss[-1] - before[t]) / (before[t] if cfg.forgetting.relative
-                                                        else 1.0) for t in old]
-        out.append((float(agg(rises)), float(p.curves[new].loss[-1]), p.setting.alpha))
-    return out
+    return [(cfg.forgetting.budget_rise({t: p.curves[t].loss[-1] for t in old}, before),
+             float(p.curves[new].loss[-1]), p.setting.alpha) for p in pilots]
 
 
 def frontier_figure(preds: Sequence[Prediction], pilots: Sequence[PilotRun], rec: Recommendation,
@@ -81,7 +67,7 @@ def frontier_figure(preds: Sequence[Prediction], pilots: Sequence[PilotRun], rec
     ax.set_ylabel(f"new-task loss ({new}) at the end")
     ax.legend(fontsize=7, loc="best")
     ax.set_title("Predicted frontier over α and lr")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def fits_figure(laws: dict[str, TaskLaw], pilots: Sequence[PilotRun], path: Path) -> Path:
@@ -100,7 +86,7 @@ def fits_figure(laws: dict[str, TaskLaw], pilots: Sequence[PilotRun], path: Path
         ax.set_xlabel("step (pilot)")
         ax.set_ylabel("validation loss")
     axes[0][0].legend(fontsize=6)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _setting_cells(p: Prediction) -> list[str]:

@@ -123,7 +123,7 @@ def before_losses(pilots: Sequence[PilotRun], tasks: Sequence[str]) -> dict[str,
 def predict(cfg: PlanConfig, base: dict[str, Any], laws: dict[str, TaskLaw], old: list[str],
             new: str, before: dict[str, float], settings: Sequence[Setting]) -> list[Prediction]:
     steps = full_steps(cfg, base)
-    relative = cfg.forgetting.relative
+    budget = cfg.forgetting
     out = []
     for s in settings:
         s1, s2 = areas(setting_lrs(base, s, cfg.budget.tokens), [steps])
@@ -133,14 +133,13 @@ def predict(cfg: PlanConfig, base: dict[str, Any], laws: dict[str, TaskLaw], old
             return float(law.predict(s1, s2, a, 1 - a if new_task else a)[0])
 
         olds = {t: _band(at(laws[t].fit), [at(b) for b in laws[t].boots]) for t in old}
-        scale = {t: before[t] if relative else 1.0 for t in old}
-        rises = {t: Band(*((v - before[t]) / scale[t] for v in (b.mean, b.lo, b.hi)))
+        rises = {t: Band(*(budget.rise(v, before[t]) for v in (b.mean, b.lo, b.hi)))
                  for t, b in olds.items()}
         n_boot = min((len(laws[t].boots) for t in old), default=0)
-        agg = np.mean if cfg.forgetting.over == "mean" else np.max
-        boot_rise = [float(agg([(at(laws[t].boots[i]) - before[t]) / scale[t] for t in old]))
+        boot_rise = [budget.budget_rise({t: at(laws[t].boots[i]) for t in old}, before)
                      for i in range(n_boot)]
-        budget_rise = _band(float(agg([rises[t].mean for t in old])), boot_rise)
+        budget_rise = _band(budget.budget_rise({t: olds[t].mean for t in old}, before),
+                            boot_rise)
         newb = _band(at(laws[new].fit, True), [at(b, True) for b in laws[new].boots])
         reach = max(laws[t].fit.s1_max for t in (*old, new))
         p = Prediction(s, olds, rises, budget_rise, newb, relative_cost(base, s.alpha),

@@ -36,7 +36,7 @@ class Curves:
     boundary_labels: list[str] = field(default_factory=list)
 
 
-def _save(fig: Any, path: Path) -> Path:
+def save_figure(fig: Any, path: Path) -> Path:
     """Write next to the target and rename, so a report never links a half-written PNG."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
@@ -92,7 +92,7 @@ def curves_figure(
         ax.tick_params(labelleft=True)
         ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def bars_figure(
@@ -122,7 +122,7 @@ def bars_figure(
     if len(series) > 1:
         ax.legend(fontsize=8)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def scaling_figure(
@@ -171,7 +171,7 @@ def scaling_figure(
         ax.grid(alpha=0.3, which="both")
     axes[0].legend(fontsize=7)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def heatmap_figure(
@@ -211,7 +211,7 @@ def heatmap_figure(
             ax.set_title(f"Δ {metric} · {panel}", fontsize=8)
             fig.colorbar(im, ax=ax, shrink=0.8).ax.tick_params(labelsize=6)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def ratio_figure(
@@ -247,7 +247,7 @@ def ratio_figure(
         ax.tick_params(labelsize=7)
     axes[0].legend(fontsize=7)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def pareto_figure(
@@ -283,4 +283,4 @@ def pareto_figure(
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6, loc="best")
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
