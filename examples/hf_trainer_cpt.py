@@ -10,10 +10,10 @@ English Wikipedia summaries are evaluated before training and after it, never tr
     cptrain eval runs/hf-smollm2-fr                    # the loss matrix, from the run directory
 
 The same run through `cptrain train` gives the same loss matrix (tests/integrations/). Measured
-once on 2 cores of an AMD EPYC shared with another training job: 12.4 min wall (11.8 CPU-min);
-before fr 3.126, en-wiki 2.926; after fr: fr 2.681, en-wiki 2.750 (MER kept English below its
-start). A quiet machine takes less; `cptrain demo --released` trains these steps in bf16 where
-the CPU computes it natively, this example in fp32.
+alone on 2 cores of an AMD EPYC (avx512_bf16; fp32 here): 3.2 min wall (`/usr/bin/time`, 191 s,
+5.0 GB peak RSS, two checkpoints written); before fr 3.126, en-wiki 2.926; after fr: fr 2.681,
+en-wiki 2.750 (MER kept English below its start). `cptrain demo --released` trains these steps
+in bf16 where the CPU computes it natively, this example in fp32.
 """
 
 from __future__ import annotations

@@ -56,6 +56,12 @@ def test_trainer_integration_equals_cptrain_train(root, prepared_dir, model_dir)
     np.testing.assert_allclose(got["loss_matrix"], ref["loss_matrix"], rtol=0, atol=1e-5)
     assert got["forgetting"] == pytest.approx(ref["forgetting"], abs=1e-5)  # eval.every too
     assert got["complete"] and len(RunDir.open(cfg.run_dir).task_models()) == 2
+    # the compute accounting the report's table reads: the same as `cptrain train`'s
+    for key in ("params", "fresh_tokens", "replay_tokens", "reptile_updates", "precision",
+                "model_shape", "rows_per_step"):
+        assert got[key] == ref[key], key
+    assert got["flops"] == ref["flops"] and got["flops"]["reptile_updates"] == 4  # 12 steps, k=3
+    assert 0 < got["wall_s"] < ref["wall_s"] * 20
     train_lines = [r for r in RunDir.open(cfg.run_dir).records() if r["type"] == "train"]
     assert [r["step"] for r in train_lines] == [2, 4, 6, 8, 10, 12]  # train.log_every: 2
     assert train_lines[-1]["task"] == "xml" and train_lines[0]["loss"] > 0
@@ -118,4 +124,6 @@ def test_kl_mixin_equals_cptrains_kl_anchor(root, prepared_dir, model_dir):
     trainer.train()
     got = RunDir.open(cfg.run_dir).summary()
     np.testing.assert_allclose(got["loss_matrix"], ref["loss_matrix"], rtol=0, atol=1e-5)
+    assert got["teacher_tokens"] == ref["teacher_tokens"] > 0  # the start model's forwards
+    assert got["flops"]["total_flops"] == ref["flops"]["total_flops"]
     assert trainer.last_kl is not None and trainer.last_kl > 0

@@ -55,6 +55,7 @@ def test_two_ranks_read_cptrains_rows_and_track_one_process(ddp, prepared_dir):
     buffers = [ReplayBuffer(cfg.replay, tmp_path / "oracle", row_len=33, vocab_size=10**4,
                             seed=cfg.seed, run_id="o" * 32, rank=r, world_size=2)
                for r in (0, 1)]
+    replayed = 0
     for step, (task, fresh, _) in sorted(rows.rows.items()):
         for r in (0, 1):
             start, count = split_for_rank(6, 2, r)
@@ -64,6 +65,7 @@ def test_two_ranks_read_cptrains_rows_and_track_one_process(ddp, prepared_dir):
             assert got[r][step]["fresh"] == digest(mine), f"rank {r} step {step}"
             assert got[r][step]["replay"] == digest(want), f"rank {r} step {step}"
             assert got[r][step]["replay_ids"] == drawn.ids.tolist()
+            replayed += len(drawn.ids)
             buffers[r].add(mine, task_id=task, step=step)
     for b in buffers:
         b.close()
@@ -73,6 +75,9 @@ def test_two_ranks_read_cptrains_rows_and_track_one_process(ddp, prepared_dir):
     np.testing.assert_allclose(summary["loss_matrix"], ref["loss_matrix"], atol=0.1)
     np.testing.assert_allclose(summary["loss_before"]["email"], ref["loss_before"]["email"],
                                atol=1e-6)
+    # the compute table's tokens: the global batch's, replayed rows summed over both ranks
+    assert summary["fresh_tokens"] == ref["fresh_tokens"]
+    assert summary["replay_tokens"] == replayed * 32 > 0
 
 
 def test_kill_minus_9_of_both_ranks_then_resume_is_exact(ddp, prepared_dir):

@@ -30,12 +30,26 @@ def test_flops_are_taken_from_the_summary_or_computed(tmp_path):
 def test_a_summary_of_an_older_cptrain_shows_no_compute_and_says_why(tmp_path):
     run = make_run(tmp_path / "s", "mer", 0.25)
     s = json.loads((run / "summary.json").read_text())  # as an older cptrain wrote it
-    del s["model_shape"], s["rows_per_step"], s["reptile_updates"]
+    del s["model_shape"], s["rows_per_step"], s["reptile_updates"], s["params"], s["wall_s"]
     (run / "summary.json").write_text(json.dumps(s))
     write_report([tmp_path / "s"], tmp_path / "out")
     md = (tmp_path / "out" / "report.md").read_text()
-    assert _md_row(md, "Training compute", "MER α=0.25 · tiny")[2] == "–"
+    row = _md_row(md, "Training compute", "MER α=0.25 · tiny")
+    assert row[2] == "–"
+    assert row[1] == row[8] == "–"  # params and wall s unrecorded: not shown as 0
     assert "1 run(s) without compute figures" in md and "--resume" in md
+    assert "; ;" not in md  # no convention to name: no empty clause in the caption
+
+
+def test_a_released_model_run_is_shown_under_its_model_not_the_unused_preset(tmp_path):
+    run = make_run(tmp_path / "r", "sequential")
+    s = json.loads((run / "summary.json").read_text())
+    s["config"]["model"]["init_from"] = "models/smollm2-135m"  # preset stays "tiny", unused
+    (run / "summary.json").write_text(json.dumps(s))
+    write_report([tmp_path / "r"], tmp_path / "out")
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert _md_row(md, "Training compute", "sequential · smollm2-135m")[1] != "–"
+    assert "· tiny" not in md
 
 
 def test_replay_of_two_settings_meets_only_the_baseline_of_its_own(tmp_path):

@@ -42,11 +42,12 @@ def _eval(step, losses, union, kind="eval"):
 
 def test_curves_are_the_mean_over_seeds_at_the_steps_every_seed_logged(tmp_path, drawn):
     a, b = (make_run(tmp_path / "s", "sequential", seed=s) for s in (0, 1))
-    _write_records(a, [_eval(0, {"fr": 3.0, "en": 2.0, "de": 4.0}, 3.0),
+    # step 0: the evaluation before training, logged as `before` by every trainer
+    _write_records(a, [_eval(0, {"fr": 3.0, "en": 2.0, "de": 4.0}, 3.0, "before"),
                        _eval(5, {"fr": 3.0, "en": 2.0, "de": 4.0}, 3.0),
                        {"type": "train", "step": 7, "loss": 9.0},
                        _eval(10, {"fr": 2.0, "en": 1.0, "de": None}, 1.5, "task_end")])
-    _write_records(b, [_eval(0, {"de": 5.0, "fr": 4.0, "en": 3.0}, 4.0),
+    _write_records(b, [_eval(0, {"de": 5.0, "fr": 4.0, "en": 3.0}, 4.0, "before"),
                        _eval(10, {"de": 5.0, "fr": 3.0, "en": 2.0}, 3.5, "task_end"),
                        _eval(15, {"de": 5.0, "fr": 3.0, "en": 2.0}, 3.5)])
     sec = curves.curve_section(_groups(tmp_path / "s"), tmp_path / "fig")

@@ -9,6 +9,7 @@ the anchor (tensors) is written in ``on_save`` into ``checkpoint-N/`` and read b
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -161,6 +162,7 @@ class LossMatrixCallback(TrainerCallback):
         self.trainer: Any = None
         self.resume_dir: str | Path | None = None
         self.extra_summary: Any = None  # callable → dict merged into the summary's keys
+        self._started: tuple[float, float] | None = None  # (perf_counter, wall_s before)
 
     def bind(self, trainer: Any) -> LossMatrixCallback:
         """Log evaluations through ``trainer.log`` (its reporting integrations)."""
@@ -181,13 +183,20 @@ class LossMatrixCallback(TrainerCallback):
         if control is not None:
             control.should_log = keep
 
+    def _clock(self) -> None:
+        # wall_s: seconds inside Trainer.train, summed over resumes (checkpoints carry it)
+        if self._started is not None:
+            t0, before = self._started
+            self.matrix.extra["wall_s"] = before + time.perf_counter() - t0
+
     def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         if state.global_step > 0:
             found = read_json(self._file(checkpoint_dir(args, state, self.resume_dir)),
                               "loss matrix state")
             self.matrix.load_state_dict(found["matrix"])
-            return
-        self._log(self.matrix.before(kw["model"]), control)
+        self._started = (time.perf_counter(), float(self.matrix.extra.get("wall_s", 0.0)))
+        if state.global_step == 0:
+            self._log(self.matrix.before(kw["model"]), control)
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         step, model = state.global_step, kw["model"]
@@ -195,6 +204,7 @@ class LossMatrixCallback(TrainerCallback):
             task = self.ends.index(step)
             if self.extra_summary is not None:
                 self.matrix.extra.update(self.extra_summary())
+            self._clock()
             self._export(model, task)
             self._log(self.matrix.task_end(model, task, step=step), control)
             if str(getattr(args.save_strategy, "value", args.save_strategy)) != "no":
@@ -228,6 +238,7 @@ class LossMatrixCallback(TrainerCallback):
     def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         if not self.matrix.is_main:
             return
+        self._clock()
         folder = checkpoint_dir(args, state)
         folder.mkdir(parents=True, exist_ok=True)
         fsutil.atomic_write_json(self._file(folder), {
@@ -235,5 +246,6 @@ class LossMatrixCallback(TrainerCallback):
             "matrix": self.matrix.state_dict()})
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        self._clock()
         self.matrix.write()
         self.matrix.close()

@@ -21,6 +21,7 @@ from cptrain.errors import ConfigError
 from cptrain.evaluation import metrics
 from cptrain.evaluation.losses import eval_indices, evaluate_tasks
 from cptrain.integrations.data import ArrayWindows
+from cptrain.models.flops import run_flops
 from cptrain.replay.buffer import ReplayBuffer as _Buffer
 from cptrain.replay.config import ReplayConfig
 from cptrain.replay.mixer import mix_counts, split_for_rank
@@ -332,6 +333,10 @@ class LossMatrix:
             if self.loss_before and self.eval_only:
                 out["eval_only_forgetting"] = metrics.forgetting_since_start(
                     lm, self.loss_before, self.tasks, self.eval_only)
+        if "model_shape" in out and "rows_per_step" in out:
+            # the compute accounting of `cptrain train`, from the facts ``extra`` recorded
+            # (ContinualTrainer records them; a plain loop may: see models.flops.summary_facts)
+            out["flops"] = run_flops(out)
         return out
 
     def write(self) -> Path:

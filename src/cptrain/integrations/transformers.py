@@ -161,20 +161,43 @@ class ContinualTrainer(Trainer):
                                               tokenizer_dir=self.data.tokenizer_dir)
         self.loss_matrix.extra_summary = self._summary_extra
         ours: list[Any] = [self.dataset.callback, self.loss_matrix]
-        if cfg.reptile.enabled:
-            ours.append(ReptileCallback.from_config(cfg.reptile, plan.task_steps))
+        self._reptile = (ReptileCallback.from_config(cfg.reptile, plan.task_steps)
+                         if cfg.reptile.enabled else None)
+        if self._reptile is not None:
+            ours.append(self._reptile)
         super().__init__(model=model, args=args, train_dataset=self.dataset,
                          data_collator=ReplayDataset.collate,
                          callbacks=[*ours, *(callbacks or [])], **kwargs)
         self.loss_matrix.bind(self)
 
     def _summary_extra(self) -> dict[str, Any]:
+        """What `cptrain train` records for the report's compute table: the model's shape,
+        the tokens trained (replayed rows summed over ranks), meta-updates and precision."""
+        from cptrain.models.flops import shape_from_hf_config, summary_facts
+
         plan = self.dataset.plan
-        out: dict[str, Any] = {"task_steps": list(plan.task_steps),
-                               "rows_per_step": {"fresh": plan.n_fresh, "replay": plan.n_replay},
-                               "trainer": "transformers"}
+        reptile = self._reptile.reptile if self._reptile is not None else None
+        updates = reptile.updates if reptile is not None else 0
+        config = getattr(self.model, "config", None)
+        out: dict[str, Any] = {"task_steps": list(plan.task_steps), "trainer": "transformers",
+                               "rows_per_step": {"fresh": plan.n_fresh, "replay": plan.n_replay}}
+        if config is not None and hasattr(config, "to_dict"):
+            out |= summary_facts(shape_from_hf_config(config.to_dict()), plan.n_fresh,
+                                 plan.n_replay, updates)
+        out["params"] = sum(p.numel() for p in self.model.parameters())
+        replayed = 0
         if self.dataset.buffer is not None:
             out["replay"] = self.dataset.buffer.stats()
+            replayed = int(out["replay"].get("rows_drawn", 0))
+        if self._world > 1:  # every rank reaches a task end: one collective
+            box = torch.tensor([float(replayed)], device=self.args.device)
+            torch.distributed.all_reduce(box)
+            replayed = int(box.item())
+        out["fresh_tokens"] = self.state.global_step * plan.n_fresh * plan.seq_len
+        out["replay_tokens"] = replayed * plan.seq_len
+        if getattr(self, "kl_weight", 0) > 0 and hasattr(self, "start_model"):
+            out["teacher_tokens"] = out["fresh_tokens"] + out["replay_tokens"]
+        out["precision"] = "bf16" if self.args.bf16 else "fp16" if self.args.fp16 else "fp32"
         return out
 
     # ------------------------------------------------------------ one optimizer, one schedule

@@ -53,28 +53,38 @@ def compute_section(g: Groups) -> Section:
                 continue
             s = runs[0].summary
             rows.append([
-                f"{g.row_name(grp, order)} · {p}", _count(s.get("params", 0)),
+                f"{g.row_name(grp, order)} · {p}",
+                _count(s["params"]) if isinstance(s.get("params"), int) else "–",
                 _sci(fl[0]["flops_per_token"]) if fl else "–",
                 _sci(fl[0]["flops_per_incoming_token"]) if fl else "–",
                 _sci(float(np.mean([f["total_flops"] for f in fl]))) if fl else "–",
                 _sci(float(np.mean([f["reptile_flops"] for f in fl]))) if fl else "–",
                 _count(float(np.mean([r.summary.get("fresh_tokens", 0) for r in runs]))),
                 _count(float(np.mean([r.summary.get("replay_tokens", 0) for r in runs]))),
-                f"{np.mean([r.summary.get('wall_s', 0.0) for r in runs]):.0f}",
+                _mean_of(runs, "wall_s", "{:.0f}"),
                 _mfu(runs),
             ])
     conv = next((r.flops["convention"] for rs in g.by.values() for r in rs if r.flops), "")
     sec.blocks.append(Table(
         ["run group", "params", "FLOPs/token", "FLOPs/incoming token", "total FLOPs",
          "Reptile FLOPs", "fresh tokens", "replayed tokens", "wall s", "MFU"],
-        rows, f"Training compute per run (mean over seeds); {conv}; evaluation not counted. "
-        "MFU: model FLOPs per second of training steps ÷ the matmul peak measured on the "
+        rows, "Training compute per run (mean over seeds); "
+        f"{conv + '; ' if conv else ''}evaluation not counted. MFU: model FLOPs per second of "
+        "training steps ÷ the matmul peak measured on the "
         "run's machine at its precision (cptrain.hardware)."))
     missing = sum(r.flops is None for rs in g.by.values() for r in rs)
     if missing:
         sec.blocks.append(f"{missing} run(s) without compute figures: their {layout.SUMMARY} "
-                          "was written by an older cptrain; `cptrain train --resume` rewrites it.")
+                          "records no model shape (written by an older cptrain: `cptrain train "
+                          "--resume` rewrites it; or by a plain loop's LossMatrix without "
+                          "`models.flops.summary_facts` in its `extra`).")
     return sec
+
+
+def _mean_of(runs: list[Run], key: str, fmt: str) -> str:
+    """Mean of a recorded number over seeds ('–' where no summary records it)."""
+    found = [r.summary[key] for r in runs if isinstance(r.summary.get(key), int | float)]
+    return fmt.format(float(np.mean(found))) if found else "–"
 
 
 def _mfu(runs: list[Run]) -> str:

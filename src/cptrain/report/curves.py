@@ -17,7 +17,7 @@ def _curve_points(run: Run, key: str) -> dict[int, dict[str, float]]:
     """step → {series: loss} from the eval and task_end records (and step 0 when logged)."""
     out: dict[int, dict[str, float]] = {}
     for rec in run.records:
-        if rec.get("type") not in ("eval", "task_end"):
+        if rec.get("type") not in ("before", "eval", "task_end"):
             continue
         vals = rec.get("val_loss", {}) if key == "val_loss" else {"union": rec.get("union_loss")}
         out.setdefault(int(rec["step"]), {}).update(

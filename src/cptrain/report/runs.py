@@ -32,7 +32,7 @@ class Run:
     label: str
     method: str
     alpha: float
-    preset: str
+    preset: str  # the model: its preset, or the released model's folder (see _size)
     seed: int
     order: tuple[str, ...]
     axes: dict[str, Any] = field(default_factory=dict)  # sweep axis label → value
@@ -154,7 +154,7 @@ def collect_runs(dirs: Sequence[Path]) -> tuple[list[Run], list[str]]:
                 label=str(coords.get("label") or _method_label(method)),
                 method=method,
                 alpha=float(cfg.get("replay", {}).get("alpha", 0.0)),
-                preset=str(cfg.get("model", {}).get("preset", "?")), seed=int(cfg.get("seed", 0)),
+                preset=_size(cfg), seed=int(cfg.get("seed", 0)),
                 order=tuple(s["tasks"]),
                 axes=dict(coords.get("axes") or {}), axis_keys=dict(coords.get("axis_keys") or {}),
             ))
@@ -165,6 +165,14 @@ def collect_runs(dirs: Sequence[Path]) -> tuple[list[Run], list[str]]:
         )
     notes += _keep_settings_apart(runs)
     return runs, notes
+
+
+def _size(cfg: dict[str, Any]) -> str:
+    """The model a run trained: its preset, or the folder of the released model it continued
+    (whose preset the config keeps unused)."""
+    model = cfg.get("model", {})
+    init = model.get("init_from")
+    return Path(str(init)).name if init else str(model.get("preset", "?"))
 
 
 def settings(run: Run) -> dict[str, Any]:
