@@ -17,7 +17,6 @@ import contextlib
 import copy
 import fcntl
 import itertools
-import json
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ from pydantic import Field, field_validator
 
 from cptrain.config import METHODS, RunConfig, config_differences
 from cptrain.config_base import StrictModel, apply_overrides, build_config, read_yaml, set_path
-from cptrain.errors import ConfigError
+from cptrain.errors import ConfigError, DataError
 from cptrain.fsutil import atomic_write_json
 from cptrain.models.presets import PRESETS
 from cptrain.rundir.layout import list_checkpoints
@@ -320,13 +319,13 @@ def _check_unchanged(run: SweepRun) -> None:
 
 def _planned_cost(run: SweepRun) -> float:
     """Relative cost (FLOPs) of a run, for the ETA; the vocabulary comes from the data."""
+    from cptrain.data.prepare import load_prepared
     from cptrain.models.flops import planned_flops
 
     cfg = run.config
-    vocab = 32000
-    with contextlib.suppress(Exception):
-        info = json.loads((Path(cfg.data.dir) / "prepare.json").read_text(encoding="utf-8"))
-        vocab = int(info["tokenizer"]["vocab_size"])
+    vocab = 32000  # an ETA only: an unprepared or odd data dir fails later, with its own line
+    with contextlib.suppress(DataError, KeyError, TypeError, ValueError):
+        vocab = int(load_prepared(Path(cfg.data.dir))["tokenizer"]["vocab_size"])
     return planned_flops(cfg.model_dump(mode="json"), vocab, _steps(cfg))
 
 

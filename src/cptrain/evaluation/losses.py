@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,18 +19,26 @@ def eval_indices(num_windows: int, count: int) -> np.ndarray:
     return np.unique(np.linspace(0, num_windows - 1, num=count).round().astype(np.int64))
 
 
+def autocast_to(device: torch.device, dtype: torch.dtype | None) -> Any:
+    """``torch.autocast`` to ``dtype`` on ``device``, or nothing (fp32) when ``dtype`` is None."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def next_token_ce(logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of ``logits`` (of ``rows[:, :-1]``) against ``rows[:, 1:]``, in fp32
+    whatever the logits' dtype: the loss every trainer and evaluation of cptrain minimises."""
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), rows[:, 1:].reshape(-1))
+
+
 def token_loss(
     model: torch.nn.Module, rows: torch.Tensor, autocast: torch.dtype | None
 ) -> torch.Tensor:
     """Mean next-token cross-entropy of ``rows`` ([n, T+1] token ids)."""
-    ctx = (
-        torch.autocast(device_type=rows.device.type, dtype=autocast)
-        if autocast is not None
-        else contextlib.nullcontext()
-    )
-    with ctx:
+    with autocast_to(rows.device, autocast):
         logits = model(input_ids=rows[:, :-1]).logits
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), rows[:, 1:].reshape(-1))
+    return next_token_ce(logits, rows)
 
 
 @torch.no_grad()

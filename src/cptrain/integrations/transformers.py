@@ -21,13 +21,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 import transformers
 from packaging.version import Version
 from transformers import Trainer, TrainingArguments
 
 from cptrain.config import RunConfig
 from cptrain.errors import ConfigError
+from cptrain.evaluation.losses import next_token_ce
 from cptrain.integrations.hf_callbacks import LossMatrixCallback, ReptileCallback
 from cptrain.integrations.hf_data import ReplayDataCallback, ReplayDataset
 from cptrain.integrations.loop import LossMatrix
@@ -230,8 +230,7 @@ class ContinualTrainer(Trainer):
         rows = inputs["input_ids"]
         outputs = model(input_ids=rows[:, :-1])
         logits = outputs.logits
-        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
-                               rows[:, 1:].reshape(-1))
+        loss = next_token_ce(logits, rows)
         loss = loss * self.row_scale(rows.shape[0], rows.device)
         return (loss, outputs) if return_outputs else loss
 

@@ -16,9 +16,9 @@ import math
 from collections.abc import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from cptrain.errors import ConfigError, DataError
+from cptrain.evaluation.losses import token_loss
 
 
 def dot_and_sq_norms(
@@ -122,11 +122,7 @@ def _part_grads(
     if rows.shape[0] == 0:  # a rank without rows of this set (DDP): it adds nothing
         return [torch.zeros_like(p) for p in params], 0.0
     rows = rows.to(device=params[0].device, dtype=torch.long)
-    with torch.autocast(
-        params[0].device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None
-    ):
-        logits = model(input_ids=rows[:, :-1]).logits
-    loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), rows[:, 1:].reshape(-1))
+    loss = token_loss(model, rows, autocast_dtype)
     grads = torch.autograd.grad(loss, params, allow_unused=True)
     # A parameter the loss does not reach has a zero gradient, not a missing one.
     filled = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params, strict=True)]

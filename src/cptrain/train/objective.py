@@ -19,29 +19,21 @@ of chosen rows in the global batch), so the KL's weight does not depend on α or
 
 from __future__ import annotations
 
-import contextlib
 import copy
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from cptrain.anchor.kl import kl_rows, topk_kl_rows, topk_targets
 from cptrain.anchor.l2 import L2ToStart
 from cptrain.anchor.topk import TopKStore
 from cptrain.distributed import wrap_model
-from cptrain.evaluation.losses import token_loss
+from cptrain.evaluation.losses import autocast_to, next_token_ce, token_loss
 
 if TYPE_CHECKING:
     from cptrain.replay.buffer import ReplayBuffer
     from cptrain.train.trainer import Trainer
-
-
-def _autocast(device: torch.device, dtype: torch.dtype | None) -> Any:
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def start_teacher(trainer: Trainer) -> torch.nn.Module:
@@ -141,12 +133,12 @@ class Objective:
         if not self.anchored or self._mask is None:
             return token_loss(model, part, autocast), None
         sel = torch.from_numpy(self._mask[start : start + part.shape[0]]).to(part.device)
-        with _autocast(part.device, autocast):
+        with autocast_to(part.device, autocast):
             logits = model(input_ids=part[:, :-1]).logits
         # one fp32 copy of the logits for both terms (under bf16 they are the largest tensors
         # of the step: 4 × 256 × 49,152 × 4 bytes = 200 MB for SmolLM2)
         logits = logits.float()
-        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), part[:, 1:].reshape(-1))
+        ce = next_token_ce(logits, part)
         collective = self.teacher is not None and self.trainer.env.strategy == "fsdp2"
         if self._factor == 0.0 or not (collective or bool(sel.any())):
             return ce, None
@@ -170,7 +162,7 @@ class Objective:
         rows = part if everyone else _chosen(part, sel)
         if rows.shape[0] == 0:
             return None
-        with torch.no_grad(), _autocast(part.device, self.trainer.autocast):
+        with torch.no_grad(), autocast_to(part.device, self.trainer.autocast):
             t_logits = self.teacher(input_ids=rows[:, :-1]).logits
         self._tokens += int(rows[:, :-1].numel())
         if everyone:
@@ -208,7 +200,7 @@ class Objective:
         for first in range(0, buffer.seed_rows, batch_size):
             idx = np.arange(first, min(first + batch_size, buffer.seed_rows))
             rows = torch.from_numpy(buffer.read_rows(idx)[0]).to(self.trainer.env.device)
-            with _autocast(rows.device, self.trainer.autocast):
+            with autocast_to(rows.device, self.trainer.autocast):
                 logits = model(input_ids=rows[:, :-1]).logits
             tokens += int(rows[:, :-1].numel())
             ids, logp = topk_targets(logits, k)
