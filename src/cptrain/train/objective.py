@@ -39,15 +39,8 @@ if TYPE_CHECKING:
 def start_teacher(trainer: Trainer) -> torch.nn.Module:
     """A frozen copy of the start model (call before a resume restores weights)."""
     model, env = trainer.model, trainer.env
-    if env.strategy == "fsdp2":  # a sharded module cannot be deep-copied: build it again
-        from cptrain.models.build import model_for_run
-
-        cfg = trainer.cfg
-        teacher = model_for_run(cfg.model.preset, cfg.model.init_from, trainer.data.vocab_size,
-                                seed=cfg.seed, seq_len=cfg.train.seq_len,
-                                separators=trainer.data.separators).to(env.device)
-    else:
-        teacher = copy.deepcopy(model)
+    # a sharded module cannot be deep-copied: under FSDP2 it is built again
+    teacher = trainer.start_model() if env.strategy == "fsdp2" else copy.deepcopy(model)
     teacher.requires_grad_(False)
     teacher.eval()
     if trainer.autocast == torch.bfloat16 and env.device.type == "cuda":

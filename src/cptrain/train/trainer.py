@@ -108,18 +108,24 @@ class Trainer:
         self.sampler = make_sampler(cfg, self.streams, self.plan, self.data.train_tokens)
         self.schedule = Schedule.for_run(cfg.train, cfg.peak_lr, self.plan.task_steps)
 
-    def _build_model(self) -> None:
+    def start_model(self) -> torch.nn.Module:
+        """The run's model as it starts (the preset at the seed, or ``init_from``), on the
+        device and not wrapped; the KL anchor builds its teacher again with it under FSDP2."""
         cfg = self.cfg
         model = model_for_run(cfg.model.preset, cfg.model.init_from, self.data.vocab_size,
                               seed=cfg.seed, seq_len=cfg.train.seq_len,
                               separators=self.data.separators)
-        self.model = model.to(self.env.device)
+        return model.to(self.env.device)
+
+    def _build_model(self) -> None:
+        cfg = self.cfg
+        self.model = self.start_model()
         self.model.train()
         wrapped = wrap_model(self.model, self.env, cfg.distributed)
         self.forward_model: torch.nn.Module = (
             torch.compile(wrapped) if cfg.train.compile else wrapped  # type: ignore[assignment]
         )
-        self.n_params = count_parameters(model)
+        self.n_params = count_parameters(self.model)
 
     def _build_components(self) -> None:
         cfg = self.cfg
