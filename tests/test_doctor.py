@@ -314,7 +314,10 @@ def test_doctor_hardware_measures_again_and_shows_old_and_new(tmp_path, monkeypa
     out = capsys.readouterr().out
     assert f"machine: {key}" in out and str(cache.cache_path()) in out
     assert "cached: 67.0 GFLOP/s at 2099-01-01" in out
-    assert out.count("DOUBTED, measured while other work used 60% of the CPUs") == 2
+    # the two cached values are doubted for their load (a busy machine may doubt the new too)
+    cached = [line for line in out.splitlines() if line.strip().startswith("cached:")]
+    assert sum("DOUBTED, measured while other work used 60% of the CPUs" in line
+               for line in cached) == 2
     assert "cached: 1.105×" in out and out.count("now:") >= 2
     assert "auto: " in out and "bf16 needs" in out
     assert "also cached, not measured now (another thread count or torch): another" in out
