@@ -76,8 +76,8 @@ def compute_section(g: Groups) -> Section:
     if missing:
         sec.blocks.append(f"{missing} run(s) without compute figures: their {layout.SUMMARY} "
                           "records no model shape (written by an older cptrain: `cptrain train "
-                          "--resume` rewrites it; or by a plain loop's LossMatrix without "
-                          "`models.flops.summary_facts` in its `extra`).")
+                          "--resume` rewrites it; or by a plain loop's LossMatrix, which counts "
+                          "no tokens).")
     return sec
 
 
