@@ -335,7 +335,7 @@ class LossMatrix:
                     lm, self.loss_before, self.tasks, self.eval_only)
         if "model_shape" in out and "rows_per_step" in out:
             # the compute accounting of `cptrain train`, from the facts ``extra`` recorded
-            # (ContinualTrainer records them; a plain loop may: see models.flops.summary_facts)
+            # (ContinualTrainer records them; a plain loop counts no tokens)
             out["flops"] = run_flops(out)
         return out
 
