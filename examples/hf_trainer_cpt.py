@@ -11,9 +11,10 @@ English Wikipedia summaries are evaluated before training and after it, never tr
 
 The same run through `cptrain train` gives the same loss matrix (tests/integrations/). Measured
 alone on 2 cores of an AMD EPYC (avx512_bf16; fp32 here): 2.9 and 3.2 min wall in two runs
-(`/usr/bin/time`: 174 s and 191 s, 5.0 GB peak RSS, two checkpoints written); before fr 3.126, en-wiki 2.926; after fr: fr 2.681,
-en-wiki 2.750 (MER kept English below its start). `cptrain demo --released` trains these steps
-in bf16 where the CPU computes it natively, this example in fp32.
+(`/usr/bin/time`: 174 s and 191 s, 5.0 GB peak RSS, two checkpoints written); before fr 3.126,
+en-wiki 2.926; after fr: fr 2.681, en-wiki 2.750 (MER kept English below its start).
+`cptrain demo --released` trains these steps in bf16 where the CPU computes it natively, this
+example in fp32.
 """
 
 from __future__ import annotations
