@@ -2,6 +2,7 @@
 functions, and one module that renames files into place and fsyncs."""
 
 import ast
+import logging
 import re
 from pathlib import Path
 
@@ -36,7 +37,17 @@ def test_import_contracts_hold(tmp_path, capsys):
     from importlinter.cli import lint_imports
 
     pyproject = SRC.parents[1] / "pyproject.toml"
-    code = lint_imports(config_filename=str(pyproject), cache_dir=str(tmp_path), no_logo=True)
+    # import-linter configures logging with dictConfig, which disables every existing logger:
+    # later tests in this process would capture none of cptrain's warnings
+    loggers = [lg for lg in logging.root.manager.loggerDict.values()
+               if isinstance(lg, logging.Logger)]
+    was = [lg.disabled for lg in loggers]
+    try:
+        code = lint_imports(config_filename=str(pyproject), cache_dir=str(tmp_path),
+                            no_logo=True)
+    finally:
+        for lg, disabled in zip(loggers, was, strict=True):
+            lg.disabled = disabled
     assert code == 0, capsys.readouterr().out
 
 

@@ -20,6 +20,8 @@ from cptrain.models.presets import PRESETS
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel
 
+    from cptrain.config import RunConfig
+
 GGUF_MAGIC = b"GGUF"
 _CAUSAL_EXAMPLES = "e.g. Llama, Mistral, Qwen2 or Gemma"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -282,3 +284,11 @@ def model_for_run(
             f"{model.config.vocab_size} rows; prepare the data with the model's tokenizer"
         )
     return model
+
+
+def model_for_config(cfg: RunConfig, vocab_size: int,
+                     separators: tuple[int | None, int | None] = (None, None)) -> PreTrainedModel:
+    """``model_for_run`` with a run config's model, seed and context: the loop's start model,
+    and the KL anchor's teacher built again under FSDP2."""
+    return model_for_run(cfg.model.preset, cfg.model.init_from, vocab_size, seed=cfg.seed,
+                         seq_len=cfg.train.seq_len, separators=separators)

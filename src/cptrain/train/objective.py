@@ -39,8 +39,13 @@ if TYPE_CHECKING:
 def start_teacher(trainer: Trainer) -> torch.nn.Module:
     """A frozen copy of the start model (call before a resume restores weights)."""
     model, env = trainer.model, trainer.env
-    # a sharded module cannot be deep-copied: under FSDP2 it is built again
-    teacher = trainer.start_model() if env.strategy == "fsdp2" else copy.deepcopy(model)
+    if env.strategy == "fsdp2":  # a sharded module cannot be deep-copied: build it again
+        from cptrain.models.build import model_for_config
+
+        teacher = model_for_config(trainer.cfg, trainer.data.vocab_size,
+                                   trainer.data.separators).to(env.device)
+    else:
+        teacher = copy.deepcopy(model)
     teacher.requires_grad_(False)
     teacher.eval()
     if trainer.autocast == torch.bfloat16 and env.device.type == "cuda":

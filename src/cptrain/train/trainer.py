@@ -28,7 +28,7 @@ from cptrain.distributed import init_distributed, set_grad_sync, shutdown, wrap_
 from cptrain.evaluation.losses import evaluate_tasks
 from cptrain.hardware.cache import cpu_threads
 from cptrain.hardware.probe import resolved_config, run_precision
-from cptrain.models.build import count_parameters, model_for_run
+from cptrain.models.build import count_parameters, model_for_config
 from cptrain.rundir.run_dir import RunDir, StartMode
 from cptrain.train import hooks as H
 from cptrain.train.batches import BatchPlan, make_sampler
@@ -108,18 +108,10 @@ class Trainer:
         self.sampler = make_sampler(cfg, self.streams, self.plan, self.data.train_tokens)
         self.schedule = Schedule.for_run(cfg.train, cfg.peak_lr, self.plan.task_steps)
 
-    def start_model(self) -> torch.nn.Module:
-        """The run's model as it starts (the preset at the seed, or ``init_from``), on the
-        device and not wrapped; the KL anchor builds its teacher again with it under FSDP2."""
-        cfg = self.cfg
-        model = model_for_run(cfg.model.preset, cfg.model.init_from, self.data.vocab_size,
-                              seed=cfg.seed, seq_len=cfg.train.seq_len,
-                              separators=self.data.separators)
-        return model.to(self.env.device)
-
     def _build_model(self) -> None:
         cfg = self.cfg
-        self.model = self.start_model()
+        model = model_for_config(cfg, self.data.vocab_size, self.data.separators)
+        self.model = model.to(self.env.device)
         self.model.train()
         wrapped = wrap_model(self.model, self.env, cfg.distributed)
         self.forward_model: torch.nn.Module = (
