@@ -31,12 +31,13 @@ def test_a_summary_of_an_older_cptrain_shows_no_compute_and_says_why(tmp_path):
     run = make_run(tmp_path / "s", "mer", 0.25)
     s = json.loads((run / "summary.json").read_text())  # as an older cptrain wrote it
     del s["model_shape"], s["rows_per_step"], s["reptile_updates"], s["params"], s["wall_s"]
+    del s["fresh_tokens"], s["replay_tokens"]  # as a plain loop's LossMatrix writes it
     (run / "summary.json").write_text(json.dumps(s))
     write_report([tmp_path / "s"], tmp_path / "out")
     md = (tmp_path / "out" / "report.md").read_text()
     row = _md_row(md, "Training compute", "MER α=0.25 · tiny")
     assert row[2] == "–"
-    assert row[1] == row[8] == "–"  # params and wall s unrecorded: not shown as 0
+    assert row[1] == row[6] == row[7] == row[8] == "–"  # unrecorded: not shown as 0
     assert "1 run(s) without compute figures" in md and "--resume" in md
     assert "; ;" not in md  # no convention to name: no empty clause in the caption
 

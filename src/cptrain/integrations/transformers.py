@@ -173,6 +173,7 @@ class ContinualTrainer(Trainer):
     def _summary_extra(self) -> dict[str, Any]:
         """What `cptrain train` records for the report's compute table: the model's shape,
         the tokens trained (replayed rows summed over ranks), meta-updates and precision."""
+        from cptrain.models.build import count_parameters
         from cptrain.models.flops import shape_from_hf_config, summary_facts
 
         plan = self.dataset.plan
@@ -184,7 +185,7 @@ class ContinualTrainer(Trainer):
         if config is not None and hasattr(config, "to_dict"):
             out |= summary_facts(shape_from_hf_config(config.to_dict()), plan.n_fresh,
                                  plan.n_replay, updates)
-        out["params"] = sum(p.numel() for p in self.model.parameters())
+        out["params"] = count_parameters(self.model)
         replayed = 0
         if self.dataset.buffer is not None:
             out["replay"] = self.dataset.buffer.stats()

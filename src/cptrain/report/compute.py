@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -51,17 +52,16 @@ def compute_section(g: Groups) -> Section:
             fl = [r.flops for r in runs if r.flops]
             if not runs:
                 continue
-            s = runs[0].summary
             rows.append([
                 f"{g.row_name(grp, order)} · {p}",
-                _count(s["params"]) if isinstance(s.get("params"), int) else "–",
+                _mean_of(runs, "params", _count),
                 _sci(fl[0]["flops_per_token"]) if fl else "–",
                 _sci(fl[0]["flops_per_incoming_token"]) if fl else "–",
                 _sci(float(np.mean([f["total_flops"] for f in fl]))) if fl else "–",
                 _sci(float(np.mean([f["reptile_flops"] for f in fl]))) if fl else "–",
-                _count(float(np.mean([r.summary.get("fresh_tokens", 0) for r in runs]))),
-                _count(float(np.mean([r.summary.get("replay_tokens", 0) for r in runs]))),
-                _mean_of(runs, "wall_s", "{:.0f}"),
+                _mean_of(runs, "fresh_tokens", _count),
+                _mean_of(runs, "replay_tokens", _count),
+                _mean_of(runs, "wall_s", lambda v: f"{v:.0f}"),
                 _mfu(runs),
             ])
     conv = next((r.flops["convention"] for rs in g.by.values() for r in rs if r.flops), "")
@@ -81,10 +81,10 @@ def compute_section(g: Groups) -> Section:
     return sec
 
 
-def _mean_of(runs: list[Run], key: str, fmt: str) -> str:
+def _mean_of(runs: list[Run], key: str, fmt: Callable[[float], str]) -> str:
     """Mean of a recorded number over seeds ('–' where no summary records it)."""
     found = [r.summary[key] for r in runs if isinstance(r.summary.get(key), int | float)]
-    return fmt.format(float(np.mean(found))) if found else "–"
+    return fmt(float(np.mean(found))) if found else "–"
 
 
 def _mfu(runs: list[Run]) -> str:

@@ -14,7 +14,7 @@ from cptrain.report.runs import Groups, Run
 
 
 def _curve_points(run: Run, key: str) -> dict[int, dict[str, float]]:
-    """step → {series: loss} from the eval and task_end records (and step 0 when logged)."""
+    """step → {series: loss} from the before (step 0), eval and task_end records."""
     out: dict[int, dict[str, float]] = {}
     for rec in run.records:
         if rec.get("type") not in ("before", "eval", "task_end"):
